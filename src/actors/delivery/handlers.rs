@@ -1,0 +1,87 @@
+use actix::{Handler, Message, ResponseFuture};
+
+use super::DeliveryActor;
+use crate::delivery_queue::Inserted;
+use crate::ledger::ClaimedDelivery;
+
+/// New deliveries for this broker, fresh from a claim (the fast path).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Deliver {
+    pub claimed: Vec<ClaimedDelivery>,
+}
+
+impl Handler<Deliver> for DeliveryActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Deliver, ctx: &mut Self::Context) {
+        for claimed in msg.claimed {
+            // While the ledger holds deliveries we have not loaded, new ones must come from the
+            // ledger too, behind them, or they could overtake an earlier event of their load.
+            if self.ledger_has_more {
+                continue;
+            }
+            let delivery = claimed.delivery;
+            if claimed.has_pending_predecessor && !self.lanes.has_load(&delivery.load_id) {
+                self.ledger_has_more = true;
+                continue;
+            }
+            let (id, order) = (delivery.delivery_id, (delivery.partition, delivery.offset));
+            let load_id = delivery.load_id.clone();
+            if self.lanes.insert(id, &load_id, order, None, delivery) == Inserted::Full {
+                self.ledger_has_more = true;
+            }
+        }
+        self.dispatch(ctx);
+    }
+}
+
+/// The ledger may hold pending deliveries that are not in memory (mailbox was full, a lease was
+/// acquired, or the sweep found due retries).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct LedgerHasMore;
+
+impl Handler<LedgerHasMore> for DeliveryActor {
+    type Result = ();
+
+    fn handle(&mut self, _: LedgerHasMore, ctx: &mut Self::Context) {
+        self.ledger_has_more = true;
+        self.dispatch(ctx);
+    }
+}
+
+/// A partition was revoked: forget its queued deliveries (in-flight ones finish).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ForgetPartition {
+    pub partition: i32,
+}
+
+impl Handler<ForgetPartition> for DeliveryActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: ForgetPartition, _: &mut Self::Context) {
+        self.lanes
+            .forget_lanes_where(|delivery| delivery.partition == msg.partition);
+    }
+}
+
+/// Shutdown: start nothing new; answer once in-flight attempts are finished and saved.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Drain;
+
+impl Handler<Drain> for DeliveryActor {
+    type Result = ResponseFuture<()>;
+
+    fn handle(&mut self, _: Drain, _: &mut Self::Context) -> Self::Result {
+        self.is_draining = true;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.draining.push(tx);
+        self.notify_drained_if_idle();
+        Box::pin(async move {
+            let _ = rx.await;
+        })
+    }
+}

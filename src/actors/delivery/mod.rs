@@ -1,0 +1,455 @@
+//! DeliveryActor: one per broker. Owns the broker's HTTP client, its in-memory lanes (one per
+//! load, bounded by `delivery.mailbox_capacity`) and its in-flight limit. The ledger is the truth
+//! (DESIGN.md 1): whatever is not in memory is pending in the ledger and is loaded in
+//! (partition, offset) order when there is room.
+//!
+//! One attempt is four small steps: `dispatch` picks what may go, `attempt` makes the call,
+//! `record_outcome` classifies it with the policy, `save_outcomes` writes a batch to the ledger
+//! and only then frees the load's lane for its next delivery.
+
+mod handlers;
+
+use std::time::{Duration, Instant};
+
+use actix::{Actor, ActorFutureExt, Addr, AsyncContext, Context, SpawnHandle, WrapFuture};
+use chrono::Utc;
+use rand::Rng;
+
+pub use handlers::*;
+
+use crate::actors::idempotency::{
+    DisableBroker, IdempotencyActor, LoadBroker, LoadPending, RecordAttempts,
+};
+use crate::broker::{BrokerEndpoint, EndpointError};
+use crate::config::DeliverySettings;
+use crate::delivery_queue::{Finish, LoadQueues};
+use crate::lease::LeaseBook;
+use crate::ledger::{AttemptOutcome, AttemptRecord, PendingDelivery};
+use crate::policy::{classify, parse_retry_after, AttemptResult, RetryPolicy, Verdict};
+use crate::signing::{signature_header, webhook_id};
+use crate::webhook_client::{self, WebhookRequest};
+
+/// How long a loaded broker row is trusted before it is read again (URL or secret changes).
+const ENDPOINT_REFRESH: Duration = Duration::from_secs(5);
+/// Messages waiting in the actix mailbox; each carries a batch of deliveries.
+const MAILBOX_MESSAGES: usize = 64;
+
+#[derive(Clone)]
+pub struct DeliveryDeps {
+    pub ledger: Addr<IdempotencyActor>,
+    pub leases: LeaseBook,
+    pub settings: DeliverySettings,
+    pub retry: RetryPolicy,
+}
+
+enum Endpoint {
+    Unknown,
+    Loading,
+    Loaded {
+        endpoint: Result<BrokerEndpoint, EndpointError>,
+        at: Instant,
+    },
+}
+
+/// An attempt whose outcome is decided but not yet written to the ledger.
+struct UnsavedOutcome {
+    load_id: String,
+    record: AttemptRecord,
+}
+
+pub struct DeliveryActor {
+    broker_id: String,
+    deps: DeliveryDeps,
+    client: awc::Client,
+    endpoint: Endpoint,
+    lanes: LoadQueues<PendingDelivery>,
+    /// Attempts started whose outcome is not yet saved.
+    in_flight: usize,
+    /// Pending deliveries may exist in the ledger that are not in `lanes`.
+    ledger_has_more: bool,
+    loading_from_ledger: bool,
+    unsaved: Vec<UnsavedOutcome>,
+    saving: bool,
+    draining: Vec<tokio::sync::oneshot::Sender<()>>,
+    is_draining: bool,
+    wakeup: Option<SpawnHandle>,
+}
+
+impl DeliveryActor {
+    pub fn new(broker_id: String, deps: DeliveryDeps) -> Self {
+        let client = webhook_client::build_client(
+            &deps.settings.user_agent,
+            deps.settings.request_timeout(),
+        );
+        let lanes = LoadQueues::new(deps.settings.mailbox_capacity);
+        DeliveryActor {
+            broker_id,
+            deps,
+            client,
+            endpoint: Endpoint::Unknown,
+            lanes,
+            in_flight: 0,
+            ledger_has_more: true,
+            loading_from_ledger: false,
+            unsaved: Vec::new(),
+            saving: false,
+            draining: Vec::new(),
+            is_draining: false,
+            wakeup: None,
+        }
+    }
+
+    /// Starts as many attempts as the in-flight limit allows, then arranges to be called again.
+    fn dispatch(&mut self, ctx: &mut Context<Self>) {
+        if self.is_draining {
+            return;
+        }
+        let endpoint = match &self.endpoint {
+            Endpoint::Loaded { endpoint, at } if at.elapsed() < ENDPOINT_REFRESH => {
+                endpoint.clone()
+            }
+            Endpoint::Loading => return,
+            _ => return self.load_endpoint(ctx),
+        };
+        let now = Instant::now();
+        let request_timeout = self.deps.settings.request_timeout();
+        while self.in_flight < self.deps.settings.max_in_flight_per_broker {
+            let Some((load_id, delivery)) = self.lanes.pop_ready(now) else {
+                break;
+            };
+            let delivery = delivery.clone();
+            if !self
+                .deps
+                .leases
+                .may_send(delivery.partition, now, request_timeout)
+            {
+                // Not ours to send (any more): it stays pending for the partition's owner.
+                self.lanes.forget_lane(&load_id);
+                continue;
+            }
+            self.in_flight += 1;
+            match &endpoint {
+                Ok(endpoint) => self.attempt(ctx, load_id, delivery, endpoint),
+                Err(reason) => {
+                    let reason = format!("broker {}: {reason}", self.broker_id);
+                    self.record_outcome(ctx, load_id, &delivery, Utc::now(), Duration::ZERO, AttemptResult::RequestInvalid, None, Some(("invalid_broker", reason)));
+                }
+            }
+        }
+        self.load_from_ledger(ctx);
+        self.schedule_wakeup(ctx);
+    }
+
+    fn attempt(
+        &mut self,
+        ctx: &mut Context<Self>,
+        load_id: String,
+        delivery: PendingDelivery,
+        endpoint: &BrokerEndpoint,
+    ) {
+        let started_at = Utc::now();
+        let id = webhook_id(&delivery.key);
+        let request = WebhookRequest {
+            url: endpoint.url.clone(),
+            signature: signature_header(
+                &endpoint.secrets,
+                &id,
+                started_at.timestamp(),
+                &delivery.payload,
+            ),
+            webhook_id: id,
+            timestamp: started_at.timestamp(),
+            sequence: delivery.offset,
+            body: delivery.payload.clone(),
+        };
+        let client = self.client.clone();
+        let timeout = self.deps.settings.request_timeout();
+        let max_response_bytes = self.deps.settings.max_response_bytes;
+        let call = async move {
+            webhook_client::send(&client, &request, timeout, max_response_bytes).await
+        };
+        ctx.spawn(call.into_actor(self).map(move |(result, latency), act, ctx| {
+            let (attempt_result, status, error) = match result {
+                Ok(response) => (
+                    AttemptResult::Responded {
+                        status: response.status,
+                        retry_after: response
+                            .retry_after
+                            .as_deref()
+                            .and_then(|value| parse_retry_after(value, Utc::now())),
+                    },
+                    Some(response.status),
+                    (!(200..300).contains(&response.status)).then(|| {
+                        ("http_status", format!("HTTP {}: {}", response.status, response.body_excerpt))
+                    }),
+                ),
+                Err(error) => (
+                    AttemptResult::TransportFailed,
+                    None,
+                    Some((error.class(), error.to_string())),
+                ),
+            };
+            act.record_outcome(ctx, load_id, &delivery, started_at, latency, attempt_result, status, error);
+        }));
+    }
+
+    /// Applies the policy to one attempt, logs it, and queues it for the ledger.
+    #[allow(clippy::too_many_arguments)]
+    fn record_outcome(
+        &mut self,
+        ctx: &mut Context<Self>,
+        load_id: String,
+        delivery: &PendingDelivery,
+        started_at: chrono::DateTime<Utc>,
+        latency: Duration,
+        result: AttemptResult,
+        status_code: Option<u16>,
+        error: Option<(&'static str, String)>,
+    ) {
+        let attempt = delivery.attempts + 1;
+        let verdict = classify(&result);
+        let outcome = match verdict {
+            Verdict::Delivered => AttemptOutcome::Delivered,
+            Verdict::Retry => {
+                let retry_after = match &result {
+                    AttemptResult::Responded { retry_after, .. } => *retry_after,
+                    _ => None,
+                };
+                match self
+                    .deps
+                    .retry
+                    .next_delay(attempt, retry_after, rand::rng().random::<f64>())
+                {
+                    Some(delay) => AttemptOutcome::RetryIn(delay),
+                    None => AttemptOutcome::Dead {
+                        reason: format!("gave up after {attempt} attempts"),
+                    },
+                }
+            }
+            Verdict::Dead => AttemptOutcome::Dead {
+                reason: match (&error, status_code) {
+                    (_, Some(code)) => format!("permanent failure: HTTP {code}"),
+                    (Some((_, message)), None) => message.clone(),
+                    (None, None) => "permanent failure".to_owned(),
+                },
+            },
+            Verdict::DeadAndDisableBroker => AttemptOutcome::Dead {
+                reason: "broker answered 410 Gone; broker disabled".to_owned(),
+            },
+        };
+        let (error_class, error_message) = match error {
+            Some((class, message)) => (Some(class), Some(message)),
+            None => (None, None),
+        };
+        let retry_in_ms = match outcome {
+            AttemptOutcome::RetryIn(delay) => Some(delay.as_millis() as u64),
+            _ => None,
+        };
+        let fields_event_id = delivery
+            .event_id
+            .as_deref()
+            .unwrap_or(delivery.key.as_str());
+        macro_rules! log_attempt {
+            ($level:ident, $message:literal) => {
+                tracing::$level!(
+                    partition = delivery.partition,
+                    offset = delivery.offset,
+                    event_id = fields_event_id,
+                    load_id = %delivery.load_id,
+                    broker_id = %self.broker_id,
+                    delivery_id = delivery.delivery_id,
+                    attempt,
+                    status_code,
+                    latency_ms = latency.as_millis() as u64,
+                    outcome = outcome.as_str(),
+                    retry_in_ms,
+                    error.class = error_class,
+                    error.message = error_message.as_deref(),
+                    $message
+                )
+            };
+        }
+        match &outcome {
+            AttemptOutcome::Delivered => log_attempt!(info, "webhook delivered"),
+            AttemptOutcome::RetryIn(_) => log_attempt!(warn, "webhook attempt failed; will retry"),
+            AttemptOutcome::Dead { .. } => log_attempt!(warn, "webhook dead-lettered"),
+        }
+        if verdict == Verdict::DeadAndDisableBroker {
+            self.deps.ledger.do_send(DisableBroker {
+                broker_id: self.broker_id.clone(),
+                reason: format!(
+                    "answered 410 Gone at {} (delivery {})",
+                    Utc::now().to_rfc3339(),
+                    delivery.delivery_id
+                ),
+            });
+            tracing::warn!(broker_id = %self.broker_id, "broker disabled after 410 Gone; its pending deliveries will be dead-lettered");
+            self.endpoint = Endpoint::Unknown;
+        }
+        self.unsaved.push(UnsavedOutcome {
+            load_id,
+            record: AttemptRecord {
+                delivery_id: delivery.delivery_id,
+                broker_id: self.broker_id.clone(),
+                attempt,
+                started_at,
+                latency,
+                status_code,
+                error_class,
+                error_message,
+                outcome,
+            },
+        });
+        self.save_outcomes(ctx);
+    }
+
+    /// Writes decided outcomes in one round trip; the lanes move on only once they are saved,
+    /// so a crash can never leave a later event of a load delivered before an earlier one.
+    fn save_outcomes(&mut self, ctx: &mut Context<Self>) {
+        if self.saving || self.unsaved.is_empty() {
+            return;
+        }
+        self.saving = true;
+        let batch = std::mem::take(&mut self.unsaved);
+        let records = batch.iter().map(|u| u.record.clone()).collect();
+        let save = self.deps.ledger.send(RecordAttempts { records });
+        ctx.spawn(save.into_actor(self).map(move |result, act, ctx| {
+            act.saving = false;
+            let error = match result {
+                Ok(Ok(())) => None,
+                Ok(Err(error)) => Some(error.to_string()),
+                Err(error) => Some(error.to_string()),
+            };
+            if let Some(error) = error {
+                tracing::error!(broker_id = %act.broker_id, error.message = %error, outcomes = batch.len(),
+                    "could not save delivery outcomes; retrying in 1 s");
+                act.unsaved.splice(0..0, batch);
+                ctx.run_later(Duration::from_secs(1), Self::save_outcomes);
+                return;
+            }
+            let now = Instant::now();
+            for saved in batch {
+                act.in_flight -= 1;
+                match saved.record.outcome {
+                    AttemptOutcome::RetryIn(delay) => {
+                        if let Some(head) = act.lanes.head_mut(&saved.load_id) {
+                            head.attempts = saved.record.attempt;
+                        }
+                        act.lanes.finish(&saved.load_id, Finish::RetryAt(now + delay));
+                    }
+                    _ => act.lanes.finish(&saved.load_id, Finish::Done),
+                }
+            }
+            act.save_outcomes(ctx);
+            act.notify_drained_if_idle();
+            act.dispatch(ctx);
+        }));
+    }
+
+    fn load_endpoint(&mut self, ctx: &mut Context<Self>) {
+        self.endpoint = Endpoint::Loading;
+        let load = self.deps.ledger.send(LoadBroker {
+            broker_id: self.broker_id.clone(),
+        });
+        ctx.spawn(load.into_actor(self).map(|result, act, ctx| {
+            let endpoint = match result {
+                Ok(Ok(row)) => BrokerEndpoint::from_row(row.as_ref()),
+                Ok(Err(error)) => {
+                    tracing::warn!(broker_id = %act.broker_id, error.message = %error, "could not load broker; retrying in 1 s");
+                    act.endpoint = Endpoint::Unknown;
+                    ctx.run_later(Duration::from_secs(1), Self::dispatch);
+                    return;
+                }
+                Err(_) => return,
+            };
+            if let Err(reason) = &endpoint {
+                tracing::warn!(broker_id = %act.broker_id, error.message = %reason,
+                    "broker cannot receive webhooks; its deliveries are dead-lettered until the row is fixed and they are replayed");
+            }
+            act.endpoint = Endpoint::Loaded {
+                endpoint,
+                at: Instant::now(),
+            };
+            act.dispatch(ctx);
+        }));
+    }
+
+    /// Loads pending deliveries from the ledger when some may be missing from memory and at
+    /// least half the lanes' capacity is free (or they are empty).
+    fn load_from_ledger(&mut self, ctx: &mut Context<Self>) {
+        let room = self.lanes.room();
+        if !self.ledger_has_more
+            || self.loading_from_ledger
+            || self.is_draining
+            || (room < self.deps.settings.mailbox_capacity / 2 && !self.lanes.is_empty())
+            || room == 0
+        {
+            return;
+        }
+        let partitions = self.deps.leases.held(Instant::now());
+        if partitions.is_empty() {
+            self.ledger_has_more = false;
+            return;
+        }
+        self.loading_from_ledger = true;
+        let load = self.deps.ledger.send(LoadPending {
+            broker_id: self.broker_id.clone(),
+            partitions,
+            exclude: self.lanes.known_ids(),
+            limit: room,
+        });
+        ctx.spawn(load.into_actor(self).map(move |result, act, ctx| {
+            act.loading_from_ledger = false;
+            let rows = match result {
+                Ok(Ok(rows)) => rows,
+                Ok(Err(error)) => {
+                    tracing::warn!(broker_id = %act.broker_id, error.message = %error, "could not load pending deliveries; the next sweep retries");
+                    return;
+                }
+                Err(_) => return,
+            };
+            if rows.len() < room {
+                act.ledger_has_more = false;
+            }
+            let now = Instant::now();
+            for row in rows {
+                let not_before = (!row.due_in.is_zero()).then(|| now + row.due_in);
+                let (id, order) = (row.delivery_id, (row.partition, row.offset));
+                let load_id = row.load_id.clone();
+                act.lanes.insert(id, &load_id, order, not_before, row);
+            }
+            act.dispatch(ctx);
+        }));
+    }
+
+    fn schedule_wakeup(&mut self, ctx: &mut Context<Self>) {
+        if let Some(handle) = self.wakeup.take() {
+            ctx.cancel_future(handle);
+        }
+        if let Some(at) = self.lanes.next_wakeup() {
+            let delay = at.saturating_duration_since(Instant::now());
+            self.wakeup = Some(ctx.run_later(delay, |act, ctx| {
+                act.wakeup = None;
+                act.dispatch(ctx);
+            }));
+        }
+    }
+
+    fn notify_drained_if_idle(&mut self) {
+        if self.is_draining && self.in_flight == 0 && !self.saving && self.unsaved.is_empty() {
+            for waiter in self.draining.drain(..) {
+                let _ = waiter.send(());
+            }
+        }
+    }
+}
+
+impl Actor for DeliveryActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.set_mailbox_capacity(MAILBOX_MESSAGES);
+        tracing::info!(broker_id = %self.broker_id, "delivery actor started");
+        self.dispatch(ctx);
+    }
+}

@@ -1,0 +1,95 @@
+use std::collections::HashMap;
+use std::time::Duration;
+
+use actix::{Handler, Message, ResponseFuture};
+use futures::future::join_all;
+
+use super::DeliverySupervisor;
+use crate::actors::delivery::{Deliver, Drain, ForgetPartition, LedgerHasMore};
+use crate::ledger::ClaimedDelivery;
+
+/// Deliveries just created by a PartitionActor's claim.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct RouteDeliveries {
+    pub claimed: Vec<ClaimedDelivery>,
+}
+
+impl Handler<RouteDeliveries> for DeliverySupervisor {
+    type Result = ();
+
+    fn handle(&mut self, msg: RouteDeliveries, _: &mut Self::Context) {
+        let mut by_broker: HashMap<String, Vec<ClaimedDelivery>> = HashMap::new();
+        for claimed in msg.claimed {
+            by_broker
+                .entry(claimed.delivery.broker_id.clone())
+                .or_default()
+                .push(claimed);
+        }
+        for (broker_id, claimed) in by_broker {
+            let actor = self.actor_for(&broker_id);
+            // Never wait for a busy broker. What does not fit is in the ledger already; the
+            // notice (which ignores capacity) makes the actor load it when it has room.
+            if actor.try_send(Deliver { claimed }).is_err() {
+                actor.do_send(LedgerHasMore);
+            }
+        }
+    }
+}
+
+/// This instance now holds a partition's lease: its pending deliveries are ours to send.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct LeaseAcquired {
+    pub partition: i32,
+}
+
+impl Handler<LeaseAcquired> for DeliverySupervisor {
+    type Result = ();
+
+    fn handle(&mut self, _: LeaseAcquired, ctx: &mut Self::Context) {
+        for actor in self.actors.values() {
+            actor.do_send(LedgerHasMore);
+        }
+        self.sweep(ctx);
+    }
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct PartitionRevoked {
+    pub partition: i32,
+}
+
+impl Handler<PartitionRevoked> for DeliverySupervisor {
+    type Result = ();
+
+    fn handle(&mut self, msg: PartitionRevoked, _: &mut Self::Context) {
+        for actor in self.actors.values() {
+            actor.do_send(ForgetPartition {
+                partition: msg.partition,
+            });
+        }
+    }
+}
+
+/// Shutdown: every DeliveryActor stops starting requests; wait up to `timeout` for the ones in
+/// flight. Whatever is unfinished then stays pending in the ledger.
+#[derive(Message)]
+#[rtype(result = "bool")]
+pub struct DrainDeliveries {
+    pub timeout: Duration,
+}
+
+impl Handler<DrainDeliveries> for DeliverySupervisor {
+    type Result = ResponseFuture<bool>;
+
+    fn handle(&mut self, msg: DrainDeliveries, _: &mut Self::Context) -> Self::Result {
+        let drains: Vec<_> = self.actors.values().map(|a| a.send(Drain)).collect();
+        Box::pin(async move {
+            tokio::time::timeout(msg.timeout, join_all(drains))
+                .await
+                .is_ok()
+        })
+    }
+}

@@ -1,0 +1,163 @@
+use std::time::Duration;
+
+use actix::{Handler, Message, ResponseFuture};
+
+use super::IdempotencyActor;
+use crate::event::ShipmentEvent;
+use crate::ledger::{
+    AttemptRecord, BrokerRow, ClaimedDelivery, LedgerError, PendingDelivery, RejectedMessage,
+};
+
+/// Records one poll batch: its rejected messages and its events, creating deliveries.
+#[derive(Message, Clone)]
+#[rtype(result = "Result<Vec<ClaimedDelivery>, LedgerError>")]
+pub struct ClaimBatch {
+    pub topic: String,
+    pub partition: i32,
+    pub events: Vec<(i64, ShipmentEvent)>,
+    pub rejected: Vec<RejectedMessage>,
+}
+
+impl Handler<ClaimBatch> for IdempotencyActor {
+    type Result = ResponseFuture<Result<Vec<ClaimedDelivery>, LedgerError>>;
+
+    fn handle(&mut self, msg: ClaimBatch, _: &mut Self::Context) -> Self::Result {
+        let ledger = self.ledger.clone();
+        Box::pin(async move {
+            ledger
+                .record_rejected(&msg.topic, msg.partition, &msg.rejected)
+                .await?;
+            ledger
+                .claim_batch(&msg.topic, msg.partition, &msg.events)
+                .await
+        })
+    }
+}
+
+#[derive(Message)]
+#[rtype(result = "Result<Vec<PendingDelivery>, LedgerError>")]
+pub struct LoadPending {
+    pub broker_id: String,
+    pub partitions: Vec<i32>,
+    pub exclude: Vec<i64>,
+    pub limit: usize,
+}
+
+impl Handler<LoadPending> for IdempotencyActor {
+    type Result = ResponseFuture<Result<Vec<PendingDelivery>, LedgerError>>;
+
+    fn handle(&mut self, msg: LoadPending, _: &mut Self::Context) -> Self::Result {
+        let ledger = self.ledger.clone();
+        Box::pin(async move {
+            ledger
+                .pending_for_broker(&msg.broker_id, &msg.partitions, &msg.exclude, msg.limit)
+                .await
+        })
+    }
+}
+
+#[derive(Message)]
+#[rtype(result = "Result<Vec<String>, LedgerError>")]
+pub struct FindBrokersWithDueWork {
+    pub partitions: Vec<i32>,
+}
+
+impl Handler<FindBrokersWithDueWork> for IdempotencyActor {
+    type Result = ResponseFuture<Result<Vec<String>, LedgerError>>;
+
+    fn handle(&mut self, msg: FindBrokersWithDueWork, _: &mut Self::Context) -> Self::Result {
+        let ledger = self.ledger.clone();
+        Box::pin(async move { ledger.brokers_with_due_work(&msg.partitions).await })
+    }
+}
+
+#[derive(Message)]
+#[rtype(result = "Result<Option<BrokerRow>, LedgerError>")]
+pub struct LoadBroker {
+    pub broker_id: String,
+}
+
+impl Handler<LoadBroker> for IdempotencyActor {
+    type Result = ResponseFuture<Result<Option<BrokerRow>, LedgerError>>;
+
+    fn handle(&mut self, msg: LoadBroker, _: &mut Self::Context) -> Self::Result {
+        let ledger = self.ledger.clone();
+        Box::pin(async move { ledger.broker(&msg.broker_id).await })
+    }
+}
+
+#[derive(Message)]
+#[rtype(result = "Result<(), LedgerError>")]
+pub struct RecordAttempts {
+    pub records: Vec<AttemptRecord>,
+}
+
+impl Handler<RecordAttempts> for IdempotencyActor {
+    type Result = ResponseFuture<Result<(), LedgerError>>;
+
+    fn handle(&mut self, msg: RecordAttempts, _: &mut Self::Context) -> Self::Result {
+        let ledger = self.ledger.clone();
+        Box::pin(async move { ledger.record_attempts(&msg.records).await })
+    }
+}
+
+#[derive(Message)]
+#[rtype(result = "Result<(), LedgerError>")]
+pub struct DisableBroker {
+    pub broker_id: String,
+    pub reason: String,
+}
+
+impl Handler<DisableBroker> for IdempotencyActor {
+    type Result = ResponseFuture<Result<(), LedgerError>>;
+
+    fn handle(&mut self, msg: DisableBroker, _: &mut Self::Context) -> Self::Result {
+        let ledger = self.ledger.clone();
+        Box::pin(async move { ledger.disable_broker(&msg.broker_id, &msg.reason).await })
+    }
+}
+
+/// Takes or renews a partition lease; `Ok(false)` while another instance still holds it.
+#[derive(Message)]
+#[rtype(result = "Result<bool, LedgerError>")]
+pub struct AcquireLease {
+    pub topic: String,
+    pub partition: i32,
+    pub owner: String,
+    pub lease: Duration,
+}
+
+impl Handler<AcquireLease> for IdempotencyActor {
+    type Result = ResponseFuture<Result<bool, LedgerError>>;
+
+    fn handle(&mut self, msg: AcquireLease, _: &mut Self::Context) -> Self::Result {
+        let ledger = self.ledger.clone();
+        Box::pin(async move {
+            ledger
+                .acquire_lease(&msg.topic, msg.partition, &msg.owner, msg.lease)
+                .await
+        })
+    }
+}
+
+#[derive(Message)]
+#[rtype(result = "Result<(), LedgerError>")]
+pub struct ReleaseLease {
+    pub topic: String,
+    pub partition: i32,
+    pub owner: String,
+    pub linger: Duration,
+}
+
+impl Handler<ReleaseLease> for IdempotencyActor {
+    type Result = ResponseFuture<Result<(), LedgerError>>;
+
+    fn handle(&mut self, msg: ReleaseLease, _: &mut Self::Context) -> Self::Result {
+        let ledger = self.ledger.clone();
+        Box::pin(async move {
+            ledger
+                .release_lease(&msg.topic, msg.partition, &msg.owner, msg.linger)
+                .await
+        })
+    }
+}

@@ -1,0 +1,249 @@
+//! Layered settings: `config/base.toml`, then `config/<APP_ENVIRONMENT>.toml`, then `--config FILE`,
+//! then `APP__<SECTION>__<KEY>` environment variables. One struct per subsystem; every key is
+//! documented in `config/base.toml`. Values are validated once here so the rest of the code can
+//! trust them.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("could not load configuration: {0}")]
+    Load(#[source] config::ConfigError),
+    #[error("configuration file {path} does not exist")]
+    MissingFile { path: PathBuf },
+    #[error("invalid configuration value for `{key}`: {reason}")]
+    Invalid { key: &'static str, reason: String },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub kafka: KafkaSettings,
+    pub postgres: PostgresSettings,
+    pub delivery: DeliverySettings,
+    pub retry: RetrySettings,
+    pub log: LogSettings,
+    pub shutdown: ShutdownSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSettings {
+    pub brokers: String,
+    pub topic: String,
+    pub group_id: String,
+    pub session_timeout_ms: u64,
+    pub max_poll_interval_ms: u64,
+    /// Most messages a PartitionActor claims in one ledger round trip.
+    pub max_batch_messages: usize,
+    /// How long a revoked partition may take to finish its current batch before we let go.
+    pub revoke_drain_timeout_ms: u64,
+    /// Extra librdkafka properties, passed through verbatim (the platform team's settings).
+    #[serde(default)]
+    pub client: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresSettings {
+    pub url: String,
+    pub pool_size: usize,
+    /// How long a partition lease lasts without renewal (see DESIGN.md invariant 3).
+    pub lease_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeliverySettings {
+    pub request_timeout_ms: u64,
+    pub mailbox_capacity: usize,
+    pub max_in_flight_per_broker: usize,
+    pub max_message_bytes: usize,
+    /// How often the ledger is swept for due deliveries that are not in any mailbox.
+    pub ledger_poll_interval_ms: u64,
+    /// Response bodies are read up to this many bytes (kept for diagnosis), the rest discarded.
+    pub max_response_bytes: usize,
+    pub user_agent: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetrySettings {
+    pub max_attempts: u32,
+    pub base_delay_ms: u64,
+    pub max_delay_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShutdownSettings {
+    /// On SIGTERM, in-flight requests get this long to finish; the rest stay pending.
+    pub drain_timeout_ms: u64,
+}
+
+impl Settings {
+    /// Loads the layered configuration from `config_dir` (normally `./config`).
+    pub fn load(config_dir: &Path, extra_file: Option<&Path>) -> Result<Settings, ConfigError> {
+        let environment = std::env::var("APP_ENVIRONMENT").unwrap_or_else(|_| "local".into());
+        let mut builder = config::Config::builder()
+            .add_source(config::File::from(config_dir.join("base.toml")).required(true))
+            .add_source(
+                config::File::from(config_dir.join(format!("{environment}.toml"))).required(false),
+            );
+        if let Some(path) = extra_file {
+            if !path.exists() {
+                return Err(ConfigError::MissingFile {
+                    path: path.to_path_buf(),
+                });
+            }
+            builder = builder.add_source(config::File::from(path).required(true));
+        }
+        let settings: Settings = builder
+            .add_source(
+                config::Environment::with_prefix("APP")
+                    .prefix_separator("__")
+                    .separator("__")
+                    .try_parsing(true),
+            )
+            .build()
+            .and_then(config::Config::try_deserialize)
+            .map_err(ConfigError::Load)?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Checks what serde cannot: ranges and relations between keys.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
+            ConfigError::Invalid {
+                key,
+                reason: reason.into(),
+            }
+        }
+        fn positive(key: &'static str, value: u64) -> Result<(), ConfigError> {
+            if value == 0 {
+                return Err(invalid(key, "must be greater than 0"));
+            }
+            Ok(())
+        }
+        if self.kafka.brokers.trim().is_empty() {
+            return Err(invalid("kafka.brokers", "must name at least one host:port"));
+        }
+        if self.kafka.topic.trim().is_empty() {
+            return Err(invalid("kafka.topic", "must not be empty"));
+        }
+        if self.kafka.group_id.trim().is_empty() {
+            return Err(invalid("kafka.group_id", "must not be empty"));
+        }
+        positive("kafka.session_timeout_ms", self.kafka.session_timeout_ms)?;
+        if self.kafka.max_poll_interval_ms < self.kafka.session_timeout_ms {
+            return Err(invalid(
+                "kafka.max_poll_interval_ms",
+                "must be at least kafka.session_timeout_ms",
+            ));
+        }
+        positive("kafka.max_batch_messages", self.kafka.max_batch_messages as u64)?;
+        for key in self.kafka.client.keys() {
+            if matches!(
+                key.as_str(),
+                "enable.auto.offset.store" | "group.id" | "bootstrap.servers"
+            ) {
+                return Err(invalid(
+                    "kafka.client",
+                    format!("`{key}` is set by the service itself and may not be overridden"),
+                ));
+            }
+        }
+        if !self.postgres.url.starts_with("postgres://")
+            && !self.postgres.url.starts_with("postgresql://")
+        {
+            return Err(invalid(
+                "postgres.url",
+                "must be a postgres:// or postgresql:// URL",
+            ));
+        }
+        positive("postgres.pool_size", self.postgres.pool_size as u64)?;
+        positive("delivery.request_timeout_ms", self.delivery.request_timeout_ms)?;
+        if self.postgres.lease_ms < 2 * self.delivery.request_timeout_ms + 1_000 {
+            return Err(invalid(
+                "postgres.lease_ms",
+                "must exceed twice delivery.request_timeout_ms plus one second, \
+                 so an in-flight request always ends inside the lease",
+            ));
+        }
+        positive(
+            "delivery.mailbox_capacity",
+            self.delivery.mailbox_capacity as u64,
+        )?;
+        positive(
+            "delivery.max_in_flight_per_broker",
+            self.delivery.max_in_flight_per_broker as u64,
+        )?;
+        if self.delivery.max_message_bytes < 64 {
+            return Err(invalid("delivery.max_message_bytes", "must be at least 64"));
+        }
+        positive(
+            "delivery.ledger_poll_interval_ms",
+            self.delivery.ledger_poll_interval_ms,
+        )?;
+        positive("retry.max_attempts", u64::from(self.retry.max_attempts))?;
+        positive("retry.base_delay_ms", self.retry.base_delay_ms)?;
+        if self.retry.max_delay_ms < self.retry.base_delay_ms {
+            return Err(invalid(
+                "retry.max_delay_ms",
+                "must be at least retry.base_delay_ms",
+            ));
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return Err(invalid(
+                "log.level",
+                format!("`{}` is not a valid log filter", self.log.level),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl KafkaSettings {
+    pub fn revoke_drain_timeout(&self) -> Duration {
+        Duration::from_millis(self.revoke_drain_timeout_ms)
+    }
+}
+
+impl PostgresSettings {
+    pub fn lease(&self) -> Duration {
+        Duration::from_millis(self.lease_ms)
+    }
+}
+
+impl DeliverySettings {
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms)
+    }
+    pub fn ledger_poll_interval(&self) -> Duration {
+        Duration::from_millis(self.ledger_poll_interval_ms)
+    }
+}
+
+impl ShutdownSettings {
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_millis(self.drain_timeout_ms)
+    }
+}
+
+/// Where `config/` lives: `APP_CONFIG_DIR` if set, else `./config`.
+pub fn default_config_dir() -> PathBuf {
+    std::env::var_os("APP_CONFIG_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("config"))
+}

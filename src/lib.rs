@@ -1,0 +1,14 @@
+pub mod config;
+pub mod event;
+pub mod ledger;
+pub mod policy;
+pub mod signing;
+pub mod telemetry;
+pub mod webhook_client;
+pub mod delivery_queue;
+pub mod lease;
+pub mod actors;
+pub mod broker;
+pub mod kafka;
+pub mod cli;
+pub mod startup;

@@ -1,0 +1,61 @@
+use std::process::ExitCode;
+
+use clap::Parser;
+use webhook_delivery::cli::{Cli, Command};
+use webhook_delivery::config::{default_config_dir, Settings};
+use webhook_delivery::ledger::Ledger;
+use webhook_delivery::startup::Application;
+use webhook_delivery::telemetry::{get_subscriber, init_subscriber};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config_file = match &cli.command {
+        Command::Serve { config } | Command::Migrate { config } => config.clone(),
+    };
+    let settings = match Settings::load(&default_config_dir(), config_file.as_deref()) {
+        Ok(settings) => settings,
+        Err(error) => return fail("invalid configuration", &error),
+    };
+    init_subscriber(get_subscriber("webhook-delivery", &settings.log.level, std::io::stdout));
+    let result: Result<(), Box<dyn std::error::Error>> =
+        actix_rt::System::new().block_on(async move {
+            match cli.command {
+                Command::Serve { .. } => {
+                    let app = Application::build(settings).await?;
+                    app.run_until_stopped(shutdown_signal()).await?;
+                }
+                Command::Migrate { .. } => {
+                    let ledger =
+                        Ledger::connect_lazy(&settings.postgres.url, settings.postgres.pool_size)?;
+                    let applied = ledger.migrate().await?;
+                    println!("migrations applied: {applied:?}");
+                }
+            }
+            Ok(())
+        });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => fail("webhook-delivery failed", error.as_ref()),
+    }
+}
+
+/// Prints the error with its whole `source` chain: the 2am reader needs the root cause.
+fn fail(context: &str, error: &dyn std::error::Error) -> ExitCode {
+    let mut message = format!("error: {context}: {error}");
+    let mut source = error.source();
+    while let Some(cause) = source {
+        message.push_str(&format!("\n  caused by: {cause}"));
+        source = cause.source();
+    }
+    eprintln!("{message}");
+    ExitCode::FAILURE
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut terminate = signal(SignalKind::terminate()).expect("SIGTERM handler installs");
+    tokio::select! {
+        _ = terminate.recv() => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+    }
+}

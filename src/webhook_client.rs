@@ -1,0 +1,149 @@
+//! The outbound HTTP call: one signed POST, classified into a typed result. No retries here;
+//! the policy decides what an error means.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use awc::error::{ConnectError, SendRequestError};
+use bytes::Bytes;
+use futures::StreamExt;
+
+/// Why an attempt produced no HTTP status. Every variant is a transport failure, i.e. retryable;
+/// `class()` is the short name stored in the attempts table and logged as `error.class`.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error("no response within {0:?}")]
+    TimedOut(Duration),
+    #[error("could not resolve the host: {0}")]
+    Dns(String),
+    #[error("could not connect: {0}")]
+    Connect(#[source] ConnectError),
+    #[error("TLS is not configured for this URL")]
+    TlsUnavailable,
+    #[error("connection failed while sending the request: {0}")]
+    Io(#[source] std::io::Error),
+    #[error("the response was not valid HTTP: {0}")]
+    BadResponse(String),
+    #[error("request failed: {0}")]
+    Other(String),
+}
+
+impl SendError {
+    pub fn class(&self) -> &'static str {
+        match self {
+            SendError::TimedOut(_) => "timeout",
+            SendError::Dns(_) => "dns",
+            SendError::Connect(_) => "connect",
+            SendError::TlsUnavailable => "tls",
+            SendError::Io(_) => "io",
+            SendError::BadResponse(_) => "bad_response",
+            SendError::Other(_) => "other",
+        }
+    }
+
+    fn from_awc(error: SendRequestError, timeout: Duration) -> SendError {
+        match error {
+            SendRequestError::Timeout => SendError::TimedOut(timeout),
+            SendRequestError::Connect(ConnectError::Timeout) => SendError::TimedOut(timeout),
+            SendRequestError::Connect(ConnectError::SslIsNotSupported) => SendError::TlsUnavailable,
+            SendRequestError::Connect(
+                e @ (ConnectError::Resolver(_) | ConnectError::NoRecords | ConnectError::Unresolved),
+            ) => SendError::Dns(e.to_string()),
+            SendRequestError::Connect(e) => SendError::Connect(e),
+            SendRequestError::Send(e) => SendError::Io(e),
+            SendRequestError::Response(e) => SendError::BadResponse(e.to_string()),
+            other => SendError::Other(other.to_string()),
+        }
+    }
+}
+
+/// A fully prepared webhook: everything is computed before the call so the call is just I/O.
+#[derive(Debug, Clone)]
+pub struct WebhookRequest {
+    pub url: url::Url,
+    pub webhook_id: String,
+    pub timestamp: i64,
+    pub signature: String,
+    pub sequence: i64,
+    pub body: Bytes,
+}
+
+#[derive(Debug, Clone)]
+pub struct WebhookResponse {
+    pub status: u16,
+    /// Raw Retry-After header, if any; the policy parses it.
+    pub retry_after: Option<String>,
+    /// The first `max_response_bytes` of the body, lossily decoded, for diagnosis.
+    pub body_excerpt: String,
+}
+
+/// Builds the per-broker HTTP client: no redirects (a 3xx is a permanent failure, never
+/// followed), TLS with the webpki roots, our user-agent.
+pub fn build_client(user_agent: &str, timeout: Duration) -> awc::Client {
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("ring supports the default TLS versions")
+    .with_root_certificates(rustls::RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    })
+    .with_no_client_auth();
+    awc::Client::builder()
+        .connector(
+            awc::Connector::new()
+                .rustls_0_23(Arc::new(tls))
+                .timeout(timeout),
+        )
+        .disable_redirects()
+        .timeout(timeout)
+        .add_default_header((awc::http::header::USER_AGENT, user_agent.to_owned()))
+        .finish()
+}
+
+/// Sends one webhook. The whole exchange, body included, is bounded by `timeout`.
+pub async fn send(
+    client: &awc::Client,
+    request: &WebhookRequest,
+    timeout: Duration,
+    max_response_bytes: usize,
+) -> (Result<WebhookResponse, SendError>, Duration) {
+    let started = Instant::now();
+    let call = async {
+        let mut response = client
+            .post(request.url.as_str())
+            .insert_header(("content-type", "application/json"))
+            .insert_header(("webhook-id", request.webhook_id.as_str()))
+            .insert_header(("webhook-timestamp", request.timestamp.to_string()))
+            .insert_header(("webhook-signature", request.signature.as_str()))
+            .insert_header(("webhook-sequence", request.sequence.to_string()))
+            .send_body(request.body.clone())
+            .await
+            .map_err(|e| SendError::from_awc(e, timeout))?;
+        let status = response.status().as_u16();
+        let retry_after = response
+            .headers()
+            .get(awc::http::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        // Read at most max_response_bytes; a broker that streams forever cannot hold us.
+        let mut excerpt = Vec::new();
+        while excerpt.len() < max_response_bytes {
+            match response.next().await {
+                Some(Ok(chunk)) => excerpt.extend_from_slice(&chunk),
+                _ => break,
+            }
+        }
+        excerpt.truncate(max_response_bytes);
+        Ok(WebhookResponse {
+            status,
+            retry_after,
+            body_excerpt: String::from_utf8_lossy(&excerpt).into_owned(),
+        })
+    };
+    let result = match tokio::time::timeout(timeout, call).await {
+        Ok(result) => result,
+        Err(_) => Err(SendError::TimedOut(timeout)),
+    };
+    (result, started.elapsed())
+}

@@ -1,0 +1,300 @@
+//! Test harness: real Postgres (a fresh database per test), real Kafka (a fresh topic and group
+//! per test), real HTTP receivers (wiremock). Nothing is mocked.
+
+use std::sync::LazyLock;
+use std::time::{Duration, Instant};
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::ClientConfig;
+use tokio_postgres::NoTls;
+use webhook_delivery::config::Settings;
+use webhook_delivery::startup::Application;
+use webhook_delivery::telemetry::{get_subscriber, init_subscriber};
+use wiremock::{MockServer, Request};
+
+pub const KAFKA: &str = "127.0.0.1:9092";
+pub const ADMIN_DB_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+pub const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+/// Logs go nowhere unless TEST_LOG is set (then bunyan JSON on stdout).
+static TRACING: LazyLock<()> = LazyLock::new(|| {
+    if std::env::var("TEST_LOG").is_ok() {
+        init_subscriber(get_subscriber("test", "info", std::io::stdout));
+    } else {
+        init_subscriber(get_subscriber("test", "info", std::io::sink));
+    }
+});
+
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+}
+
+/// The isolated world of one test: its database, topic and consumer group.
+pub struct TestEnv {
+    pub db_url: String,
+    pub topic: String,
+    pub group_id: String,
+    pub db: tokio_postgres::Client,
+    producer: FutureProducer,
+}
+
+impl TestEnv {
+    pub async fn new(partitions: i32) -> TestEnv {
+        LazyLock::force(&TRACING);
+        let db_name = unique("wd_test").replace('-', "_");
+        let (admin, connection) = tokio_postgres::connect(ADMIN_DB_URL, NoTls)
+            .await
+            .expect("postgres on 127.0.0.1:5432 (run scripts/services.sh)");
+        tokio::spawn(connection);
+        admin
+            .batch_execute(&format!("CREATE DATABASE {db_name}"))
+            .await
+            .unwrap();
+        let db_url = format!("postgres://postgres@127.0.0.1:5432/{db_name}");
+        // The service creates the schema; tests need it before seeding brokers.
+        webhook_delivery::ledger::Ledger::connect_lazy(&db_url, 1)
+            .unwrap()
+            .migrate()
+            .await
+            .unwrap();
+        let (db, connection) = tokio_postgres::connect(&db_url, NoTls).await.unwrap();
+        tokio::spawn(connection);
+
+        let topic = unique("shipment-events");
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", KAFKA)
+            .create()
+            .unwrap();
+        let results = admin
+            .create_topics(
+                &[NewTopic::new(&topic, partitions, TopicReplication::Fixed(1))],
+                &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+            )
+            .await
+            .expect("kafka on 127.0.0.1:9092 (run scripts/services.sh)");
+        for result in results {
+            result.expect("topic created");
+        }
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", KAFKA)
+            .set("message.timeout.ms", "10000")
+            .create()
+            .unwrap();
+        TestEnv {
+            db_url,
+            group_id: unique("webhook-delivery"),
+            topic,
+            db,
+            producer,
+        }
+    }
+
+    /// Settings as in config/base.toml, pointed at this test's world, with short timings.
+    pub fn settings(&self) -> Settings {
+        let mut settings = Settings::load(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config"),
+            None,
+        )
+        .expect("config/base.toml loads");
+        settings.kafka.brokers = KAFKA.into();
+        settings.kafka.topic = self.topic.clone();
+        settings.kafka.group_id = self.group_id.clone();
+        settings.kafka.session_timeout_ms = 6_000;
+        settings.kafka.max_poll_interval_ms = 15_000;
+        settings.postgres.url = self.db_url.clone();
+        settings.postgres.lease_ms = 8_000;
+        settings.delivery.request_timeout_ms = 2_000;
+        settings.delivery.ledger_poll_interval_ms = 200;
+        settings.retry.base_delay_ms = 200;
+        settings.retry.max_delay_ms = 1_000;
+        settings.shutdown.drain_timeout_ms = 3_000;
+        settings.validate().expect("test settings are valid");
+        settings
+    }
+
+    /// The same settings as environment variables, for running the real binary.
+    pub fn settings_env(&self) -> Vec<(String, String)> {
+        let s = self.settings();
+        [
+            ("KAFKA__BROKERS", s.kafka.brokers),
+            ("KAFKA__TOPIC", s.kafka.topic),
+            ("KAFKA__GROUP_ID", s.kafka.group_id),
+            ("KAFKA__SESSION_TIMEOUT_MS", s.kafka.session_timeout_ms.to_string()),
+            ("KAFKA__MAX_POLL_INTERVAL_MS", s.kafka.max_poll_interval_ms.to_string()),
+            ("POSTGRES__URL", s.postgres.url),
+            ("POSTGRES__LEASE_MS", s.postgres.lease_ms.to_string()),
+            ("DELIVERY__REQUEST_TIMEOUT_MS", s.delivery.request_timeout_ms.to_string()),
+            ("DELIVERY__LEDGER_POLL_INTERVAL_MS", s.delivery.ledger_poll_interval_ms.to_string()),
+            ("RETRY__BASE_DELAY_MS", s.retry.base_delay_ms.to_string()),
+            ("RETRY__MAX_DELAY_MS", s.retry.max_delay_ms.to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (format!("APP__{k}"), v))
+        .collect()
+    }
+
+    pub async fn add_broker(&self, broker_id: &str, url: &str) {
+        self.db
+            .execute(
+                "INSERT INTO brokers (broker_id, webhook_url, signing_secret) VALUES ($1, $2, $3)",
+                &[&broker_id, &url, &SECRET],
+            )
+            .await
+            .unwrap();
+    }
+
+    pub async fn subscribe(&self, broker_id: &str, load_id: &str) {
+        self.db
+            .execute(
+                "INSERT INTO broker_subscriptions (broker_id, load_id) VALUES ($1, $2)",
+                &[&broker_id, &load_id],
+            )
+            .await
+            .unwrap();
+    }
+
+    /// Produces one message and waits for its acknowledgement (one at a time, so every
+    /// message is visible to consumers at once).
+    pub async fn produce(&self, key: Option<&str>, value: &[u8]) {
+        let mut record = FutureRecord::<str, [u8]>::to(&self.topic).payload(value);
+        if let Some(key) = key {
+            record = record.key(key);
+        }
+        self.producer
+            .send(record, Duration::from_secs(10))
+            .await
+            .expect("message produced");
+    }
+
+    pub async fn produce_event(&self, event_id: Option<&str>, load_id: &str, status: &str) -> Vec<u8> {
+        let mut event = serde_json::json!({"loadId": load_id, "status": status, "occurredAt": "2026-11-25T10:00:00Z"});
+        if let Some(id) = event_id {
+            event["eventId"] = id.into();
+        }
+        let value = serde_json::to_vec(&event).unwrap();
+        self.produce(Some(load_id), &value).await;
+        value
+    }
+
+    pub async fn count(&self, sql: &str) -> i64 {
+        self.db.query_one(sql, &[]).await.unwrap().get(0)
+    }
+
+    /// Sum of committed offsets of the test's group, as the broker sees them.
+    pub fn committed_offsets(&self, partitions: i32) -> Vec<i64> {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", KAFKA)
+            .set("group.id", &self.group_id)
+            .create()
+            .unwrap();
+        let mut list = rdkafka::TopicPartitionList::new();
+        for p in 0..partitions {
+            list.add_partition(&self.topic, p);
+        }
+        let committed = consumer
+            .committed_offsets(list, Duration::from_secs(10))
+            .unwrap();
+        (0..partitions)
+            .map(|p| match committed.find_partition(&self.topic, p).unwrap().offset() {
+                rdkafka::Offset::Offset(o) => o,
+                _ => 0,
+            })
+            .collect()
+    }
+}
+
+/// A running service inside this test process (its own thread and actix System).
+pub struct TestApp {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+pub fn spawn_app(settings: Settings) -> TestApp {
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let thread = std::thread::spawn(move || {
+        actix_rt::System::new().block_on(async move {
+            let app = Application::build(settings).await.expect("app builds");
+            app.run_until_stopped(async {
+                let _ = stop_rx.await;
+            })
+            .await
+            .expect("app runs");
+        });
+    });
+    TestApp {
+        stop: Some(stop_tx),
+        thread: Some(thread),
+    }
+}
+
+impl TestApp {
+    /// Graceful stop, as on SIGTERM.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let thread = self.thread.take().unwrap();
+        tokio::task::spawn_blocking(move || thread.join().expect("app thread exits cleanly"))
+            .await
+            .unwrap();
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// Polls `check` until it is true or `timeout` passes; returns whether it became true.
+pub async fn eventually<F, Fut>(timeout: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check().await {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+pub async fn received(server: &MockServer) -> Vec<Request> {
+    server.received_requests().await.unwrap_or_default()
+}
+
+/// Verifies a received webhook with the independent `standardwebhooks` implementation.
+pub fn assert_signed(request: &Request) {
+    let verifier = standardwebhooks::Webhook::new(SECRET).unwrap();
+    verifier
+        .verify(&request.body, &request.headers)
+        .expect("signature verifies with the standardwebhooks crate");
+}
+
+pub fn header<'a>(request: &'a Request, name: &str) -> &'a str {
+    request
+        .headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+}
+
+/// A receiver that answers 200 to every POST.
+pub async fn ok_receiver() -> MockServer {
+    let server = MockServer::start().await;
+    wiremock::Mock::given(wiremock::matchers::method("POST"))
+        .respond_with(wiremock::ResponseTemplate::new(200))
+        .mount(&server)
+        .await;
+    server
+}

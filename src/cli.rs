@@ -5,7 +5,11 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "webhook-delivery", version, about = "Kafka shipment events to signed broker webhooks")]
+#[command(
+    name = "webhook-delivery",
+    version,
+    about = "Kafka shipment events to signed broker webhooks"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

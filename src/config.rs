@@ -152,7 +152,10 @@ impl Settings {
                 "must be at least kafka.session_timeout_ms",
             ));
         }
-        positive("kafka.max_batch_messages", self.kafka.max_batch_messages as u64)?;
+        positive(
+            "kafka.max_batch_messages",
+            self.kafka.max_batch_messages as u64,
+        )?;
         for key in self.kafka.client.keys() {
             if matches!(
                 key.as_str(),
@@ -173,7 +176,10 @@ impl Settings {
             ));
         }
         positive("postgres.pool_size", self.postgres.pool_size as u64)?;
-        positive("delivery.request_timeout_ms", self.delivery.request_timeout_ms)?;
+        positive(
+            "delivery.request_timeout_ms",
+            self.delivery.request_timeout_ms,
+        )?;
         if self.postgres.lease_ms < 2 * self.delivery.request_timeout_ms + 1_000 {
             return Err(invalid(
                 "postgres.lease_ms",
@@ -246,4 +252,83 @@ pub fn default_config_dir() -> PathBuf {
     std::env::var_os("APP_CONFIG_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("config"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn config_dir() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("config")
+    }
+
+    fn load_with(toml: &str) -> Result<Settings, ConfigError> {
+        let mut file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+        file.write_all(toml.as_bytes()).unwrap();
+        Settings::load(&config_dir(), Some(file.path()))
+    }
+
+    fn message(result: Result<Settings, ConfigError>) -> String {
+        let error = result.expect_err("configuration is refused");
+        let mut text = error.to_string();
+        let mut source = std::error::Error::source(&error);
+        while let Some(cause) = source {
+            text.push_str(&format!(": {cause}"));
+            source = cause.source();
+        }
+        text
+    }
+
+    #[test]
+    fn the_defaults_file_is_valid() {
+        let settings = Settings::load(&config_dir(), None).unwrap();
+        assert_eq!(settings.kafka.topic, "shipment-events");
+        assert_eq!(settings.kafka.client["auto.offset.reset"], "earliest");
+    }
+
+    #[test]
+    fn a_value_of_the_wrong_type_names_its_key() {
+        let text = message(load_with("[delivery]\nrequest_timeout_ms = \"soon\"\n"));
+        assert!(text.contains("request_timeout_ms"), "{text}");
+    }
+
+    #[test]
+    fn an_unknown_key_is_refused() {
+        let text = message(load_with("[delivery]\nrequest_timeout = 5\n"));
+        assert!(text.contains("request_timeout"), "{text}");
+    }
+
+    #[test]
+    fn out_of_range_values_name_their_key() {
+        let cases = [
+            (
+                "[delivery]\nmax_in_flight_per_broker = 0\n",
+                "delivery.max_in_flight_per_broker",
+            ),
+            (
+                "[delivery]\nmailbox_capacity = 0\n",
+                "delivery.mailbox_capacity",
+            ),
+            ("[retry]\nmax_delay_ms = 1\n", "retry.max_delay_ms"),
+            ("[postgres]\nurl = \"mysql://x\"\n", "postgres.url"),
+            ("[postgres]\nlease_ms = 1000\n", "postgres.lease_ms"),
+            (
+                "[kafka]\nmax_poll_interval_ms = 1\n",
+                "kafka.max_poll_interval_ms",
+            ),
+            ("[kafka.client]\n\"group.id\" = \"other\"\n", "kafka.client"),
+            ("[log]\nlevel = \"info,[\"\n", "log.level"),
+        ];
+        for (toml, key) in cases {
+            let text = message(load_with(toml));
+            assert!(text.contains(key), "{key}: {text}");
+        }
+    }
+
+    #[test]
+    fn a_missing_config_file_is_reported() {
+        let result = Settings::load(&config_dir(), Some(Path::new("/nonexistent/wd.toml")));
+        assert!(message(result).contains("/nonexistent/wd.toml"));
+    }
 }

@@ -313,7 +313,10 @@ mod tests {
         assert_eq!(q.pop_ready(now).map(|(_, i)| *i), Some(0));
         q.insert(4, "L1", (0, 2), None, 1);
         q.forget_lanes_where(|partition| *partition == 1);
-        assert!(q.has_load("L1"), "busy lane kept even though its tail matches");
+        assert!(
+            q.has_load("L1"),
+            "busy lane kept even though its tail matches"
+        );
         assert!(!q.has_load("L2") && !q.has_load("L3"));
         assert_eq!(q.len(), 2);
         assert_eq!(q.pop_ready(now), None);

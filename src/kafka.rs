@@ -133,14 +133,19 @@ impl ConsumerContext for RebalanceContext {
                     .map(|queue| (partition, queue))
             })
             .collect();
-        self.partitions.do_send(PartitionsAssigned { consumer, queues });
+        self.partitions
+            .do_send(PartitionsAssigned { consumer, queues });
     }
 
     fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
         match result {
-            Ok(()) => tracing::debug!(topic = %self.topic, offsets = ?offsets.to_topic_map(), "offsets committed"),
+            Ok(()) => {
+                tracing::debug!(topic = %self.topic, offsets = ?offsets.to_topic_map(), "offsets committed")
+            }
             Err(KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)) => {}
-            Err(error) => tracing::warn!(topic = %self.topic, error.message = %error, "offset commit failed"),
+            Err(error) => {
+                tracing::warn!(topic = %self.topic, error.message = %error, "offset commit failed")
+            }
         }
     }
 }
@@ -195,14 +200,13 @@ impl KafkaConsumer {
                         revoke_drain_timeout,
                         closing: AtomicBool::new(false),
                     };
-                    let consumer: Arc<EventConsumer> =
-                        match config.create_with_context(context) {
-                            Ok(consumer) => Arc::new(consumer),
-                            Err(error) => {
-                                let _ = ready_tx.send(Err(ConsumerError::Create(error)));
-                                return;
-                            }
-                        };
+                    let consumer: Arc<EventConsumer> = match config.create_with_context(context) {
+                        Ok(consumer) => Arc::new(consumer),
+                        Err(error) => {
+                            let _ = ready_tx.send(Err(ConsumerError::Create(error)));
+                            return;
+                        }
+                    };
                     let _ = consumer.context().consumer.set(Arc::downgrade(&consumer));
                     if let Err(source) = consumer.subscribe(&[topic.as_str()]) {
                         let _ = ready_tx.send(Err(ConsumerError::Subscribe {

@@ -16,7 +16,11 @@ fn main() -> ExitCode {
         Ok(settings) => settings,
         Err(error) => return fail("invalid configuration", &error),
     };
-    init_subscriber(get_subscriber("webhook-delivery", &settings.log.level, std::io::stdout));
+    init_subscriber(get_subscriber(
+        "webhook-delivery",
+        &settings.log.level,
+        std::io::stdout,
+    ));
     let result: Result<(), Box<dyn std::error::Error>> =
         actix_rt::System::new().block_on(async move {
             match cli.command {

@@ -58,7 +58,12 @@ pub fn webhook_id(key: &IdempotencyKey) -> String {
 
 /// The `webhook-signature` header value: one `v1,<base64 HMAC-SHA256>` entry per secret,
 /// space separated (several secrets while a broker rotates).
-pub fn signature_header(secrets: &[SigningSecret], id: &str, timestamp: i64, body: &[u8]) -> String {
+pub fn signature_header(
+    secrets: &[SigningSecret],
+    id: &str,
+    timestamp: i64,
+    body: &[u8],
+) -> String {
     let mut header = String::new();
     for secret in secrets {
         if !header.is_empty() {

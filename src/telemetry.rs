@@ -8,11 +8,7 @@ use tracing_subscriber::{layer::SubscriberExt, EnvFilter, Registry};
 
 /// Builds the subscriber. `level` is a tracing filter such as `info` or
 /// `info,webhook_delivery::actors=debug`; `RUST_LOG` wins when set.
-pub fn get_subscriber<Sink>(
-    name: &str,
-    level: &str,
-    sink: Sink,
-) -> impl Subscriber + Send + Sync
+pub fn get_subscriber<Sink>(name: &str, level: &str, sink: Sink) -> impl Subscriber + Send + Sync
 where
     Sink: for<'a> MakeWriter<'a> + Send + Sync + 'static,
 {

@@ -47,7 +47,8 @@ impl SendError {
             SendRequestError::Connect(ConnectError::Timeout) => SendError::TimedOut(timeout),
             SendRequestError::Connect(ConnectError::SslIsNotSupported) => SendError::TlsUnavailable,
             SendRequestError::Connect(
-                e @ (ConnectError::Resolver(_) | ConnectError::NoRecords | ConnectError::Unresolved),
+                e
+                @ (ConnectError::Resolver(_) | ConnectError::NoRecords | ConnectError::Unresolved),
             ) => SendError::Dns(e.to_string()),
             SendRequestError::Connect(e) => SendError::Connect(e),
             SendRequestError::Send(e) => SendError::Io(e),

@@ -38,12 +38,18 @@ impl LedgerError {
     pub fn is_retryable(&self) -> bool {
         match self {
             LedgerError::Pool(_) => true,
-            LedgerError::Query(e) => e.is_closed() || e.as_db_error().is_none_or(|db| {
-                let code = db.code().code();
-                // 08: connection exception, 40: transaction rollback (serialization, deadlock),
-                // 53: insufficient resources, 57P: operator intervention (e.g. shutdown).
-                code.starts_with("08") || code.starts_with("40") || code.starts_with("53") || code.starts_with("57P")
-            }),
+            LedgerError::Query(e) => {
+                e.is_closed()
+                    || e.as_db_error().is_none_or(|db| {
+                        let code = db.code().code();
+                        // 08: connection exception, 40: transaction rollback (serialization, deadlock),
+                        // 53: insufficient resources, 57P: operator intervention (e.g. shutdown).
+                        code.starts_with("08")
+                            || code.starts_with("40")
+                            || code.starts_with("53")
+                            || code.starts_with("57P")
+                    })
+            }
             _ => false,
         }
     }
@@ -382,7 +388,10 @@ impl Ledger {
             .iter()
             .map(|r| i32::try_from(r.latency.as_millis()).unwrap_or(i32::MAX))
             .collect();
-        let codes: Vec<Option<i32>> = records.iter().map(|r| r.status_code.map(i32::from)).collect();
+        let codes: Vec<Option<i32>> = records
+            .iter()
+            .map(|r| r.status_code.map(i32::from))
+            .collect();
         let classes: Vec<Option<&str>> = records.iter().map(|r| r.error_class).collect();
         let messages: Vec<Option<&str>> =
             records.iter().map(|r| r.error_message.as_deref()).collect();
@@ -390,7 +399,9 @@ impl Ledger {
         let retry_in: Vec<Option<i64>> = records
             .iter()
             .map(|r| match r.outcome {
-                AttemptOutcome::RetryIn(delay) => Some(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX)),
+                AttemptOutcome::RetryIn(delay) => {
+                    Some(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX))
+                }
                 _ => None,
             })
             .collect();
@@ -436,8 +447,17 @@ impl Ledger {
             .execute(
                 &statement,
                 &[
-                    &ids, &brokers, &attempts, &started, &latencies, &codes, &classes, &messages,
-                    &outcomes, &retry_in, &dead_reasons,
+                    &ids,
+                    &brokers,
+                    &attempts,
+                    &started,
+                    &latencies,
+                    &codes,
+                    &classes,
+                    &messages,
+                    &outcomes,
+                    &retry_in,
+                    &dead_reasons,
                 ],
             )
             .await?;

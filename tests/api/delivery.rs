@@ -9,7 +9,11 @@ use crate::helpers::*;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_reach_exactly_the_subscribed_brokers_once_each_signed() {
     let env = TestEnv::new(3).await;
-    let receivers = [ok_receiver().await, ok_receiver().await, ok_receiver().await];
+    let receivers = [
+        ok_receiver().await,
+        ok_receiver().await,
+        ok_receiver().await,
+    ];
     for (i, receiver) in receivers.iter().enumerate() {
         env.add_broker(&format!("b{i}"), &receiver.uri()).await;
     }
@@ -20,12 +24,20 @@ async fn events_reach_exactly_the_subscribed_brokers_once_each_signed() {
     let mut sent = Vec::new();
     sent.push(env.produce_event(Some("e-none"), "L-none", "matched").await);
     sent.push(env.produce_event(Some("e-one"), "L-one", "matched").await);
-    sent.push(env.produce_event(Some("e-three-1"), "L-three", "matched").await);
-    sent.push(env.produce_event(Some("e-three-2"), "L-three", "accepted").await);
+    sent.push(
+        env.produce_event(Some("e-three-1"), "L-three", "matched")
+            .await,
+    );
+    sent.push(
+        env.produce_event(Some("e-three-2"), "L-three", "accepted")
+            .await,
+    );
 
     let app = spawn_app(env.settings());
     let all_delivered = eventually(Duration::from_secs(30), || async {
-        env.count("SELECT count(*) FROM deliveries WHERE state = 'delivered'").await == 7
+        env.count("SELECT count(*) FROM deliveries WHERE state = 'delivered'")
+            .await
+            == 7
     })
     .await;
     assert!(all_delivered, "7 deliveries (1 + 2 x 3) are delivered");
@@ -33,7 +45,11 @@ async fn events_reach_exactly_the_subscribed_brokers_once_each_signed() {
     app.stop().await;
 
     let counts: Vec<usize> = futures_counts(&receivers).await;
-    assert_eq!(counts, vec![3, 2, 2], "b0 gets L-one and both L-three events; b1, b2 get L-three");
+    assert_eq!(
+        counts,
+        vec![3, 2, 2],
+        "b0 gets L-one and both L-three events; b1, b2 get L-three"
+    );
     for receiver in &receivers {
         let mut ids = HashSet::new();
         for request in received(receiver).await {
@@ -41,8 +57,14 @@ async fn events_reach_exactly_the_subscribed_brokers_once_each_signed() {
             assert_eq!(header(&request, "content-type"), "application/json");
             assert!(header(&request, "user-agent").starts_with("webhook-delivery"));
             assert!(!header(&request, "webhook-sequence").is_empty());
-            assert!(sent.contains(&request.body), "body is the event exactly as produced");
-            assert!(ids.insert(header(&request, "webhook-id").to_owned()), "one webhook-id per event");
+            assert!(
+                sent.contains(&request.body),
+                "body is the event exactly as produced"
+            );
+            assert!(
+                ids.insert(header(&request, "webhook-id").to_owned()),
+                "one webhook-id per event"
+            );
         }
     }
     assert_eq!(env.count("SELECT count(*) FROM deliveries").await, 7);
@@ -67,8 +89,11 @@ async fn duplicates_of_an_event_send_one_webhook_per_broker() {
     }
     // The same eventId at two offsets (a producer retry), even with different bytes.
     env.produce_event(Some("e-1"), "L1", "matched").await;
-    env.produce(Some("L1"), br#"{"eventId":"e-1","loadId":"L1","status":"matched","retry":true}"#)
-        .await;
+    env.produce(
+        Some("L1"),
+        br#"{"eventId":"e-1","loadId":"L1","status":"matched","retry":true}"#,
+    )
+    .await;
     // A byte-identical event with no eventId, twice.
     let no_id = br#"{"loadId":"L1","status":"in_transit"}"#;
     env.produce(Some("L1"), no_id).await;
@@ -77,7 +102,9 @@ async fn duplicates_of_an_event_send_one_webhook_per_broker() {
     let app = spawn_app(env.settings());
     assert!(
         eventually(Duration::from_secs(30), || async {
-            env.count("SELECT count(*) FROM deliveries WHERE state = 'delivered'").await == 4
+            env.count("SELECT count(*) FROM deliveries WHERE state = 'delivered'")
+                .await
+                == 4
         })
         .await
     );
@@ -88,7 +115,10 @@ async fn duplicates_of_an_event_send_one_webhook_per_broker() {
     for receiver in &receivers {
         let requests = received(receiver).await;
         assert_eq!(requests.len(), 2, "one webhook per distinct event");
-        let ids: HashSet<_> = requests.iter().map(|r| header(r, "webhook-id").to_owned()).collect();
+        let ids: HashSet<_> = requests
+            .iter()
+            .map(|r| header(r, "webhook-id").to_owned())
+            .collect();
         assert_eq!(ids.len(), 2);
     }
     assert_eq!(env.count("SELECT count(*) FROM events").await, 2);
@@ -104,11 +134,19 @@ async fn hostile_load_ids_are_just_strings() {
     env.add_broker("bystander", &bystander.uri()).await;
     env.subscribe("target", hostile).await;
     env.subscribe("bystander", "1").await;
-    env.produce_event(Some("e-'; DELETE FROM deliveries; --"), hostile, "matched'); --").await;
+    env.produce_event(
+        Some("e-'; DELETE FROM deliveries; --"),
+        hostile,
+        "matched'); --",
+    )
+    .await;
 
     let app = spawn_app(env.settings());
     assert!(
-        eventually(Duration::from_secs(30), || async { received(&target).await.len() == 1 }).await
+        eventually(Duration::from_secs(30), || async {
+            received(&target).await.len() == 1
+        })
+        .await
     );
     tokio::time::sleep(Duration::from_millis(500)).await;
     app.stop().await;
@@ -118,7 +156,11 @@ async fn hostile_load_ids_are_just_strings() {
     assert_signed(request);
     let body: serde_json::Value = serde_json::from_slice(&request.body).unwrap();
     assert_eq!(body["loadId"], hostile);
-    assert_eq!(env.count("SELECT count(*) FROM brokers").await, 2, "tables intact");
+    assert_eq!(
+        env.count("SELECT count(*) FROM brokers").await,
+        2,
+        "tables intact"
+    );
     assert_eq!(env.count("SELECT count(*) FROM deliveries").await, 1);
 }
 
@@ -137,7 +179,8 @@ async fn a_slow_broker_does_not_delay_another_brokers_deliveries() {
         let load = format!("L{i}");
         env.subscribe("slow", &load).await;
         env.subscribe("fast", &load).await;
-        env.produce_event(Some(&format!("e{i}")), &load, "matched").await;
+        env.produce_event(Some(&format!("e{i}")), &load, "matched")
+            .await;
     }
     let mut settings = env.settings();
     settings.delivery.request_timeout_ms = 15_000;
@@ -146,7 +189,10 @@ async fn a_slow_broker_does_not_delay_another_brokers_deliveries() {
     let app = spawn_app(settings);
     let started = std::time::Instant::now();
     assert!(
-        eventually(Duration::from_secs(30), || async { received(&fast).await.len() == 10 }).await,
+        eventually(Duration::from_secs(30), || async {
+            received(&fast).await.len() == 10
+        })
+        .await,
         "the fast broker gets every event"
     );
     let fast_done = started.elapsed();
@@ -159,14 +205,73 @@ async fn a_slow_broker_does_not_delay_another_brokers_deliveries() {
     );
     assert!(
         eventually(Duration::from_secs(40), || async {
-            env.count("SELECT count(*) FROM deliveries WHERE state = 'delivered'").await == 20
+            env.count("SELECT count(*) FROM deliveries WHERE state = 'delivered'")
+                .await
+                == 20
         })
         .await,
         "the slow broker gets its events too"
     );
     app.stop().await;
-    let per_broker: HashMap<&str, usize> =
-        [("fast", received(&fast).await.len()), ("slow", received(&slow).await.len())].into();
+    let per_broker: HashMap<&str, usize> = [
+        ("fast", received(&fast).await.len()),
+        ("slow", received(&slow).await.len()),
+    ]
+    .into();
     assert_eq!(per_broker["fast"], 10);
     assert_eq!(per_broker["slow"], 10);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_row_with_an_invalid_url_or_secret_is_dead_lettered_not_fatal() {
+    let env = TestEnv::new(1).await;
+    let healthy = ok_receiver().await;
+    env.add_broker("healthy", &healthy.uri()).await;
+    env.add_broker("bad-url", "not a url").await;
+    env.db
+        .execute(
+            "INSERT INTO brokers (broker_id, webhook_url, signing_secret) VALUES ('bad-secret', $1, 'hunter2')",
+            &[&healthy.uri()],
+        )
+        .await
+        .unwrap();
+    for broker in ["healthy", "bad-url", "bad-secret"] {
+        env.subscribe(broker, "L1").await;
+    }
+    env.produce_event(Some("e1"), "L1", "matched").await;
+
+    let app = spawn_app(env.settings());
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            env.count("SELECT count(*) FROM deliveries WHERE state <> 'pending'")
+                .await
+                == 3
+        })
+        .await
+    );
+    app.stop().await;
+    assert_eq!(
+        received(&healthy).await.len(),
+        1,
+        "only the healthy broker is called"
+    );
+    let rows = env
+        .db
+        .query(
+            "SELECT broker_id, dead_reason FROM deliveries WHERE state = 'dead' ORDER BY broker_id",
+            &[],
+        )
+        .await
+        .unwrap();
+    let dead: Vec<(String, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(dead.len(), 2);
+    assert!(dead[0].1.contains("signing_secret is invalid"), "{dead:?}");
+    assert!(
+        dead[1].1.contains("webhook_url is not a valid URL"),
+        "{dead:?}"
+    );
+    assert!(
+        !dead[0].1.contains("hunter2"),
+        "secrets never appear in reasons"
+    );
 }

@@ -28,7 +28,10 @@ static TRACING: LazyLock<()> = LazyLock::new(|| {
 });
 
 pub fn unique(prefix: &str) -> String {
-    format!("{prefix}-{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+    format!(
+        "{prefix}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    )
 }
 
 /// The isolated world of one test: its database, topic and consumer group.
@@ -69,7 +72,11 @@ impl TestEnv {
             .unwrap();
         let results = admin
             .create_topics(
-                &[NewTopic::new(&topic, partitions, TopicReplication::Fixed(1))],
+                &[NewTopic::new(
+                    &topic,
+                    partitions,
+                    TopicReplication::Fixed(1),
+                )],
                 &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
             )
             .await
@@ -121,12 +128,24 @@ impl TestEnv {
             ("KAFKA__BROKERS", s.kafka.brokers),
             ("KAFKA__TOPIC", s.kafka.topic),
             ("KAFKA__GROUP_ID", s.kafka.group_id),
-            ("KAFKA__SESSION_TIMEOUT_MS", s.kafka.session_timeout_ms.to_string()),
-            ("KAFKA__MAX_POLL_INTERVAL_MS", s.kafka.max_poll_interval_ms.to_string()),
+            (
+                "KAFKA__SESSION_TIMEOUT_MS",
+                s.kafka.session_timeout_ms.to_string(),
+            ),
+            (
+                "KAFKA__MAX_POLL_INTERVAL_MS",
+                s.kafka.max_poll_interval_ms.to_string(),
+            ),
             ("POSTGRES__URL", s.postgres.url),
             ("POSTGRES__LEASE_MS", s.postgres.lease_ms.to_string()),
-            ("DELIVERY__REQUEST_TIMEOUT_MS", s.delivery.request_timeout_ms.to_string()),
-            ("DELIVERY__LEDGER_POLL_INTERVAL_MS", s.delivery.ledger_poll_interval_ms.to_string()),
+            (
+                "DELIVERY__REQUEST_TIMEOUT_MS",
+                s.delivery.request_timeout_ms.to_string(),
+            ),
+            (
+                "DELIVERY__LEDGER_POLL_INTERVAL_MS",
+                s.delivery.ledger_poll_interval_ms.to_string(),
+            ),
             ("RETRY__BASE_DELAY_MS", s.retry.base_delay_ms.to_string()),
             ("RETRY__MAX_DELAY_MS", s.retry.max_delay_ms.to_string()),
         ]
@@ -168,7 +187,12 @@ impl TestEnv {
             .expect("message produced");
     }
 
-    pub async fn produce_event(&self, event_id: Option<&str>, load_id: &str, status: &str) -> Vec<u8> {
+    pub async fn produce_event(
+        &self,
+        event_id: Option<&str>,
+        load_id: &str,
+        status: &str,
+    ) -> Vec<u8> {
         let mut event = serde_json::json!({"loadId": load_id, "status": status, "occurredAt": "2026-11-25T10:00:00Z"});
         if let Some(id) = event_id {
             event["eventId"] = id.into();
@@ -198,10 +222,12 @@ impl TestEnv {
             .committed_offsets(list, Duration::from_secs(10))
             .unwrap();
         (0..partitions)
-            .map(|p| match committed.find_partition(&self.topic, p).unwrap().offset() {
-                rdkafka::Offset::Offset(o) => o,
-                _ => 0,
-            })
+            .map(
+                |p| match committed.find_partition(&self.topic, p).unwrap().offset() {
+                    rdkafka::Offset::Offset(o) => o,
+                    _ => 0,
+                },
+            )
             .collect()
     }
 }

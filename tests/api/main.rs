@@ -1,3 +1,4 @@
+mod cli;
 mod delivery;
 mod helpers;
 mod poison;

@@ -14,7 +14,8 @@ async fn poison_messages_are_recorded_and_the_partition_keeps_flowing() {
     env.produce(Some("L1"), &[b'{', 0xff, 0xfe, b'}']).await;
     env.produce(Some("L1"), &vec![b' '; 2048]).await;
     env.produce(Some("L1"), b"[1, 2, 3]").await;
-    env.produce(Some("L1"), br#"{"loadId": 42, "status": "matched"}"#).await;
+    env.produce(Some("L1"), br#"{"loadId": 42, "status": "matched"}"#)
+        .await;
     env.produce(None, br#"{"status": "matched"}"#).await;
     env.produce_event(Some("good-2"), "L1", "delivered").await;
 
@@ -22,7 +23,10 @@ async fn poison_messages_are_recorded_and_the_partition_keeps_flowing() {
     settings.delivery.max_message_bytes = 1024;
     let app = spawn_app(settings);
     assert!(
-        eventually(Duration::from_secs(30), || async { received(&receiver).await.len() == 2 }).await,
+        eventually(Duration::from_secs(30), || async {
+            received(&receiver).await.len() == 2
+        })
+        .await,
         "both good events are delivered around the poison"
     );
     assert!(
@@ -36,7 +40,10 @@ async fn poison_messages_are_recorded_and_the_partition_keeps_flowing() {
 
     let rows = env
         .db
-        .query("SELECT kafka_offset, error, value_bytes FROM rejected_messages ORDER BY kafka_offset", &[])
+        .query(
+            "SELECT kafka_offset, error, value_bytes FROM rejected_messages ORDER BY kafka_offset",
+            &[],
+        )
         .await
         .unwrap();
     let rejected: Vec<(i64, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();

@@ -19,7 +19,8 @@ async fn slow_ok_receiver(delay: Duration) -> MockServer {
 async fn ids_received(server: &MockServer) -> HashMap<String, usize> {
     let mut ids = HashMap::new();
     for request in received(server).await {
-        *ids.entry(header(&request, "webhook-id").to_owned()).or_default() += 1;
+        *ids.entry(header(&request, "webhook-id").to_owned())
+            .or_default() += 1;
     }
     ids
 }
@@ -31,7 +32,8 @@ async fn seed(env: &TestEnv, receiver: &MockServer, events: usize) {
         if i < 5 {
             env.subscribe("b1", &load).await;
         }
-        env.produce_event(Some(&format!("e{i}")), &load, &format!("status-{i}")).await;
+        env.produce_event(Some(&format!("e{i}")), &load, &format!("status-{i}"))
+            .await;
     }
 }
 
@@ -43,7 +45,10 @@ async fn a_graceful_restart_delivers_everything_exactly_once() {
 
     let first = spawn_app(env.settings());
     assert!(
-        eventually(Duration::from_secs(30), || async { received(&receiver).await.len() >= 5 }).await
+        eventually(Duration::from_secs(30), || async {
+            received(&receiver).await.len() >= 5
+        })
+        .await
     );
     first.stop().await;
     let delivered_by_first = env
@@ -54,7 +59,9 @@ async fn a_graceful_restart_delivers_everything_exactly_once() {
     let second = spawn_app(env.settings());
     assert!(
         eventually(Duration::from_secs(60), || async {
-            env.count("SELECT count(*) FROM deliveries WHERE state = 'delivered'").await == 30
+            env.count("SELECT count(*) FROM deliveries WHERE state = 'delivered'")
+                .await
+                == 30
         })
         .await,
         "every event delivered after the restart"
@@ -103,7 +110,10 @@ async fn a_killed_process_loses_nothing_and_resends_nothing_already_delivered() 
 
     let first = Binary::start(&env);
     assert!(
-        eventually(Duration::from_secs(30), || async { received(&receiver).await.len() >= 5 }).await
+        eventually(Duration::from_secs(30), || async {
+            received(&receiver).await.len() >= 5
+        })
+        .await
     );
     first.sigkill();
     // What the ledger says was delivered when the process died must never be sent again.
@@ -123,7 +133,9 @@ async fn a_killed_process_loses_nothing_and_resends_nothing_already_delivered() 
     let second = Binary::start(&env);
     assert!(
         eventually(Duration::from_secs(90), || async {
-            env.count("SELECT count(*) FROM deliveries WHERE state = 'delivered'").await == 30
+            env.count("SELECT count(*) FROM deliveries WHERE state = 'delivered'")
+                .await
+                == 30
         })
         .await,
         "every event delivered after the kill"
@@ -136,6 +148,9 @@ async fn a_killed_process_loses_nothing_and_resends_nothing_already_delivered() 
         let id = webhook_delivery::signing::webhook_id(
             &webhook_delivery::event::IdempotencyKey::from_stored(key),
         );
-        assert_eq!(ids[&id], 1, "{id} was delivered before the kill and must not be re-sent");
+        assert_eq!(
+            ids[&id], 1,
+            "{id} was delivered before the kill and must not be re-sent"
+        );
     }
 }

@@ -132,7 +132,16 @@ impl DeliveryActor {
                 Ok(endpoint) => self.attempt(ctx, load_id, delivery, endpoint),
                 Err(reason) => {
                     let reason = format!("broker {}: {reason}", self.broker_id);
-                    self.record_outcome(ctx, load_id, &delivery, Utc::now(), Duration::ZERO, AttemptResult::RequestInvalid, None, Some(("invalid_broker", reason)));
+                    self.record_outcome(
+                        ctx,
+                        load_id,
+                        &delivery,
+                        Utc::now(),
+                        Duration::ZERO,
+                        AttemptResult::RequestInvalid,
+                        None,
+                        Some(("invalid_broker", reason)),
+                    );
                 }
             }
         }
@@ -168,29 +177,44 @@ impl DeliveryActor {
         let call = async move {
             webhook_client::send(&client, &request, timeout, max_response_bytes).await
         };
-        ctx.spawn(call.into_actor(self).map(move |(result, latency), act, ctx| {
-            let (attempt_result, status, error) = match result {
-                Ok(response) => (
-                    AttemptResult::Responded {
-                        status: response.status,
-                        retry_after: response
-                            .retry_after
-                            .as_deref()
-                            .and_then(|value| parse_retry_after(value, Utc::now())),
-                    },
-                    Some(response.status),
-                    (!(200..300).contains(&response.status)).then(|| {
-                        ("http_status", format!("HTTP {}: {}", response.status, response.body_excerpt))
-                    }),
-                ),
-                Err(error) => (
-                    AttemptResult::TransportFailed,
-                    None,
-                    Some((error.class(), error.to_string())),
-                ),
-            };
-            act.record_outcome(ctx, load_id, &delivery, started_at, latency, attempt_result, status, error);
-        }));
+        ctx.spawn(
+            call.into_actor(self)
+                .map(move |(result, latency), act, ctx| {
+                    let (attempt_result, status, error) = match result {
+                        Ok(response) => (
+                            AttemptResult::Responded {
+                                status: response.status,
+                                retry_after: response
+                                    .retry_after
+                                    .as_deref()
+                                    .and_then(|value| parse_retry_after(value, Utc::now())),
+                            },
+                            Some(response.status),
+                            (!(200..300).contains(&response.status)).then(|| {
+                                (
+                                    "http_status",
+                                    format!("HTTP {}: {}", response.status, response.body_excerpt),
+                                )
+                            }),
+                        ),
+                        Err(error) => (
+                            AttemptResult::TransportFailed,
+                            None,
+                            Some((error.class(), error.to_string())),
+                        ),
+                    };
+                    act.record_outcome(
+                        ctx,
+                        load_id,
+                        &delivery,
+                        started_at,
+                        latency,
+                        attempt_result,
+                        status,
+                        error,
+                    );
+                }),
+        );
     }
 
     /// Applies the policy to one attempt, logs it, and queues it for the ledger.

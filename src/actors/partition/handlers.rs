@@ -48,7 +48,9 @@ impl Handler<ProcessBatch> for PartitionActor {
                     );
                     rejected.push(RejectedMessage {
                         offset: message.offset(),
-                        key: message.key().map(|k| k[..k.len().min(REJECTED_VALUE_CAP)].to_vec()),
+                        key: message
+                            .key()
+                            .map(|k| k[..k.len().min(REJECTED_VALUE_CAP)].to_vec()),
                         raw_value: message
                             .payload()
                             .map(|v| v[..v.len().min(REJECTED_VALUE_CAP)].to_vec()),

@@ -77,7 +77,9 @@ impl PartitionActor {
             let (topic, partition) = (act.deps.topic.as_str(), act.partition);
             match result {
                 Ok(Ok(true)) => {
-                    act.deps.leases.grant(partition, requested_at + act.deps.lease);
+                    act.deps
+                        .leases
+                        .grant(partition, requested_at + act.deps.lease);
                     if !act.lease_held {
                         act.lease_held = true;
                         tracing::info!(topic, partition, "partition lease acquired");
@@ -86,16 +88,28 @@ impl PartitionActor {
                 }
                 Ok(Ok(false)) => {
                     if act.lease_held {
-                        tracing::warn!(topic, partition, "partition lease lost to another instance");
+                        tracing::warn!(
+                            topic,
+                            partition,
+                            "partition lease lost to another instance"
+                        );
                     } else {
-                        tracing::info!(topic, partition, "waiting for another instance's lease on this partition to end");
+                        tracing::info!(
+                            topic,
+                            partition,
+                            "waiting for another instance's lease on this partition to end"
+                        );
                     }
                     act.lease_held = false;
                     act.deps.leases.revoke(partition);
                 }
                 // Keep what we have: it runs out by itself if the database stays away.
-                Ok(Err(error)) => tracing::warn!(topic, partition, error.message = %error, "lease renewal failed"),
-                Err(error) => tracing::warn!(topic, partition, error.message = %error, "lease renewal failed"),
+                Ok(Err(error)) => {
+                    tracing::warn!(topic, partition, error.message = %error, "lease renewal failed")
+                }
+                Err(error) => {
+                    tracing::warn!(topic, partition, error.message = %error, "lease renewal failed")
+                }
             }
         }));
     }
@@ -106,7 +120,10 @@ impl Actor for PartitionActor {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         tracing::info!(topic = %self.deps.topic, partition = self.partition, "partition actor started");
-        let queue = self.queue.take().expect("a partition queue is read by one actor");
+        let queue = self
+            .queue
+            .take()
+            .expect("a partition queue is read by one actor");
         let (stop_tx, stop_rx) = oneshot::channel();
         self.stop_reading = Some(stop_tx);
         actix::spawn(read_batches(

@@ -22,12 +22,8 @@ impl Handler<PartitionsAssigned> for PartitionSupervisor {
 
     fn handle(&mut self, msg: PartitionsAssigned, _: &mut Self::Context) {
         for (partition, queue) in msg.queues {
-            let actor = PartitionActor::new(
-                self.deps.clone(),
-                partition,
-                msg.consumer.clone(),
-                queue,
-            );
+            let actor =
+                PartitionActor::new(self.deps.clone(), partition, msg.consumer.clone(), queue);
             if let Some(previous) = self.partitions.insert(partition, actor.start()) {
                 // Assigned twice without a revoke in between: the old actor must not keep going.
                 previous.do_send(Revoke);

@@ -1,7 +1,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use webhook_delivery::cli::{Cli, Command};
+use webhook_delivery::cli::{self, Cli, Command};
 use webhook_delivery::config::{default_config_dir, Settings};
 use webhook_delivery::ledger::Ledger;
 use webhook_delivery::startup::Application;
@@ -9,10 +9,7 @@ use webhook_delivery::telemetry::{get_subscriber, init_subscriber};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let config_file = match &cli.command {
-        Command::Serve { config } | Command::Migrate { config } => config.clone(),
-    };
-    let settings = match Settings::load(&default_config_dir(), config_file.as_deref()) {
+    let settings = match Settings::load(&default_config_dir(), cli.config.as_deref()) {
         Ok(settings) => settings,
         Err(error) => return fail("invalid configuration", &error),
     };
@@ -24,15 +21,16 @@ fn main() -> ExitCode {
     let result: Result<(), Box<dyn std::error::Error>> =
         actix_rt::System::new().block_on(async move {
             match cli.command {
-                Command::Serve { .. } => {
+                Command::Serve => {
                     let app = Application::build(settings).await?;
                     app.run_until_stopped(shutdown_signal()).await?;
                 }
-                Command::Migrate { .. } => {
-                    let ledger =
-                        Ledger::connect_lazy(&settings.postgres.url, settings.postgres.pool_size)?;
-                    let applied = ledger.migrate().await?;
+                Command::Migrate => {
+                    let applied = connect(&settings)?.migrate().await?;
                     println!("migrations applied: {applied:?}");
+                }
+                Command::DeadLetters(command) => {
+                    cli::dead_letters(&connect(&settings)?, command).await?;
                 }
             }
             Ok(())
@@ -41,6 +39,10 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => fail("webhook-delivery failed", error.as_ref()),
     }
+}
+
+fn connect(settings: &Settings) -> Result<Ledger, webhook_delivery::ledger::LedgerError> {
+    Ledger::connect_lazy(&settings.postgres.url, settings.postgres.pool_size)
 }
 
 /// Prints the error with its whole `source` chain: the 2am reader needs the root cause.

@@ -1,7 +1,10 @@
 //! The Postgres ledger: the only module that speaks SQL. Every statement is parameterized; batch
 //! statements pass arrays through `unnest` so one poll batch is one round trip (DESIGN.md 6).
 
+mod dead_letters;
 mod migrations;
+
+pub use dead_letters::{DeadLetter, ReplayOutcome, ReplaySelector};
 
 use std::collections::HashMap;
 use std::str::FromStr;

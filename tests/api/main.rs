@@ -1,5 +1,7 @@
 mod cli;
+mod dead_letters;
 mod delivery;
 mod helpers;
 mod poison;
 mod restart;
+mod retries;

@@ -1,0 +1,132 @@
+//! Dead letters: listing them and putting them back in the queue (replay).
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use super::{Ledger, LedgerError};
+use crate::event::IdempotencyKey;
+use crate::signing::webhook_id;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DeadLetter {
+    pub delivery_id: i64,
+    pub broker_id: String,
+    pub load_id: String,
+    pub event_id: Option<String>,
+    pub webhook_id: String,
+    pub attempts: i32,
+    pub last_status_code: Option<i32>,
+    pub last_error: Option<String>,
+    pub dead_reason: Option<String>,
+    pub died_at: DateTime<Utc>,
+}
+
+/// Which dead letters to replay.
+#[derive(Debug, Clone)]
+pub enum ReplaySelector {
+    Delivery(i64),
+    Broker {
+        broker_id: String,
+        since: Option<DateTime<Utc>>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReplayOutcome {
+    /// These deliveries are pending again, with a fresh attempt budget and the same webhook-id.
+    Requeued(Vec<i64>),
+    NotFound,
+    /// Refused: it was delivered; sending it again would be a duplicate.
+    AlreadyDelivered,
+    /// Nothing to do: it is still being delivered.
+    StillPending,
+}
+
+impl Ledger {
+    pub async fn dead_letters(
+        &self,
+        broker_id: Option<&str>,
+        since: Option<DateTime<Utc>>,
+        limit: i64,
+    ) -> Result<Vec<DeadLetter>, LedgerError> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT d.delivery_id, d.broker_id, d.load_id, e.event_id, d.idempotency_key, d.attempts,
+                        d.last_status_code, d.last_error, d.dead_reason, d.updated_at
+                 FROM deliveries d JOIN events e ON e.idempotency_key = d.idempotency_key
+                 WHERE d.state = 'dead'
+                   AND ($1::text IS NULL OR d.broker_id = $1)
+                   AND ($2::timestamptz IS NULL OR d.updated_at >= $2)
+                 ORDER BY d.updated_at, d.delivery_id
+                 LIMIT $3",
+                &[&broker_id, &since, &limit],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|row| DeadLetter {
+                delivery_id: row.get(0),
+                broker_id: row.get(1),
+                load_id: row.get(2),
+                event_id: row.get(3),
+                webhook_id: webhook_id(&IdempotencyKey::from_stored(row.get(4))),
+                attempts: row.get(5),
+                last_status_code: row.get(6),
+                last_error: row.get(7),
+                dead_reason: row.get(8),
+                died_at: row.get(9),
+            })
+            .collect())
+    }
+
+    /// Re-queues dead deliveries: pending, due now, attempts reset. A running service picks
+    /// them up on its next ledger sweep. Delivered rows are never touched.
+    pub async fn replay(&self, selector: &ReplaySelector) -> Result<ReplayOutcome, LedgerError> {
+        let client = self.client().await?;
+        const REQUEUE: &str = "state = 'pending', attempts = 0, next_attempt_at = now(),
+                               dead_reason = NULL, updated_at = now()";
+        match selector {
+            ReplaySelector::Delivery(id) => {
+                let Some(row) = client
+                    .query_opt("SELECT state FROM deliveries WHERE delivery_id = $1", &[id])
+                    .await?
+                else {
+                    return Ok(ReplayOutcome::NotFound);
+                };
+                match row.get::<_, &str>(0) {
+                    "delivered" => Ok(ReplayOutcome::AlreadyDelivered),
+                    "pending" => Ok(ReplayOutcome::StillPending),
+                    _ => {
+                        let rows = client
+                            .query(
+                                &format!("UPDATE deliveries SET {REQUEUE} WHERE delivery_id = $1 AND state = 'dead' RETURNING delivery_id"),
+                                &[id],
+                            )
+                            .await?;
+                        Ok(ReplayOutcome::Requeued(
+                            rows.iter().map(|r| r.get(0)).collect(),
+                        ))
+                    }
+                }
+            }
+            ReplaySelector::Broker { broker_id, since } => {
+                let rows = client
+                    .query(
+                        &format!(
+                            "UPDATE deliveries SET {REQUEUE}
+                             WHERE broker_id = $1 AND state = 'dead'
+                               AND ($2::timestamptz IS NULL OR updated_at >= $2)
+                             RETURNING delivery_id"
+                        ),
+                        &[broker_id, since],
+                    )
+                    .await?;
+                Ok(ReplayOutcome::Requeued(
+                    rows.iter().map(|r| r.get(0)).collect(),
+                ))
+            }
+        }
+    }
+}

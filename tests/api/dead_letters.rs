@@ -1,0 +1,111 @@
+use std::process::Command;
+use std::time::Duration;
+
+use wiremock::matchers::method;
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+use crate::helpers::*;
+
+fn cli(env: &TestEnv, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_webhook-delivery"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .envs(env.settings_env())
+        .output()
+        .expect("binary runs")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_permanent_failure_is_dead_lettered_listed_and_replayed_with_the_same_webhook_id() {
+    let env = TestEnv::new(1).await;
+    let receiver = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(400))
+        .up_to_n_times(1)
+        .mount(&receiver)
+        .await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200))
+        .mount(&receiver)
+        .await;
+    env.add_broker("b1", &receiver.uri()).await;
+    env.subscribe("b1", "L1").await;
+    env.produce_event(Some("e1"), "L1", "matched").await;
+    env.produce_event(Some("e2"), "L1", "accepted").await;
+
+    let app = spawn_app(env.settings());
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            env.count("SELECT count(*) FROM deliveries WHERE state <> 'pending'")
+                .await
+                == 2
+        })
+        .await
+    );
+    let first_id = header(&received(&receiver).await[0], "webhook-id").to_owned();
+    assert_eq!(
+        env.count("SELECT count(*) FROM delivery_attempts").await,
+        2,
+        "a 400 is permanent: no retry"
+    );
+
+    let list = cli(&env, &["dead-letters", "list", "--broker", "b1", "--json"]);
+    assert!(
+        list.status.success(),
+        "{}",
+        String::from_utf8_lossy(&list.stderr)
+    );
+    let letters: Vec<serde_json::Value> = serde_json::from_slice(&list.stdout).unwrap();
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0]["webhook_id"], first_id.as_str());
+    assert!(letters[0]["dead_reason"]
+        .as_str()
+        .unwrap()
+        .contains("HTTP 400"));
+    let dead_id = letters[0]["delivery_id"].as_i64().unwrap().to_string();
+
+    let delivered_id: i64 = env
+        .db
+        .query_one(
+            "SELECT delivery_id FROM deliveries WHERE state = 'delivered'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let refused = cli(
+        &env,
+        &["dead-letters", "replay", "--id", &delivered_id.to_string()],
+    );
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("refused"));
+
+    let replay = cli(&env, &["dead-letters", "replay", "--id", &dead_id]);
+    assert!(
+        replay.status.success(),
+        "{}",
+        String::from_utf8_lossy(&replay.stderr)
+    );
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            received(&receiver).await.len() == 3
+        })
+        .await,
+        "the running service sends the replayed delivery"
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            env.count("SELECT count(*) FROM deliveries WHERE state = 'delivered'")
+                .await
+                == 2
+        })
+        .await
+    );
+    app.stop().await;
+    assert_eq!(
+        header(&received(&receiver).await[2], "webhook-id"),
+        first_id
+    );
+    let empty = cli(&env, &["dead-letters", "list"]);
+    assert!(String::from_utf8_lossy(&empty.stdout).contains("0 dead deliveries"));
+}

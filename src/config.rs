@@ -26,6 +26,7 @@ pub struct Settings {
     pub postgres: PostgresSettings,
     pub delivery: DeliverySettings,
     pub retry: RetrySettings,
+    pub circuit_breaker: CircuitBreakerSettings,
     pub log: LogSettings,
     pub shutdown: ShutdownSettings,
 }
@@ -76,6 +77,18 @@ pub struct RetrySettings {
     pub max_attempts: u32,
     pub base_delay_ms: u64,
     pub max_delay_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CircuitBreakerSettings {
+    pub failure_threshold: u32,
+    pub failure_ratio: f64,
+    pub min_requests: u32,
+    pub window_ms: u64,
+    pub open_ms: u64,
+    pub max_open_ms: u64,
+    pub half_open_probes: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -210,6 +223,33 @@ impl Settings {
                 "must be at least retry.base_delay_ms",
             ));
         }
+        let breaker = &self.circuit_breaker;
+        positive(
+            "circuit_breaker.failure_threshold",
+            u64::from(breaker.failure_threshold),
+        )?;
+        if !(breaker.failure_ratio > 0.0 && breaker.failure_ratio <= 1.0) {
+            return Err(invalid(
+                "circuit_breaker.failure_ratio",
+                "must be in (0, 1]",
+            ));
+        }
+        positive(
+            "circuit_breaker.min_requests",
+            u64::from(breaker.min_requests),
+        )?;
+        positive("circuit_breaker.window_ms", breaker.window_ms)?;
+        positive("circuit_breaker.open_ms", breaker.open_ms)?;
+        if breaker.max_open_ms < breaker.open_ms {
+            return Err(invalid(
+                "circuit_breaker.max_open_ms",
+                "must be at least circuit_breaker.open_ms",
+            ));
+        }
+        positive(
+            "circuit_breaker.half_open_probes",
+            u64::from(breaker.half_open_probes),
+        )?;
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return Err(invalid(
                 "log.level",
@@ -238,6 +278,30 @@ impl DeliverySettings {
     }
     pub fn ledger_poll_interval(&self) -> Duration {
         Duration::from_millis(self.ledger_poll_interval_ms)
+    }
+}
+
+impl CircuitBreakerSettings {
+    pub fn breaker_config(&self) -> crate::circuit_breaker::BreakerConfig {
+        crate::circuit_breaker::BreakerConfig {
+            failure_threshold: self.failure_threshold,
+            failure_ratio: self.failure_ratio,
+            min_requests: self.min_requests,
+            window: Duration::from_millis(self.window_ms),
+            open: Duration::from_millis(self.open_ms),
+            max_open: Duration::from_millis(self.max_open_ms),
+            half_open_probes: self.half_open_probes,
+        }
+    }
+}
+
+impl RetrySettings {
+    pub fn policy(&self) -> crate::policy::RetryPolicy {
+        crate::policy::RetryPolicy {
+            max_attempts: self.max_attempts,
+            base_delay: Duration::from_millis(self.base_delay_ms),
+            max_delay: Duration::from_millis(self.max_delay_ms),
+        }
     }
 }
 
@@ -311,6 +375,14 @@ mod tests {
                 "delivery.mailbox_capacity",
             ),
             ("[retry]\nmax_delay_ms = 1\n", "retry.max_delay_ms"),
+            (
+                "[circuit_breaker]\nfailure_ratio = 1.5\n",
+                "circuit_breaker.failure_ratio",
+            ),
+            (
+                "[circuit_breaker]\nmax_open_ms = 1\n",
+                "circuit_breaker.max_open_ms",
+            ),
             ("[postgres]\nurl = \"mysql://x\"\n", "postgres.url"),
             ("[postgres]\nlease_ms = 1000\n", "postgres.lease_ms"),
             (

@@ -151,6 +151,12 @@ impl<T> LoadQueues<T> {
         }
     }
 
+    /// Is some lane's head ready to be sent at `now`?
+    pub fn has_ready(&mut self, now: Instant) -> bool {
+        self.promote_due(now);
+        !self.ready.is_empty()
+    }
+
     /// The head of the next ready lane; the lane is busy until `finish` or `release`.
     pub fn pop_ready(&mut self, now: Instant) -> Option<(String, &T)> {
         self.promote_due(now);

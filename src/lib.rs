@@ -1,9 +1,12 @@
 pub mod actors;
 pub mod broker;
+pub mod circuit_breaker;
 pub mod cli;
 pub mod config;
 pub mod delivery_queue;
 pub mod event;
+#[cfg(feature = "fault-injection")]
+pub mod fault_injection;
 pub mod kafka;
 pub mod lease;
 pub mod ledger;

@@ -5,7 +5,7 @@ use webhook_delivery::cli::{self, Cli, Command};
 use webhook_delivery::config::{default_config_dir, Settings};
 use webhook_delivery::ledger::Ledger;
 use webhook_delivery::startup::Application;
-use webhook_delivery::telemetry::{get_subscriber, init_subscriber};
+use webhook_delivery::telemetry::{get_subscriber, init_subscriber, install_panic_hook};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -18,6 +18,7 @@ fn main() -> ExitCode {
         &settings.log.level,
         std::io::stdout,
     ));
+    install_panic_hook();
     let result: Result<(), Box<dyn std::error::Error>> =
         actix_rt::System::new().block_on(async move {
             match cli.command {

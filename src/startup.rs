@@ -1,7 +1,6 @@
 //! Wiring: builds the actors, starts the consumer, and shuts everything down in order.
 
 use std::future::Future;
-use std::time::Duration;
 
 use actix::Actor;
 
@@ -14,7 +13,6 @@ use crate::config::Settings;
 use crate::kafka::{ConsumerError, KafkaConsumer};
 use crate::lease::LeaseBook;
 use crate::ledger::{Ledger, LedgerError};
-use crate::policy::RetryPolicy;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
@@ -68,11 +66,8 @@ impl Application {
             ledger: ledger.clone(),
             leases: leases.clone(),
             settings: settings.delivery.clone(),
-            retry: RetryPolicy {
-                max_attempts: settings.retry.max_attempts,
-                base_delay: Duration::from_millis(settings.retry.base_delay_ms),
-                max_delay: Duration::from_millis(settings.retry.max_delay_ms),
-            },
+            retry: settings.retry.policy(),
+            breaker: settings.circuit_breaker.breaker_config(),
         })
         .start();
         let partitions = PartitionSupervisor::new(PartitionDeps {

@@ -25,3 +25,21 @@ pub fn init_subscriber(subscriber: impl Subscriber + Send + Sync) {
     let _ = tracing_log::LogTracer::init();
     let _ = set_global_default(subscriber);
 }
+
+/// Panics become one bunyan line (with where it happened) instead of free text on stderr.
+/// Delivery code contains its panics and restarts the actor; this makes the rest visible too.
+pub fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        let message = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "non-string panic".to_owned());
+        let location = info
+            .location()
+            .map(|l| format!("{}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        tracing::error!(error.message = %message, panic.location = %location, "panic");
+    }));
+}

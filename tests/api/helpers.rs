@@ -1,7 +1,7 @@
 //! Test harness: real Postgres (a fresh database per test), real Kafka (a fresh topic and group
 //! per test), real HTTP receivers (wiremock). Nothing is mocked.
 
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -11,21 +11,89 @@ use rdkafka::ClientConfig;
 use tokio_postgres::NoTls;
 use webhook_delivery::config::Settings;
 use webhook_delivery::startup::Application;
-use webhook_delivery::telemetry::{get_subscriber, init_subscriber};
+use webhook_delivery::telemetry::{get_subscriber, init_subscriber, install_panic_hook};
 use wiremock::{MockServer, Request};
 
 pub const KAFKA: &str = "127.0.0.1:9092";
 pub const ADMIN_DB_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
 pub const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
-/// Logs go nowhere unless TEST_LOG is set (then bunyan JSON on stdout).
-static TRACING: LazyLock<()> = LazyLock::new(|| {
-    if std::env::var("TEST_LOG").is_ok() {
-        init_subscriber(get_subscriber("test", "info", std::io::stdout));
-    } else {
-        init_subscriber(get_subscriber("test", "info", std::io::sink));
+/// Every log line of every in-process app, for tests that assert on logs (filter by an id the
+/// test made unique). With TEST_LOG set, lines are also printed.
+static LOG_LINES: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+struct CaptureLogs;
+
+impl std::io::Write for CaptureLogs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let line = String::from_utf8_lossy(buf).into_owned();
+        if std::env::var("TEST_LOG").is_ok() {
+            print!("{line}");
+        }
+        LOG_LINES.lock().unwrap().push(line);
+        Ok(buf.len())
     }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+static TRACING: LazyLock<()> = LazyLock::new(|| {
+    init_subscriber(get_subscriber("test", "info", || CaptureLogs));
+    install_panic_hook();
 });
+
+/// Captured log lines (as JSON) whose `msg` is `message` and that mention `needle`.
+pub fn logged(message: &str, needle: &str) -> Vec<serde_json::Value> {
+    LOG_LINES
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|line| line.contains(needle))
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line.trim()).ok())
+        .filter(|value| value["msg"] == message)
+        .collect()
+}
+
+/// A receiver that answers the n-th request with `statuses[n]` (the last one repeats) and
+/// records when each request arrived.
+pub struct ScriptedReceiver {
+    pub server: MockServer,
+    arrivals: Arc<Mutex<Vec<Instant>>>,
+}
+
+struct Script {
+    statuses: Vec<u16>,
+    arrivals: Arc<Mutex<Vec<Instant>>>,
+}
+
+impl wiremock::Respond for Script {
+    fn respond(&self, _: &Request) -> wiremock::ResponseTemplate {
+        let mut arrivals = self.arrivals.lock().unwrap();
+        let index = arrivals.len().min(self.statuses.len() - 1);
+        arrivals.push(Instant::now());
+        wiremock::ResponseTemplate::new(self.statuses[index])
+    }
+}
+
+impl ScriptedReceiver {
+    pub async fn start(statuses: &[u16]) -> ScriptedReceiver {
+        let server = MockServer::start().await;
+        let arrivals = Arc::new(Mutex::new(Vec::new()));
+        wiremock::Mock::given(wiremock::matchers::method("POST"))
+            .respond_with(Script {
+                statuses: statuses.to_vec(),
+                arrivals: arrivals.clone(),
+            })
+            .mount(&server)
+            .await;
+        ScriptedReceiver { server, arrivals }
+    }
+
+    pub fn arrivals(&self) -> Vec<Instant> {
+        self.arrivals.lock().unwrap().clone()
+    }
+}
 
 pub fn unique(prefix: &str) -> String {
     format!(

@@ -1,3 +1,4 @@
+mod circuit_breaker;
 mod cli;
 mod dead_letters;
 mod delivery;
@@ -5,3 +6,4 @@ mod helpers;
 mod poison;
 mod restart;
 mod retries;
+mod supervision;

@@ -15,7 +15,13 @@ impl Handler<Deliver> for DeliveryActor {
     type Result = ();
 
     fn handle(&mut self, msg: Deliver, ctx: &mut Self::Context) {
-        for claimed in msg.claimed {
+        self.guarded(ctx, "deliver", |act, ctx| act.accept(msg.claimed, ctx));
+    }
+}
+
+impl DeliveryActor {
+    fn accept(&mut self, claimed: Vec<ClaimedDelivery>, ctx: &mut <Self as actix::Actor>::Context) {
+        for claimed in claimed {
             // While the ledger holds deliveries we have not loaded, new ones must come from the
             // ledger too, behind them, or they could overtake an earlier event of their load.
             if self.ledger_has_more {
@@ -47,7 +53,7 @@ impl Handler<LedgerHasMore> for DeliveryActor {
 
     fn handle(&mut self, _: LedgerHasMore, ctx: &mut Self::Context) {
         self.ledger_has_more = true;
-        self.dispatch(ctx);
+        self.guarded(ctx, "dispatch", Self::dispatch);
     }
 }
 

@@ -11,7 +11,9 @@ mod handlers;
 
 use std::time::{Duration, Instant};
 
-use actix::{Actor, ActorFutureExt, Addr, AsyncContext, Context, SpawnHandle, WrapFuture};
+use actix::{
+    Actor, ActorContext, ActorFutureExt, Addr, AsyncContext, Context, SpawnHandle, WrapFuture,
+};
 use chrono::Utc;
 use rand::Rng;
 
@@ -21,6 +23,7 @@ use crate::actors::idempotency::{
     DisableBroker, IdempotencyActor, LoadBroker, LoadPending, RecordAttempts,
 };
 use crate::broker::{BrokerEndpoint, EndpointError};
+use crate::circuit_breaker::{BreakerConfig, CircuitBreaker, Transition};
 use crate::config::DeliverySettings;
 use crate::delivery_queue::{Finish, LoadQueues};
 use crate::lease::LeaseBook;
@@ -40,6 +43,7 @@ pub struct DeliveryDeps {
     pub leases: LeaseBook,
     pub settings: DeliverySettings,
     pub retry: RetryPolicy,
+    pub breaker: BreakerConfig,
 }
 
 enum Endpoint {
@@ -63,6 +67,7 @@ pub struct DeliveryActor {
     client: awc::Client,
     endpoint: Endpoint,
     lanes: LoadQueues<PendingDelivery>,
+    breaker: CircuitBreaker,
     /// Attempts started whose outcome is not yet saved.
     in_flight: usize,
     /// Pending deliveries may exist in the ledger that are not in `lanes`.
@@ -82,7 +87,9 @@ impl DeliveryActor {
             deps.settings.request_timeout(),
         );
         let lanes = LoadQueues::new(deps.settings.mailbox_capacity);
+        let breaker = CircuitBreaker::new(deps.breaker, Instant::now());
         DeliveryActor {
+            breaker,
             broker_id,
             deps,
             client,
@@ -113,7 +120,17 @@ impl DeliveryActor {
         };
         let now = Instant::now();
         let request_timeout = self.deps.settings.request_timeout();
-        while self.in_flight < self.deps.settings.max_in_flight_per_broker {
+        while self.in_flight < self.deps.settings.max_in_flight_per_broker
+            && self.lanes.has_ready(now)
+        {
+            // While the circuit is open the deliveries just wait: no request, no attempt spent.
+            let (allowed, transition) = self.breaker.try_acquire(now);
+            if let Some(transition) = transition {
+                self.log_transition(&transition);
+            }
+            if !allowed {
+                break;
+            }
             let Some((load_id, delivery)) = self.lanes.pop_ready(now) else {
                 break;
             };
@@ -127,6 +144,8 @@ impl DeliveryActor {
                 self.lanes.forget_lane(&load_id);
                 continue;
             }
+            #[cfg(feature = "fault-injection")]
+            crate::fault_injection::maybe_panic_in_delivery(&self.broker_id);
             self.in_flight += 1;
             match &endpoint {
                 Ok(endpoint) => self.attempt(ctx, load_id, delivery, endpoint),
@@ -232,6 +251,14 @@ impl DeliveryActor {
     ) {
         let attempt = delivery.attempts + 1;
         let verdict = classify(&result);
+        let breaker_change = match (&result, verdict) {
+            (AttemptResult::RequestInvalid, _) => None,
+            (_, Verdict::Retry) => self.breaker.on_failure(Instant::now()),
+            _ => self.breaker.on_success(Instant::now()),
+        };
+        if let Some(transition) = breaker_change {
+            self.log_transition(&transition);
+        }
         let outcome = match verdict {
             Verdict::Delivered => AttemptOutcome::Delivered,
             Verdict::Retry => {
@@ -338,6 +365,7 @@ impl DeliveryActor {
         let records = batch.iter().map(|u| u.record.clone()).collect();
         let save = self.deps.ledger.send(RecordAttempts { records });
         ctx.spawn(save.into_actor(self).map(move |result, act, ctx| {
+            act.guarded(ctx, "save_outcomes", move |act, ctx| {
             act.saving = false;
             let error = match result {
                 Ok(Ok(())) => None,
@@ -348,7 +376,9 @@ impl DeliveryActor {
                 tracing::error!(broker_id = %act.broker_id, error.message = %error, outcomes = batch.len(),
                     "could not save delivery outcomes; retrying in 1 s");
                 act.unsaved.splice(0..0, batch);
-                ctx.run_later(Duration::from_secs(1), Self::save_outcomes);
+                ctx.run_later(Duration::from_secs(1), |act, ctx| {
+                    act.guarded(ctx, "save_outcomes", Self::save_outcomes)
+                });
                 return;
             }
             let now = Instant::now();
@@ -367,6 +397,7 @@ impl DeliveryActor {
             act.save_outcomes(ctx);
             act.notify_drained_if_idle();
             act.dispatch(ctx);
+            });
         }));
     }
 
@@ -376,12 +407,15 @@ impl DeliveryActor {
             broker_id: self.broker_id.clone(),
         });
         ctx.spawn(load.into_actor(self).map(|result, act, ctx| {
+            act.guarded(ctx, "load_endpoint", move |act, ctx| {
             let endpoint = match result {
                 Ok(Ok(row)) => BrokerEndpoint::from_row(row.as_ref()),
                 Ok(Err(error)) => {
                     tracing::warn!(broker_id = %act.broker_id, error.message = %error, "could not load broker; retrying in 1 s");
                     act.endpoint = Endpoint::Unknown;
-                    ctx.run_later(Duration::from_secs(1), Self::dispatch);
+                    ctx.run_later(Duration::from_secs(1), |act, ctx| {
+                        act.guarded(ctx, "dispatch", Self::dispatch)
+                    });
                     return;
                 }
                 Err(_) => return,
@@ -395,6 +429,7 @@ impl DeliveryActor {
                 at: Instant::now(),
             };
             act.dispatch(ctx);
+            });
         }));
     }
 
@@ -423,6 +458,7 @@ impl DeliveryActor {
             limit: room,
         });
         ctx.spawn(load.into_actor(self).map(move |result, act, ctx| {
+            act.guarded(ctx, "load_from_ledger", move |act, ctx| {
             act.loading_from_ledger = false;
             let rows = match result {
                 Ok(Ok(rows)) => rows,
@@ -443,19 +479,67 @@ impl DeliveryActor {
                 act.lanes.insert(id, &load_id, order, not_before, row);
             }
             act.dispatch(ctx);
+            });
         }));
+    }
+
+    fn log_transition(&self, transition: &Transition) {
+        let open_until = transition.open_until.map(|until| {
+            let left = until.saturating_duration_since(Instant::now());
+            (Utc::now() + chrono::Duration::from_std(left).unwrap_or_default()).to_rfc3339()
+        });
+        tracing::warn!(
+            broker_id = %self.broker_id,
+            from = transition.from,
+            to = transition.to,
+            reason = %transition.reason,
+            consecutive_failures = transition.consecutive_failures,
+            open_until,
+            "circuit state changed"
+        );
     }
 
     fn schedule_wakeup(&mut self, ctx: &mut Context<Self>) {
         if let Some(handle) = self.wakeup.take() {
             ctx.cancel_future(handle);
         }
-        if let Some(at) = self.lanes.next_wakeup() {
+        let breaker_reopens = self.breaker.open_until().filter(|_| !self.lanes.is_empty());
+        let next = match (self.lanes.next_wakeup(), breaker_reopens) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        if let Some(at) = next {
             let delay = at.saturating_duration_since(Instant::now());
             self.wakeup = Some(ctx.run_later(delay, |act, ctx| {
                 act.wakeup = None;
-                act.dispatch(ctx);
+                act.guarded(ctx, "dispatch", Self::dispatch);
             }));
+        }
+    }
+
+    /// Runs one step of delivery code with panics contained: a panic is logged with the broker
+    /// and the step, and the actor stops, so its Supervisor restarts it (actix restarts on stop,
+    /// not on panic). Nothing is lost: what it held in memory is pending in the ledger.
+    pub(super) fn guarded(
+        &mut self,
+        ctx: &mut Context<Self>,
+        step: &'static str,
+        work: impl FnOnce(&mut Self, &mut Context<Self>),
+    ) {
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(self, ctx)));
+        if let Err(panic) = outcome {
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "non-string panic".to_owned());
+            tracing::error!(
+                broker_id = %self.broker_id,
+                step,
+                error.message = %message,
+                "delivery actor panicked; restarting it (its deliveries stay pending in the ledger)"
+            );
+            ctx.stop();
         }
     }
 
@@ -474,6 +558,21 @@ impl Actor for DeliveryActor {
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(MAILBOX_MESSAGES);
         tracing::info!(broker_id = %self.broker_id, "delivery actor started");
-        self.dispatch(ctx);
+        self.guarded(ctx, "dispatch", Self::dispatch);
+    }
+}
+
+impl actix::Supervised for DeliveryActor {
+    /// Forget everything held in memory and start over from the ledger. The breaker's state
+    /// and outcomes already decided but not yet saved are kept.
+    fn restarting(&mut self, _: &mut Self::Context) {
+        tracing::warn!(broker_id = %self.broker_id, "delivery actor restarted; reloading its pending deliveries from the ledger");
+        self.lanes = LoadQueues::new(self.deps.settings.mailbox_capacity);
+        self.endpoint = Endpoint::Unknown;
+        self.in_flight = self.unsaved.len();
+        self.ledger_has_more = true;
+        self.loading_from_ledger = false;
+        self.saving = false;
+        self.wakeup = None;
     }
 }

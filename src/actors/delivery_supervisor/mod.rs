@@ -37,9 +37,10 @@ impl DeliverySupervisor {
         if stale {
             self.actors.remove(broker_id);
         }
-        self.actors
-            .entry(broker_id.to_owned())
-            .or_insert_with(|| DeliveryActor::new(broker_id.to_owned(), self.deps.clone()).start())
+        self.actors.entry(broker_id.to_owned()).or_insert_with(|| {
+            let (broker_id, deps) = (broker_id.to_owned(), self.deps.clone());
+            actix::Supervisor::start(move |_| DeliveryActor::new(broker_id, deps))
+        })
     }
 
     fn sweep(&mut self, ctx: &mut Context<Self>) {

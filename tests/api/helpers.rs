@@ -59,30 +59,37 @@ pub fn logged(message: &str, needle: &str) -> Vec<serde_json::Value> {
 /// records when each request arrived.
 pub struct ScriptedReceiver {
     pub server: MockServer,
-    arrivals: Arc<Mutex<Vec<Instant>>>,
+    arrivals: Arc<Mutex<Vec<(Instant, String)>>>,
 }
 
 struct Script {
     statuses: Vec<u16>,
-    arrivals: Arc<Mutex<Vec<Instant>>>,
+    delay: Duration,
+    arrivals: Arc<Mutex<Vec<(Instant, String)>>>,
 }
 
 impl wiremock::Respond for Script {
-    fn respond(&self, _: &Request) -> wiremock::ResponseTemplate {
+    fn respond(&self, request: &Request) -> wiremock::ResponseTemplate {
         let mut arrivals = self.arrivals.lock().unwrap();
         let index = arrivals.len().min(self.statuses.len() - 1);
-        arrivals.push(Instant::now());
-        wiremock::ResponseTemplate::new(self.statuses[index])
+        arrivals.push((Instant::now(), header(request, "webhook-id").to_owned()));
+        wiremock::ResponseTemplate::new(self.statuses[index]).set_delay(self.delay)
     }
 }
 
 impl ScriptedReceiver {
     pub async fn start(statuses: &[u16]) -> ScriptedReceiver {
+        Self::start_with_delay(statuses, Duration::ZERO).await
+    }
+
+    /// Every answer comes `delay` after the request arrived.
+    pub async fn start_with_delay(statuses: &[u16], delay: Duration) -> ScriptedReceiver {
         let server = MockServer::start().await;
         let arrivals = Arc::new(Mutex::new(Vec::new()));
         wiremock::Mock::given(wiremock::matchers::method("POST"))
             .respond_with(Script {
                 statuses: statuses.to_vec(),
+                delay,
                 arrivals: arrivals.clone(),
             })
             .mount(&server)
@@ -91,6 +98,16 @@ impl ScriptedReceiver {
     }
 
     pub fn arrivals(&self) -> Vec<Instant> {
+        self.arrivals
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(at, _)| *at)
+            .collect()
+    }
+
+    /// (arrival, webhook-id) of every request, in arrival order.
+    pub fn requests(&self) -> Vec<(Instant, String)> {
         self.arrivals.lock().unwrap().clone()
     }
 }

@@ -1,8 +1,11 @@
 mod circuit_breaker;
+mod classification;
 mod cli;
 mod dead_letters;
 mod delivery;
 mod helpers;
+mod instances;
+mod isolation;
 mod poison;
 mod restart;
 mod retries;

@@ -1,11 +1,11 @@
 use std::collections::HashMap;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use wiremock::matchers::method;
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
 use crate::helpers::*;
+use crate::instances::Instance;
 
 async fn slow_ok_receiver(delay: Duration) -> MockServer {
     let server = MockServer::start().await;
@@ -73,42 +73,13 @@ async fn a_graceful_restart_delivers_everything_exactly_once() {
     assert!(ids.values().all(|&n| n == 1), "nothing sent twice: {ids:?}");
 }
 
-struct Binary(Child);
-
-impl Binary {
-    fn start(env: &TestEnv) -> Binary {
-        let child = Command::new(env!("CARGO_BIN_EXE_webhook-delivery"))
-            .arg("serve")
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .envs(env.settings_env())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("binary starts");
-        Binary(child)
-    }
-
-    fn sigkill(mut self) {
-        self.0.kill().unwrap();
-        self.0.wait().unwrap();
-    }
-
-    fn sigterm(mut self) -> std::process::ExitStatus {
-        Command::new("kill")
-            .args(["-TERM", &self.0.id().to_string()])
-            .status()
-            .unwrap();
-        self.0.wait().unwrap()
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_process_loses_nothing_and_resends_nothing_already_delivered() {
     let env = TestEnv::new(2).await;
     let receiver = slow_ok_receiver(Duration::from_millis(200)).await;
     seed(&env, &receiver, 30).await;
 
-    let first = Binary::start(&env);
+    let first = Instance::start(&env);
     assert!(
         eventually(Duration::from_secs(30), || async {
             received(&receiver).await.len() >= 5
@@ -130,7 +101,7 @@ async fn a_killed_process_loses_nothing_and_resends_nothing_already_delivered() 
         .collect();
     assert!(delivered_before.len() < 30, "killed mid-stream");
 
-    let second = Binary::start(&env);
+    let second = Instance::start(&env);
     assert!(
         eventually(Duration::from_secs(90), || async {
             env.count("SELECT count(*) FROM deliveries WHERE state = 'delivered'")

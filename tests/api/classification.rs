@@ -1,0 +1,105 @@
+use std::time::Duration;
+
+use wiremock::matchers::method;
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+use crate::helpers::*;
+
+/// One broker per row of the classification table (README "What each response means").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_classification_row_does_what_the_table_says() {
+    let env = TestEnv::new(1).await;
+    // (status, requests expected with max_attempts = 2, final state)
+    let rows: [(u16, usize, &str); 12] = [
+        (200, 1, "delivered"),
+        (204, 1, "delivered"),
+        (410, 1, "dead"),
+        (400, 1, "dead"),
+        (401, 1, "dead"),
+        (404, 1, "dead"),
+        (422, 1, "dead"),
+        (301, 1, "dead"),
+        (408, 2, "dead"),
+        (429, 2, "dead"),
+        (500, 2, "dead"),
+        (503, 2, "dead"),
+    ];
+    let redirect_target = ok_receiver().await;
+    let mut receivers = Vec::new();
+    for (status, _, _) in rows {
+        let server = MockServer::start().await;
+        let mut response = ResponseTemplate::new(status);
+        if status == 301 {
+            response = response.insert_header("location", redirect_target.uri().as_str());
+        }
+        Mock::given(method("POST"))
+            .respond_with(response)
+            .mount(&server)
+            .await;
+        let broker = format!("status-{status}");
+        env.add_broker(&broker, &server.uri()).await;
+        env.subscribe(&broker, "L1").await;
+        receivers.push(server);
+    }
+    env.produce_event(Some("e1"), "L1", "matched").await;
+
+    let mut settings = env.settings();
+    settings.retry.max_attempts = 2;
+    settings.retry.base_delay_ms = 100;
+    settings.retry.max_delay_ms = 100;
+    let app = spawn_app(settings);
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            env.count("SELECT count(*) FROM deliveries WHERE state = 'pending'")
+                .await
+                == 0
+                && env.count("SELECT count(*) FROM deliveries").await == rows.len() as i64
+        })
+        .await
+    );
+    app.stop().await;
+
+    for ((status, requests, state), server) in rows.iter().zip(&receivers) {
+        let broker = format!("status-{status}");
+        assert_eq!(
+            received(server).await.len(),
+            *requests,
+            "HTTP {status}: requests"
+        );
+        let row = env
+            .db
+            .query_one(
+                "SELECT state, attempts, last_status_code FROM deliveries WHERE broker_id = $1",
+                &[&broker],
+            )
+            .await
+            .unwrap();
+        assert_eq!(row.get::<_, String>(0), *state, "HTTP {status}: state");
+        assert_eq!(
+            row.get::<_, i32>(1),
+            *requests as i32,
+            "HTTP {status}: attempts"
+        );
+        assert_eq!(row.get::<_, Option<i32>>(2), Some(i32::from(*status)));
+    }
+    assert!(
+        received(&redirect_target).await.is_empty(),
+        "redirects are not followed"
+    );
+    let gone = env
+        .db
+        .query_one(
+            "SELECT enabled, disabled_reason FROM brokers WHERE broker_id = 'status-410'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert!(!gone.get::<_, bool>(0), "410 disables the broker");
+    assert!(gone.get::<_, String>(1).contains("410"));
+    assert_eq!(
+        env.count("SELECT count(*) FROM brokers WHERE enabled")
+            .await,
+        rows.len() as i64 - 1,
+        "no other broker is disabled"
+    );
+}

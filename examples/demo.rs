@@ -49,6 +49,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     settings.retry.base_delay_ms = 500;
     settings.retry.max_delay_ms = 2_000;
     settings.retry.max_attempts = 3;
+    // The demo's receivers are plain http on loopback, which production refuses.
+    settings.delivery.allow_http = true;
+    settings.delivery.allowed_networks = vec!["127.0.0.0/8".parse()?];
     Ledger::connect_lazy(&settings.postgres.url, 1)?
         .migrate()
         .await?;

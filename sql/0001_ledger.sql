@@ -39,8 +39,8 @@ CREATE TABLE deliveries (
     idempotency_key  text NOT NULL,
     broker_id        text NOT NULL,
     load_id          text NOT NULL,
-    -- Where the event came from: the owner of this partition owns the delivery (DESIGN.md 3),
-    -- and the offset orders a load's deliveries (DESIGN.md 4).
+    -- Where the event came from: the owner of this partition owns the delivery (docs/design.md 3),
+    -- and the offset orders a load's deliveries (docs/design.md 4).
     kafka_partition  integer NOT NULL,
     kafka_offset     bigint NOT NULL,
     state            text NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'delivered', 'dead')),
@@ -90,7 +90,7 @@ CREATE TABLE rejected_messages (
     PRIMARY KEY (topic, kafka_partition, kafka_offset)
 );
 
--- Which instance may send a partition's deliveries right now (DESIGN.md 3).
+-- Which instance may send a partition's deliveries right now (docs/design.md 3).
 CREATE TABLE partition_leases (
     topic           text NOT NULL,
     kafka_partition integer NOT NULL,

@@ -1,5 +1,5 @@
 //! A broker's circuit breaker. Pure: the caller passes `now`; every state change comes back as a
-//! `Transition` for the caller to log (one line per change, DESIGN.md 7).
+//! `Transition` for the caller to log (one line per change, docs/design.md 7).
 //!
 //! closed ──(failure_threshold consecutive retryable failures, or failure ratio over the window
 //!          above failure_ratio with at least min_requests)──► open

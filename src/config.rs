@@ -53,7 +53,7 @@ pub struct KafkaSettings {
 pub struct PostgresSettings {
     pub url: String,
     pub pool_size: usize,
-    /// How long a partition lease lasts without renewal (see DESIGN.md invariant 3).
+    /// How long a partition lease lasts without renewal (see docs/design.md invariant 3).
     pub lease_ms: u64,
 }
 
@@ -69,6 +69,11 @@ pub struct DeliverySettings {
     /// Response bodies are read up to this many bytes (kept for diagnosis), the rest discarded.
     pub max_response_bytes: usize,
     pub user_agent: String,
+    /// Plain-http webhook URLs are refused unless this is true (tests and local demos only).
+    pub allow_http: bool,
+    /// Internal address ranges (loopback, private, link-local...) that webhooks may target anyway.
+    #[serde(default)]
+    pub allowed_networks: Vec<ipnet::IpNet>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -126,6 +131,8 @@ impl Settings {
                 config::Environment::with_prefix("APP")
                     .prefix_separator("__")
                     .separator("__")
+                    .list_separator(",")
+                    .with_list_parse_key("delivery.allowed_networks")
                     .try_parsing(true),
             )
             .build()
@@ -279,6 +286,12 @@ impl DeliverySettings {
     pub fn ledger_poll_interval(&self) -> Duration {
         Duration::from_millis(self.ledger_poll_interval_ms)
     }
+    pub fn network_policy(&self) -> crate::ssrf::NetworkPolicy {
+        crate::ssrf::NetworkPolicy {
+            allow_http: self.allow_http,
+            allowed_networks: self.allowed_networks.clone(),
+        }
+    }
 }
 
 impl CircuitBreakerSettings {
@@ -396,6 +409,17 @@ mod tests {
             let text = message(load_with(toml));
             assert!(text.contains(key), "{key}: {text}");
         }
+    }
+
+    #[test]
+    fn allowed_networks_parse_as_cidrs_and_bad_ones_name_the_key() {
+        let settings =
+            load_with("[delivery]\nallowed_networks = [\"127.0.0.0/8\", \"::1/128\"]\n").unwrap();
+        assert_eq!(settings.delivery.allowed_networks.len(), 2);
+        let text = message(load_with(
+            "[delivery]\nallowed_networks = [\"localhost\"]\n",
+        ));
+        assert!(text.contains("allowed_networks"), "{text}");
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! A broker's in-memory deliveries, one FIFO lane per load, at most one delivery in flight per
-//! lane (DESIGN.md 4). Pure: the caller passes `now`. Bounded: `capacity` items at most; what does
+//! lane (docs/design.md 4). Pure: the caller passes `now`. Bounded: `capacity` items at most; what does
 //! not fit stays in the ledger and is loaded later.
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};

@@ -19,6 +19,8 @@ pub enum RejectReason {
     NotAnObject,
     #[error("field `{field}` is missing or not a non-empty string")]
     BadField { field: &'static str },
+    #[error("the parser panicked on this message (a bug: please report it with the offset)")]
+    ParserPanicked,
 }
 
 /// The key that makes a (event, broker) delivery unique in the ledger: the producer's `eventId`

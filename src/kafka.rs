@@ -46,7 +46,7 @@ pub enum ConsumerError {
 }
 
 /// librdkafka properties: the platform team's pass-through table first, then what correctness
-/// needs (we store offsets ourselves, only after the ledger commit; DESIGN.md 2).
+/// needs (we store offsets ourselves, only after the ledger commit; docs/design.md 2).
 pub fn client_config(settings: &KafkaSettings) -> ClientConfig {
     let mut config = ClientConfig::new();
     config

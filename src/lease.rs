@@ -1,4 +1,4 @@
-//! Which partitions this instance may send deliveries for right now (DESIGN.md 3). The
+//! Which partitions this instance may send deliveries for right now (docs/design.md 3). The
 //! PartitionActors write it when they take, renew or give up a lease in Postgres; DeliveryActors
 //! read it before every send. Validity is measured on the local monotonic clock from the moment
 //! the renewal was *requested*, so it always ends before the database's expiry does.

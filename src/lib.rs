@@ -12,6 +12,7 @@ pub mod lease;
 pub mod ledger;
 pub mod policy;
 pub mod signing;
+pub mod ssrf;
 pub mod startup;
 pub mod telemetry;
 pub mod webhook_client;

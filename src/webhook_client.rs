@@ -18,6 +18,8 @@ pub enum SendError {
     Dns(String),
     #[error("could not connect: {0}")]
     Connect(#[source] ConnectError),
+    #[error("refused by the SSRF guard: {0}")]
+    Refused(#[source] crate::ssrf::Refusal),
     #[error("TLS is not configured for this URL")]
     TlsUnavailable,
     #[error("connection failed while sending the request: {0}")]
@@ -32,6 +34,7 @@ impl SendError {
     pub fn class(&self) -> &'static str {
         match self {
             SendError::TimedOut(_) => "timeout",
+            SendError::Refused(_) => "ssrf_refused",
             SendError::Dns(_) => "dns",
             SendError::Connect(_) => "connect",
             SendError::TlsUnavailable => "tls",
@@ -46,15 +49,43 @@ impl SendError {
             SendRequestError::Timeout => SendError::TimedOut(timeout),
             SendRequestError::Connect(ConnectError::Timeout) => SendError::TimedOut(timeout),
             SendRequestError::Connect(ConnectError::SslIsNotSupported) => SendError::TlsUnavailable,
-            SendRequestError::Connect(
-                e
-                @ (ConnectError::Resolver(_) | ConnectError::NoRecords | ConnectError::Unresolved),
-            ) => SendError::Dns(e.to_string()),
+            SendRequestError::Connect(ConnectError::Resolver(error)) => match find_refusal(error) {
+                Ok(refusal) => SendError::Refused(refusal),
+                Err(other) => SendError::Dns(other.to_string()),
+            },
+            SendRequestError::Connect(e @ (ConnectError::NoRecords | ConnectError::Unresolved)) => {
+                SendError::Dns(e.to_string())
+            }
             SendRequestError::Connect(e) => SendError::Connect(e),
             SendRequestError::Send(e) => SendError::Io(e),
             SendRequestError::Response(e) => SendError::BadResponse(e.to_string()),
             other => SendError::Other(other.to_string()),
         }
+    }
+}
+
+/// The SSRF guard's refusal travels up through the resolver as a boxed error, wrapped in the
+/// connector's own error types on the way; unwrap until it is found (or is not there).
+fn find_refusal(
+    error: Box<dyn std::error::Error>,
+) -> Result<crate::ssrf::Refusal, Box<dyn std::error::Error>> {
+    let error = match error.downcast::<crate::ssrf::Refusal>() {
+        Ok(refusal) => return Ok(*refusal),
+        Err(error) => error,
+    };
+    let error = match error.downcast::<ConnectError>() {
+        Ok(wrapped) => match *wrapped {
+            ConnectError::Resolver(inner) => return find_refusal(inner),
+            other => return Err(Box::new(other)),
+        },
+        Err(error) => error,
+    };
+    match error.downcast::<actix_tls::connect::ConnectError>() {
+        Ok(wrapped) => match *wrapped {
+            actix_tls::connect::ConnectError::Resolver(inner) => find_refusal(inner),
+            other => Err(Box::new(other)),
+        },
+        Err(error) => Err(error),
     }
 }
 
@@ -79,8 +110,13 @@ pub struct WebhookResponse {
 }
 
 /// Builds the per-broker HTTP client: no redirects (a 3xx is a permanent failure, never
-/// followed), TLS with the webpki roots, our user-agent.
-pub fn build_client(user_agent: &str, timeout: Duration) -> awc::Client {
+/// followed), TLS with the webpki roots, our user-agent, and DNS through the SSRF guard.
+pub fn build_client(
+    user_agent: &str,
+    timeout: Duration,
+    policy: Arc<crate::ssrf::NetworkPolicy>,
+) -> awc::Client {
+    let resolver = actix_tls::connect::Resolver::custom(crate::ssrf::GuardedResolver { policy });
     let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
@@ -93,6 +129,7 @@ pub fn build_client(user_agent: &str, timeout: Duration) -> awc::Client {
     awc::Client::builder()
         .connector(
             awc::Connector::new()
+                .connector(actix_tls::connect::Connector::new(resolver).service())
                 .rustls_0_23(Arc::new(tls))
                 .timeout(timeout),
         )

@@ -1,5 +1,5 @@
 //! The Postgres ledger: the only module that speaks SQL. Every statement is parameterized; batch
-//! statements pass arrays through `unnest` so one poll batch is one round trip (DESIGN.md 6).
+//! statements pass arrays through `unnest` so one poll batch is one round trip (docs/design.md 6).
 
 mod dead_letters;
 mod migrations;
@@ -179,7 +179,7 @@ impl Ledger {
 
     /// Records the events of one poll batch and creates a pending delivery for every enabled
     /// subscribed broker, in one statement. Returns only the deliveries this call created: a
-    /// redelivered or re-produced event creates none (DESIGN.md 1).
+    /// redelivered or re-produced event creates none (docs/design.md 1).
     pub async fn claim_batch(
         &self,
         topic: &str,
@@ -298,7 +298,7 @@ impl Ledger {
     /// The oldest pending deliveries of one broker in the given partitions, in (partition, offset)
     /// order, skipping the ones the caller already holds. Not-yet-due rows are included (with
     /// `due_in`) so that every load's deliveries come back as an unbroken prefix, which is what
-    /// keeps per-load order (DESIGN.md 4).
+    /// keeps per-load order (docs/design.md 4).
     pub async fn pending_for_broker(
         &self,
         broker_id: &str,

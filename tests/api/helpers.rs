@@ -202,6 +202,9 @@ impl TestEnv {
         settings.retry.base_delay_ms = 200;
         settings.retry.max_delay_ms = 1_000;
         settings.shutdown.drain_timeout_ms = 3_000;
+        // wiremock receivers listen on plain http on loopback.
+        settings.delivery.allow_http = true;
+        settings.delivery.allowed_networks = vec!["127.0.0.0/8".parse().unwrap()];
         settings.validate().expect("test settings are valid");
         settings
     }
@@ -233,6 +236,8 @@ impl TestEnv {
             ),
             ("RETRY__BASE_DELAY_MS", s.retry.base_delay_ms.to_string()),
             ("RETRY__MAX_DELAY_MS", s.retry.max_delay_ms.to_string()),
+            ("DELIVERY__ALLOW_HTTP", s.delivery.allow_http.to_string()),
+            ("DELIVERY__ALLOWED_NETWORKS", "127.0.0.0/8".to_owned()),
         ]
         .into_iter()
         .map(|(k, v)| (format!("APP__{k}"), v))

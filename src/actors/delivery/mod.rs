@@ -1,6 +1,6 @@
 //! DeliveryActor: one per broker. Owns the broker's HTTP client, its in-memory lanes (one per
 //! load, bounded by `delivery.mailbox_capacity`) and its in-flight limit. The ledger is the truth
-//! (DESIGN.md 1): whatever is not in memory is pending in the ledger and is loaded in
+//! (docs/design.md 1): whatever is not in memory is pending in the ledger and is loaded in
 //! (partition, offset) order when there is room.
 //!
 //! One attempt is four small steps: `dispatch` picks what may go, `attempt` makes the call,
@@ -55,6 +55,72 @@ enum Endpoint {
     },
 }
 
+/// What one attempt produced, in the terms the policy and the ledger need.
+struct AttemptReport {
+    started_at: chrono::DateTime<Utc>,
+    latency: Duration,
+    result: AttemptResult,
+    status_code: Option<u16>,
+    /// (error class, message) for anything but a 2xx.
+    error: Option<(&'static str, String)>,
+}
+
+impl AttemptReport {
+    fn from_response(
+        response: Result<webhook_client::WebhookResponse, webhook_client::SendError>,
+        started_at: chrono::DateTime<Utc>,
+        latency: Duration,
+    ) -> AttemptReport {
+        let (result, status_code, error) = match response {
+            Ok(response) => (
+                AttemptResult::Responded {
+                    status: response.status,
+                    retry_after: response
+                        .retry_after
+                        .as_deref()
+                        .and_then(|value| parse_retry_after(value, Utc::now())),
+                },
+                Some(response.status),
+                (!(200..300).contains(&response.status)).then(|| {
+                    (
+                        "http_status",
+                        format!("HTTP {}: {}", response.status, response.body_excerpt),
+                    )
+                }),
+            ),
+            // The SSRF guard refused the resolved address: permanent, like a bad URL.
+            Err(error @ webhook_client::SendError::Refused(_)) => (
+                AttemptResult::RequestInvalid,
+                None,
+                Some((error.class(), error.to_string())),
+            ),
+            Err(error) => (
+                AttemptResult::TransportFailed,
+                None,
+                Some((error.class(), error.to_string())),
+            ),
+        };
+        AttemptReport {
+            started_at,
+            latency,
+            result,
+            status_code,
+            error,
+        }
+    }
+
+    /// A request we decided not to make (invalid broker row, refused URL).
+    fn not_sent(error: Option<(&'static str, String)>) -> AttemptReport {
+        AttemptReport {
+            started_at: Utc::now(),
+            latency: Duration::ZERO,
+            result: AttemptResult::RequestInvalid,
+            status_code: None,
+            error,
+        }
+    }
+}
+
 /// An attempt whose outcome is decided but not yet written to the ledger.
 struct UnsavedOutcome {
     load_id: String,
@@ -65,6 +131,7 @@ pub struct DeliveryActor {
     broker_id: String,
     deps: DeliveryDeps,
     client: awc::Client,
+    network_policy: std::sync::Arc<crate::ssrf::NetworkPolicy>,
     endpoint: Endpoint,
     lanes: LoadQueues<PendingDelivery>,
     breaker: CircuitBreaker,
@@ -82,13 +149,16 @@ pub struct DeliveryActor {
 
 impl DeliveryActor {
     pub fn new(broker_id: String, deps: DeliveryDeps) -> Self {
+        let network_policy = std::sync::Arc::new(deps.settings.network_policy());
         let client = webhook_client::build_client(
             &deps.settings.user_agent,
             deps.settings.request_timeout(),
+            network_policy.clone(),
         );
         let lanes = LoadQueues::new(deps.settings.mailbox_capacity);
         let breaker = CircuitBreaker::new(deps.breaker, Instant::now());
         DeliveryActor {
+            network_policy,
             breaker,
             broker_id,
             deps,
@@ -147,20 +217,23 @@ impl DeliveryActor {
             #[cfg(feature = "fault-injection")]
             crate::fault_injection::maybe_panic_in_delivery(&self.broker_id);
             self.in_flight += 1;
-            match &endpoint {
-                Ok(endpoint) => self.attempt(ctx, load_id, delivery, endpoint),
-                Err(reason) => {
-                    let reason = format!("broker {}: {reason}", self.broker_id);
-                    self.record_outcome(
-                        ctx,
-                        load_id,
-                        &delivery,
-                        Utc::now(),
-                        Duration::ZERO,
-                        AttemptResult::RequestInvalid,
-                        None,
-                        Some(("invalid_broker", reason)),
-                    );
+            // A request we will not make is decided here, without I/O: a broken broker row, or
+            // a URL the SSRF guard refuses.
+            let refusal = match &endpoint {
+                Ok(endpoint) => self
+                    .network_policy
+                    .check_url(&endpoint.url)
+                    .err()
+                    .map(|why| ("ssrf_refused", format!("refused by the SSRF guard: {why}"))),
+                Err(reason) => Some((
+                    "invalid_broker",
+                    format!("broker {}: {reason}", self.broker_id),
+                )),
+            };
+            match (&endpoint, refusal) {
+                (Ok(endpoint), None) => self.attempt(ctx, load_id, delivery, endpoint),
+                (_, refusal) => {
+                    self.record_outcome(ctx, load_id, &delivery, AttemptReport::not_sent(refusal))
                 }
             }
         }
@@ -199,56 +272,29 @@ impl DeliveryActor {
         ctx.spawn(
             call.into_actor(self)
                 .map(move |(result, latency), act, ctx| {
-                    let (attempt_result, status, error) = match result {
-                        Ok(response) => (
-                            AttemptResult::Responded {
-                                status: response.status,
-                                retry_after: response
-                                    .retry_after
-                                    .as_deref()
-                                    .and_then(|value| parse_retry_after(value, Utc::now())),
-                            },
-                            Some(response.status),
-                            (!(200..300).contains(&response.status)).then(|| {
-                                (
-                                    "http_status",
-                                    format!("HTTP {}: {}", response.status, response.body_excerpt),
-                                )
-                            }),
-                        ),
-                        Err(error) => (
-                            AttemptResult::TransportFailed,
-                            None,
-                            Some((error.class(), error.to_string())),
-                        ),
-                    };
-                    act.record_outcome(
-                        ctx,
-                        load_id,
-                        &delivery,
-                        started_at,
-                        latency,
-                        attempt_result,
-                        status,
-                        error,
-                    );
+                    act.guarded(ctx, "record_outcome", move |act, ctx| {
+                        let report = AttemptReport::from_response(result, started_at, latency);
+                        act.record_outcome(ctx, load_id, &delivery, report);
+                    });
                 }),
         );
     }
 
     /// Applies the policy to one attempt, logs it, and queues it for the ledger.
-    #[allow(clippy::too_many_arguments)]
     fn record_outcome(
         &mut self,
         ctx: &mut Context<Self>,
         load_id: String,
         delivery: &PendingDelivery,
-        started_at: chrono::DateTime<Utc>,
-        latency: Duration,
-        result: AttemptResult,
-        status_code: Option<u16>,
-        error: Option<(&'static str, String)>,
+        report: AttemptReport,
     ) {
+        let AttemptReport {
+            started_at,
+            latency,
+            result,
+            status_code,
+            error,
+        } = report;
         let attempt = delivery.attempts + 1;
         let verdict = classify(&result);
         let breaker_change = match (&result, verdict) {

@@ -9,7 +9,7 @@ use rdkafka::Message as _;
 use super::PartitionActor;
 use crate::actors::delivery_supervisor::{PartitionRevoked, RouteDeliveries};
 use crate::actors::idempotency::{ClaimBatch, ReleaseLease};
-use crate::event::{parse_event, ShipmentEvent};
+use crate::event::{parse_event, RejectReason, ShipmentEvent};
 use crate::ledger::RejectedMessage;
 
 /// How much of a rejected message's value is kept in `rejected_messages`.
@@ -35,7 +35,12 @@ impl Handler<ProcessBatch> for PartitionActor {
         let mut events: Vec<(i64, ShipmentEvent)> = Vec::with_capacity(msg.messages.len());
         let mut rejected = Vec::new();
         for message in &msg.messages {
-            match parse_event(message.payload(), self.deps.max_message_bytes) {
+            // Parsing is the only logic here; a panic in it must cost one message, not the partition.
+            let parsed = std::panic::catch_unwind(|| {
+                parse_event(message.payload(), self.deps.max_message_bytes)
+            })
+            .unwrap_or_else(|_| Err(RejectReason::ParserPanicked));
+            match parsed {
                 Ok(event) => events.push((message.offset(), event)),
                 Err(reason) => {
                     tracing::warn!(

@@ -1,7 +1,7 @@
 //! PartitionActor: one per assigned partition. It reads the partition's own queue in batches,
 //! turns each batch into ledger rows in one round trip, and only then stores the batch's last
-//! offset (DESIGN.md 2). New deliveries go to the DeliverySupervisor; HTTP never gates offsets.
-//! It also holds the partition's lease, which decides who may send its deliveries (DESIGN.md 3).
+//! offset (docs/design.md 2). New deliveries go to the DeliverySupervisor; HTTP never gates offsets.
+//! It also holds the partition's lease, which decides who may send its deliveries (docs/design.md 3).
 
 mod handlers;
 

@@ -1,0 +1,144 @@
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use wiremock::matchers::method;
+use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
+
+use crate::helpers::*;
+
+/// (load, status, sequence, answered status, when).
+type Seen = Vec<(String, String, i64, u16, Instant)>;
+
+/// Fails every request for `failing_load` until it has failed `failures` times; records every
+/// request as (load, status, sequence, answered status, when).
+struct FlakyForOneLoad {
+    failing_load: &'static str,
+    failures: usize,
+    seen: Arc<Mutex<Seen>>,
+}
+
+impl Respond for FlakyForOneLoad {
+    fn respond(&self, request: &Request) -> ResponseTemplate {
+        let body: serde_json::Value = serde_json::from_slice(&request.body).unwrap();
+        let load = body["loadId"].as_str().unwrap().to_owned();
+        let status = body["status"].as_str().unwrap().to_owned();
+        let sequence = header(request, "webhook-sequence").parse().unwrap();
+        let mut seen = self.seen.lock().unwrap();
+        let failed_so_far = seen
+            .iter()
+            .filter(|(l, _, _, code, _)| l == self.failing_load && *code != 200)
+            .count();
+        let code = if load == self.failing_load && failed_so_far < self.failures {
+            503
+        } else {
+            200
+        };
+        seen.push((load, status, sequence, code, Instant::now()));
+        ResponseTemplate::new(code)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_loads_statuses_arrive_in_order_even_across_retries_without_holding_up_other_loads() {
+    let env = TestEnv::new(2).await;
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(FlakyForOneLoad {
+            failing_load: "L-flaky",
+            failures: 3,
+            seen: seen.clone(),
+        })
+        .mount(&server)
+        .await;
+    env.add_broker("b1", &server.uri()).await;
+    env.subscribe("b1", "L-flaky").await;
+    env.subscribe("b1", "L-steady").await;
+    let statuses = ["matched", "accepted", "in_transit", "delivered"];
+    for status in statuses {
+        env.produce_event(Some(&format!("flaky-{status}")), "L-flaky", status)
+            .await;
+        env.produce_event(Some(&format!("steady-{status}")), "L-steady", status)
+            .await;
+    }
+    let mut settings = env.settings();
+    settings.retry.base_delay_ms = 300;
+    settings.retry.max_delay_ms = 300;
+    settings.circuit_breaker.failure_threshold = 100;
+
+    let app = spawn_app(settings);
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            env.count("SELECT count(*) FROM deliveries WHERE state = 'delivered'")
+                .await
+                == 8
+        })
+        .await
+    );
+    app.stop().await;
+
+    let seen = seen.lock().unwrap().clone();
+    let of = |load: &str| -> Vec<_> { seen.iter().filter(|r| r.0 == load).cloned().collect() };
+    let flaky = of("L-flaky");
+    assert_eq!(flaky.len(), 7, "3 failures then 4 deliveries: {flaky:?}");
+    assert!(
+        flaky[..4].iter().all(|r| r.1 == "matched"),
+        "nothing overtakes the failing first status: {flaky:?}"
+    );
+    let delivered: Vec<&str> = flaky
+        .iter()
+        .filter(|r| r.3 == 200)
+        .map(|r| r.1.as_str())
+        .collect();
+    assert_eq!(delivered, statuses);
+    let steady = of("L-steady");
+    assert_eq!(steady.len(), 4);
+    assert_eq!(
+        steady.iter().map(|r| r.1.as_str()).collect::<Vec<_>>(),
+        statuses
+    );
+    let flaky_recovered_at = flaky[3].4;
+    assert!(
+        steady.iter().all(|r| r.4 < flaky_recovered_at),
+        "the other load was not held up by the failing one"
+    );
+    for load in [&flaky, &steady] {
+        let sequences: Vec<i64> = load.iter().filter(|r| r.3 == 200).map(|r| r.2).collect();
+        assert!(
+            sequences.windows(2).all(|w| w[0] < w[1]),
+            "webhook-sequence only grows per load: {sequences:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn during_a_secret_rotation_every_active_secret_signs() {
+    let env = TestEnv::new(1).await;
+    let receiver = ok_receiver().await;
+    let new_secret = "whsec_QUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFB";
+    env.db
+        .execute(
+            "INSERT INTO brokers (broker_id, webhook_url, signing_secret) VALUES ('b1', $1, $2)",
+            &[&receiver.uri(), &format!("{SECRET} {new_secret}")],
+        )
+        .await
+        .unwrap();
+    env.subscribe("b1", "L1").await;
+    env.produce_event(Some("e1"), "L1", "matched").await;
+    let app = spawn_app(env.settings());
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            received(&receiver).await.len() == 1
+        })
+        .await
+    );
+    app.stop().await;
+    let request = &received(&receiver).await[0];
+    assert_eq!(header(request, "webhook-signature").split(' ').count(), 2);
+    for secret in [SECRET, new_secret] {
+        standardwebhooks::Webhook::new(secret)
+            .unwrap()
+            .verify(&request.body, &request.headers)
+            .expect("each secret verifies on its own (standardwebhooks crate)");
+    }
+}

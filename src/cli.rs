@@ -1,11 +1,19 @@
-//! Command line: `serve`, `migrate` and `dead-letters`.
+//! Command line: `serve`, `migrate`, `dead-letters`, `status` and `report`.
 
+mod report;
+mod status;
+mod table;
+
+use std::io::Write;
 use std::path::PathBuf;
 
 use chrono::{DateTime, Utc};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::ledger::{DeadLetter, Ledger, LedgerError, ReplayOutcome, ReplaySelector};
+
+pub use report::report;
+pub use status::status;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -30,6 +38,53 @@ pub enum Command {
     /// Inspect and replay deliveries that were given up on.
     #[command(subcommand)]
     DeadLetters(DeadLettersCommand),
+    /// Where are we: consumer lag per partition, backlog and circuit state per broker.
+    ///
+    /// Reads Kafka and the ledger directly, so it works whether or not this instance is running.
+    Status(StatusArgs),
+    /// Incident reports from the ledger.
+    #[command(subcommand)]
+    Report(ReportCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// One JSON object {"partitions": [...], "brokers": [...]} instead of tables.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ReportCommand {
+    /// Webhook-ids a broker answered 2xx to more than once, then a per-broker summary.
+    ///
+    /// Only answers the ledger recorded count: a request that timed out may have arrived too.
+    Duplicates {
+        /// Start of the window, inclusive, matched against when each attempt started
+        /// (RFC 3339, e.g. 2026-11-25T02:00:00Z).
+        #[arg(long)]
+        since: DateTime<Utc>,
+        /// End of the window, exclusive (RFC 3339). Default: now.
+        #[arg(long)]
+        until: Option<DateTime<Utc>>,
+        #[arg(long, value_enum, default_value_t = ReportFormat::Csv)]
+        format: ReportFormat,
+    },
+    /// The full story of one event: where it was consumed, then every attempt per broker.
+    Deliveries {
+        /// The event's eventId, or its idempotency key (`sha256:...`) if it has no eventId.
+        #[arg(long)]
+        event_id: String,
+        /// JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ReportFormat {
+    Csv,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -52,15 +107,15 @@ pub enum DeadLettersCommand {
 }
 
 #[derive(Debug, Args)]
-#[group(required = true, multiple = false)]
 pub struct ReplayArgs {
     /// One delivery, by the delivery_id shown by `dead-letters list`.
-    #[arg(long)]
+    #[arg(long, group = "target", required_unless_present = "broker")]
     id: Option<i64>,
     /// Every dead delivery of this broker (optionally only since --since).
-    #[arg(long)]
+    #[arg(long, group = "target")]
     broker: Option<String>,
-    #[arg(long, requires = "broker")]
+    /// With --broker: only those that died at or after this time (RFC 3339).
+    #[arg(long, requires = "broker", conflicts_with = "id")]
     since: Option<DateTime<Utc>>,
 }
 
@@ -74,6 +129,42 @@ pub enum CliError {
     AlreadyDelivered(i64),
     #[error("delivery {0} is still pending; it will be attempted without a replay")]
     StillPending(i64),
+    #[error("the Kafka offsets query did not finish")]
+    KafkaTask(#[source] tokio::task::JoinError),
+    #[error("status is incomplete: {0} could not be read (see above)")]
+    StatusIncomplete(String),
+    #[error("--until ({until}) must be later than --since ({since})")]
+    EmptyWindow {
+        since: DateTime<Utc>,
+        until: DateTime<Utc>,
+    },
+    #[error(
+        "no event with eventId or idempotency key `{0}` in the ledger: it has not been consumed \
+         yet, or it was not a valid event (see the rejected_messages table)"
+    )]
+    UnknownEvent(String),
+    #[error("could not write the output")]
+    Output(#[source] std::io::Error),
+}
+
+/// Writes a whole report to stdout at once; a closed pipe is an error, not a panic.
+fn emit(text: &str) -> Result<(), CliError> {
+    let mut stdout = std::io::stdout().lock();
+    stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+        .map_err(CliError::Output)
+}
+
+/// `context: error`, then one `caused by:` line per source, as `main` prints fatal errors.
+fn chain(context: &str, error: &dyn std::error::Error) -> String {
+    let mut message = format!("error: {context}: {error}");
+    let mut source = error.source();
+    while let Some(cause) = source {
+        message.push_str(&format!("\n  caused by: {cause}"));
+        source = cause.source();
+    }
+    message
 }
 
 pub async fn dead_letters(ledger: &Ledger, command: DeadLettersCommand) -> Result<(), CliError> {

@@ -27,6 +27,7 @@ pub struct Settings {
     pub delivery: DeliverySettings,
     pub retry: RetrySettings,
     pub circuit_breaker: CircuitBreakerSettings,
+    pub admin: AdminSettings,
     pub log: LogSettings,
     pub shutdown: ShutdownSettings,
 }
@@ -94,6 +95,31 @@ pub struct CircuitBreakerSettings {
     pub open_ms: u64,
     pub max_open_ms: u64,
     pub half_open_probes: u32,
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSettings {
+    pub bind: std::net::SocketAddr,
+    /// Bearer token for the routes that change state. Empty: those routes are off.
+    pub token: String,
+}
+
+/// Never prints the token.
+impl std::fmt::Debug for AdminSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminSettings")
+            .field("bind", &self.bind)
+            .field(
+                "token",
+                &if self.token.is_empty() {
+                    "<unset>"
+                } else {
+                    "<redacted>"
+                },
+            )
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -257,6 +283,12 @@ impl Settings {
             "circuit_breaker.half_open_probes",
             u64::from(breaker.half_open_probes),
         )?;
+        if !self.admin.token.is_empty() && self.admin.token.len() < 16 {
+            return Err(invalid(
+                "admin.token",
+                "must be empty (mutating routes off) or at least 16 characters",
+            ));
+        }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return Err(invalid(
                 "log.level",
@@ -404,6 +436,7 @@ mod tests {
             ),
             ("[kafka.client]\n\"group.id\" = \"other\"\n", "kafka.client"),
             ("[log]\nlevel = \"info,[\"\n", "log.level"),
+            ("[admin]\ntoken = \"short\"\n", "admin.token"),
         ];
         for (toml, key) in cases {
             let text = message(load_with(toml));

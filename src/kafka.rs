@@ -24,6 +24,7 @@ use tokio::sync::oneshot;
 use crate::actors::partition_supervisor::{
     PartitionSupervisor, PartitionsAssigned, PartitionsRevoked, StrayMessage,
 };
+use crate::admin::Readiness;
 use crate::config::KafkaSettings;
 
 pub type EventConsumer = StreamConsumer<RebalanceContext>;
@@ -76,6 +77,7 @@ pub struct RebalanceContext {
     partitions: Addr<PartitionSupervisor>,
     revoke_drain_timeout: Duration,
     closing: AtomicBool,
+    readiness: Readiness,
 }
 
 impl ClientContext for RebalanceContext {}
@@ -121,6 +123,8 @@ impl ConsumerContext for RebalanceContext {
         };
         let partitions = self.partitions_of(list);
         tracing::info!(topic = %self.topic, partitions = ?partitions, "partitions assigned");
+        // Even an empty assignment means we are a member of the group.
+        self.readiness.mark_joined();
         let Some(consumer) = self.consumer.get().and_then(Weak::upgrade) else {
             return;
         };
@@ -173,6 +177,7 @@ impl KafkaConsumer {
     pub fn start(
         settings: &KafkaSettings,
         partitions: Addr<PartitionSupervisor>,
+        readiness: Readiness,
     ) -> Result<KafkaConsumer, ConsumerError> {
         let config = client_config(settings);
         let topic = settings.topic.clone();
@@ -199,6 +204,7 @@ impl KafkaConsumer {
                         partitions: partitions.clone(),
                         revoke_drain_timeout,
                         closing: AtomicBool::new(false),
+                        readiness,
                     };
                     let consumer: Arc<EventConsumer> = match config.create_with_context(context) {
                         Ok(consumer) => Arc::new(consumer),

@@ -1,4 +1,5 @@
 pub mod actors;
+pub mod admin;
 pub mod broker;
 pub mod circuit_breaker;
 pub mod cli;
@@ -10,6 +11,8 @@ pub mod fault_injection;
 pub mod kafka;
 pub mod lease;
 pub mod ledger;
+pub mod metrics;
+pub mod offsets;
 pub mod policy;
 pub mod signing;
 pub mod ssrf;

@@ -13,11 +13,20 @@ fn main() -> ExitCode {
         Ok(settings) => settings,
         Err(error) => return fail("invalid configuration", &error),
     };
-    init_subscriber(get_subscriber(
-        "webhook-delivery",
-        &settings.log.level,
-        std::io::stdout,
-    ));
+    // The service logs to stdout; one-shot commands keep stdout for their output (JSON, CSV).
+    if matches!(cli.command, Command::Serve) {
+        init_subscriber(get_subscriber(
+            "webhook-delivery",
+            &settings.log.level,
+            std::io::stdout,
+        ));
+    } else {
+        init_subscriber(get_subscriber(
+            "webhook-delivery",
+            &settings.log.level,
+            std::io::stderr,
+        ));
+    }
     install_panic_hook();
     let result: Result<(), Box<dyn std::error::Error>> =
         actix_rt::System::new().block_on(async move {
@@ -32,6 +41,12 @@ fn main() -> ExitCode {
                 }
                 Command::DeadLetters(command) => {
                     cli::dead_letters(&connect(&settings)?, command).await?;
+                }
+                Command::Status(args) => {
+                    cli::status(&settings, &connect(&settings)?, args).await?;
+                }
+                Command::Report(command) => {
+                    cli::report(&connect(&settings)?, command).await?;
                 }
             }
             Ok(())

@@ -1,6 +1,10 @@
-//! Wiring: builds the actors, starts the consumer, and shuts everything down in order.
+//! Wiring: builds the actors, starts the consumer and the admin API, and shuts everything down
+//! in order.
 
 use std::future::Future;
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::time::Duration;
 
 use actix::Actor;
 
@@ -9,10 +13,15 @@ use crate::actors::delivery_supervisor::{DeliverySupervisor, DrainDeliveries};
 use crate::actors::idempotency::IdempotencyActor;
 use crate::actors::partition::PartitionDeps;
 use crate::actors::partition_supervisor::{PartitionSupervisor, StopPartitions};
+use crate::admin::{self, AdminState, Readiness};
 use crate::config::Settings;
 use crate::kafka::{ConsumerError, KafkaConsumer};
 use crate::lease::LeaseBook;
 use crate::ledger::{Ledger, LedgerError};
+use crate::metrics::Metrics;
+
+/// How often the ledger-wide gauges (pending, dead) are refreshed.
+const GAUGE_REFRESH: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
@@ -20,31 +29,52 @@ pub enum StartupError {
     Ledger(#[from] LedgerError),
     #[error("could not start consuming from Kafka")]
     Kafka(#[from] ConsumerError),
+    #[error("could not listen on admin.bind {address}")]
+    AdminBind {
+        address: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 pub struct Application {
     settings: Settings,
     ledger: Ledger,
     instance_id: String,
+    admin_listener: TcpListener,
 }
 
 impl Application {
-    /// Connects to Postgres and applies pending migrations.
+    /// Connects to Postgres, applies pending migrations and binds the admin port.
     pub async fn build(settings: Settings) -> Result<Application, StartupError> {
         let ledger = Ledger::connect_lazy(&settings.postgres.url, settings.postgres.pool_size)?;
         let applied = ledger.migrate().await?;
         if !applied.is_empty() {
             tracing::info!(versions = ?applied, "ledger migrations applied");
         }
+        let admin_listener =
+            TcpListener::bind(settings.admin.bind).map_err(|source| StartupError::AdminBind {
+                address: settings.admin.bind,
+                source,
+            })?;
         Ok(Application {
             settings,
             ledger,
             instance_id: instance_id(),
+            admin_listener,
         })
     }
 
     pub fn instance_id(&self) -> &str {
         &self.instance_id
+    }
+
+    /// The admin API's port (useful when `admin.bind` asks for port 0).
+    pub fn admin_port(&self) -> u16 {
+        self.admin_listener
+            .local_addr()
+            .map(|address| address.port())
+            .unwrap_or_default()
     }
 
     /// Runs until `shutdown` resolves, then stops in order: stop reading partitions (each
@@ -59,34 +89,63 @@ impl Application {
             settings,
             ledger,
             instance_id,
+            admin_listener,
         } = self;
+        let metrics = Arc::new(Metrics::new());
+        let readiness = Readiness::default();
         let leases = LeaseBook::default();
-        let ledger = IdempotencyActor::new(ledger).start();
+        let ledger_actor = IdempotencyActor::new(ledger.clone()).start();
         let deliveries = DeliverySupervisor::new(DeliveryDeps {
-            ledger: ledger.clone(),
+            ledger: ledger_actor.clone(),
             leases: leases.clone(),
             settings: settings.delivery.clone(),
             retry: settings.retry.policy(),
             breaker: settings.circuit_breaker.breaker_config(),
+            metrics: metrics.clone(),
+            instance_id: instance_id.clone(),
         })
         .start();
         let partitions = PartitionSupervisor::new(PartitionDeps {
             topic: settings.kafka.topic.clone(),
-            ledger,
+            ledger: ledger_actor,
             deliveries: deliveries.clone(),
-            leases,
+            leases: leases.clone(),
             instance_id: instance_id.clone(),
             lease: settings.postgres.lease(),
             request_timeout: settings.delivery.request_timeout(),
             max_message_bytes: settings.delivery.max_message_bytes,
             max_batch_messages: settings.kafka.max_batch_messages,
+            metrics: metrics.clone(),
         })
         .start();
-        let consumer = KafkaConsumer::start(&settings.kafka, partitions.clone())?;
+        let admin_server = admin::serve(
+            admin_listener,
+            AdminState {
+                ledger: ledger.clone(),
+                deliveries: deliveries.clone(),
+                metrics: metrics.clone(),
+                readiness: readiness.clone(),
+                token: Some(settings.admin.token.clone()).filter(|t| !t.is_empty()),
+            },
+        )
+        .map_err(|source| StartupError::AdminBind {
+            address: settings.admin.bind,
+            source,
+        })?;
+        let admin_handle = admin_server.handle();
+        actix_rt::spawn(admin_server);
+        let gauges = actix_rt::spawn(refresh_gauges(
+            ledger,
+            settings.kafka.clone(),
+            leases.clone(),
+            metrics.clone(),
+        ));
+        let consumer = KafkaConsumer::start(&settings.kafka, partitions.clone(), readiness)?;
         tracing::info!(
             instance_id = %instance_id,
             topic = %settings.kafka.topic,
             group_id = %settings.kafka.group_id,
+            admin = %settings.admin.bind,
             "webhook-delivery started"
         );
 
@@ -109,8 +168,53 @@ impl Application {
             );
         }
         let _ = actix_rt::task::spawn_blocking(move || consumer.shutdown()).await;
+        gauges.abort();
+        admin_handle.stop(true).await;
         tracing::info!(instance_id = %instance_id, "stopped");
         Ok(())
+    }
+}
+
+/// Keeps the polled gauges current: pending and dead deliveries (both counts use partial
+/// indexes) and the consumer lag of the partitions this instance holds.
+async fn refresh_gauges(
+    ledger: Ledger,
+    kafka: crate::config::KafkaSettings,
+    leases: LeaseBook,
+    metrics: Arc<Metrics>,
+) {
+    loop {
+        match ledger.delivery_totals().await {
+            Ok((pending, dead)) => {
+                metrics.pending_deliveries.set(pending);
+                metrics.dead_deliveries.set(dead);
+            }
+            Err(error) => {
+                tracing::warn!(error.message = %error, "could not refresh the pending/dead gauges")
+            }
+        }
+        let settings = kafka.clone();
+        let offsets = actix_rt::task::spawn_blocking(move || {
+            crate::offsets::partition_offsets(&settings, Duration::from_secs(5))
+        })
+        .await;
+        match offsets {
+            Ok(Ok(offsets)) => {
+                let held = leases.held(std::time::Instant::now());
+                metrics.consumer_lag.reset();
+                for partition in offsets.iter().filter(|p| held.contains(&p.partition)) {
+                    metrics
+                        .consumer_lag
+                        .with_label_values(&[partition.partition.to_string()])
+                        .set(partition.lag);
+                }
+            }
+            Ok(Err(error)) => {
+                tracing::warn!(error.message = %error, "could not read partition offsets for the lag gauge")
+            }
+            Err(_) => {}
+        }
+        tokio::time::sleep(GAUGE_REFRESH).await;
     }
 }
 

@@ -26,10 +26,11 @@ pub fn init_subscriber(subscriber: impl Subscriber + Send + Sync) {
     let _ = set_global_default(subscriber);
 }
 
-/// Panics become one bunyan line (with where it happened) instead of free text on stderr.
-/// Delivery code contains its panics and restarts the actor; this makes the rest visible too.
+/// Panics also become one bunyan line (with where it happened), besides the usual text on
+/// stderr. Delivery code contains its panics and restarts the actor; this makes them greppable.
 pub fn install_panic_hook() {
-    std::panic::set_hook(Box::new(|info| {
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
         let message = info
             .payload()
             .downcast_ref::<&str>()
@@ -41,5 +42,6 @@ pub fn install_panic_hook() {
             .map(|l| format!("{}:{}", l.file(), l.line()))
             .unwrap_or_default();
         tracing::error!(error.message = %message, panic.location = %location, "panic");
+        previous(info);
     }));
 }

@@ -4,8 +4,14 @@
 use super::{Ledger, LedgerError};
 
 /// (version, name, SQL). Append only: never edit a migration that has shipped.
-const MIGRATIONS: &[(i32, &str, &str)] =
-    &[(1, "ledger", include_str!("../../sql/0001_ledger.sql"))];
+const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (1, "ledger", include_str!("../../sql/0001_ledger.sql")),
+    (
+        2,
+        "broker_circuits",
+        include_str!("../../sql/0002_broker_circuits.sql"),
+    ),
+];
 
 /// Arbitrary but fixed: the key of the advisory lock that serializes migrations.
 const MIGRATION_LOCK_KEY: i64 = 0x7765_6268_6f6f_6b31;

@@ -3,8 +3,10 @@
 
 mod dead_letters;
 mod migrations;
+mod reports;
 
 pub use dead_letters::{DeadLetter, ReplayOutcome, ReplaySelector};
+pub use reports::{AttemptStory, BrokerStatus, DeliveryStory, DuplicateDelivery, EventStory};
 
 use std::collections::HashMap;
 use std::str::FromStr;
@@ -140,6 +142,18 @@ impl AttemptOutcome {
             AttemptOutcome::Dead { .. } => "dead",
         }
     }
+}
+
+/// One breaker transition, as stored in `broker_circuits`.
+#[derive(Debug, Clone)]
+pub struct CircuitRecord {
+    pub broker_id: String,
+    pub state: &'static str,
+    pub since: DateTime<Utc>,
+    pub consecutive_failures: u32,
+    pub open_until: Option<DateTime<Utc>>,
+    pub reason: String,
+    pub instance_id: String,
 }
 
 #[derive(Clone)]
@@ -461,6 +475,32 @@ impl Ledger {
                     &outcomes,
                     &retry_in,
                     &dead_reasons,
+                ],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Records a breaker transition (the latest one per broker wins).
+    pub async fn record_circuit(&self, circuit: &CircuitRecord) -> Result<(), LedgerError> {
+        self.client()
+            .await?
+            .execute(
+                "INSERT INTO broker_circuits (broker_id, state, since, consecutive_failures, open_until, reason, instance_id)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)
+                 ON CONFLICT (broker_id) DO UPDATE SET
+                     state = EXCLUDED.state, since = EXCLUDED.since,
+                     consecutive_failures = EXCLUDED.consecutive_failures,
+                     open_until = EXCLUDED.open_until, reason = EXCLUDED.reason,
+                     instance_id = EXCLUDED.instance_id",
+                &[
+                    &circuit.broker_id,
+                    &circuit.state,
+                    &circuit.since,
+                    &i32::try_from(circuit.consecutive_failures).unwrap_or(i32::MAX),
+                    &circuit.open_until,
+                    &circuit.reason,
+                    &circuit.instance_id,
                 ],
             )
             .await?;

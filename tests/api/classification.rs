@@ -61,26 +61,24 @@ async fn every_classification_row_does_what_the_table_says() {
 
     for ((status, requests, state), server) in rows.iter().zip(&receivers) {
         let broker = format!("status-{status}");
-        assert_eq!(
-            received(server).await.len(),
-            *requests,
-            "HTTP {status}: requests"
-        );
         let row = env
             .db
             .query_one(
-                "SELECT state, attempts, last_status_code FROM deliveries WHERE broker_id = $1",
+                "SELECT state, attempts, last_status_code, dead_reason, last_error FROM deliveries WHERE broker_id = $1",
                 &[&broker],
             )
             .await
             .unwrap();
-        assert_eq!(row.get::<_, String>(0), *state, "HTTP {status}: state");
+        let ledger: (String, i32, Option<i32>, Option<String>, Option<String>) =
+            (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
         assert_eq!(
-            row.get::<_, i32>(1),
-            *requests as i32,
-            "HTTP {status}: attempts"
+            received(server).await.len(),
+            *requests,
+            "HTTP {status}: requests (ledger: {ledger:?})"
         );
-        assert_eq!(row.get::<_, Option<i32>>(2), Some(i32::from(*status)));
+        assert_eq!(ledger.0, *state, "HTTP {status}: state");
+        assert_eq!(ledger.1, *requests as i32, "HTTP {status}: attempts");
+        assert_eq!(ledger.2, Some(i32::from(*status)));
     }
     assert!(
         received(&redirect_target).await.is_empty(),

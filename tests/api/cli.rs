@@ -61,3 +61,23 @@ fn migrate_is_idempotent() {
         );
     }
 }
+
+#[test]
+fn replay_takes_exactly_one_target_and_since_only_with_a_broker() {
+    for args in [
+        &["dead-letters", "replay"][..],
+        &["dead-letters", "replay", "--id", "1", "--broker", "b1"],
+        &[
+            "dead-letters",
+            "replay",
+            "--id",
+            "1",
+            "--since",
+            "2026-01-01T00:00:00Z",
+        ],
+    ] {
+        let output = run(args, &[]);
+        assert!(!output.status.success(), "{args:?} must be refused");
+        assert_eq!(output.status.code(), Some(2), "a usage error: {args:?}");
+    }
+}

@@ -205,6 +205,8 @@ impl TestEnv {
         // wiremock receivers listen on plain http on loopback.
         settings.delivery.allow_http = true;
         settings.delivery.allowed_networks = vec!["127.0.0.0/8".parse().unwrap()];
+        // Any free port: tests run many apps at once.
+        settings.admin.bind = "127.0.0.1:0".parse().unwrap();
         settings.validate().expect("test settings are valid");
         settings
     }
@@ -238,6 +240,7 @@ impl TestEnv {
             ("RETRY__MAX_DELAY_MS", s.retry.max_delay_ms.to_string()),
             ("DELIVERY__ALLOW_HTTP", s.delivery.allow_http.to_string()),
             ("DELIVERY__ALLOWED_NETWORKS", "127.0.0.0/8".to_owned()),
+            ("ADMIN__BIND", s.admin.bind.to_string()),
         ]
         .into_iter()
         .map(|(k, v)| (format!("APP__{k}"), v))
@@ -326,13 +329,16 @@ impl TestEnv {
 pub struct TestApp {
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
+    pub admin_port: u16,
 }
 
 pub fn spawn_app(settings: Settings) -> TestApp {
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let (port_tx, port_rx) = std::sync::mpsc::channel();
     let thread = std::thread::spawn(move || {
         actix_rt::System::new().block_on(async move {
             let app = Application::build(settings).await.expect("app builds");
+            port_tx.send(app.admin_port()).unwrap();
             app.run_until_stopped(async {
                 let _ = stop_rx.await;
             })
@@ -340,13 +346,19 @@ pub fn spawn_app(settings: Settings) -> TestApp {
             .expect("app runs");
         });
     });
+    let admin_port = port_rx.recv().expect("app started");
     TestApp {
         stop: Some(stop_tx),
         thread: Some(thread),
+        admin_port,
     }
 }
 
 impl TestApp {
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.admin_port)
+    }
+
     /// Graceful stop, as on SIGTERM.
     pub async fn stop(mut self) {
         if let Some(stop) = self.stop.take() {

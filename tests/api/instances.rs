@@ -8,11 +8,17 @@ pub struct Instance(Child);
 
 impl Instance {
     pub fn start(env: &TestEnv) -> Instance {
+        Self::start_with(env, &[], Stdio::null())
+    }
+
+    /// With extra `APP__*` variables, and the service's bunyan log going to `stdout`.
+    pub fn start_with(env: &TestEnv, extra_env: &[(String, String)], stdout: Stdio) -> Instance {
         let child = Command::new(env!("CARGO_BIN_EXE_webhook-delivery"))
             .arg("serve")
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .envs(env.settings_env())
-            .stdout(Stdio::null())
+            .envs(extra_env.iter().cloned())
+            .stdout(stdout)
             .stderr(Stdio::inherit())
             .spawn()
             .expect("binary starts");

@@ -1,3 +1,4 @@
+mod admin;
 mod circuit_breaker;
 mod classification;
 mod cli;
@@ -8,7 +9,10 @@ mod instances;
 mod isolation;
 mod ordering;
 mod poison;
+mod reports;
 mod restart;
 mod retries;
+mod runbook;
 mod ssrf;
+mod status;
 mod supervision;

@@ -1,6 +1,6 @@
 use actix::{Handler, Message, ResponseFuture};
 
-use super::DeliveryActor;
+use super::{BrokerSnapshot, DeliveryActor};
 use crate::delivery_queue::Inserted;
 use crate::ledger::ClaimedDelivery;
 
@@ -89,5 +89,17 @@ impl Handler<Drain> for DeliveryActor {
         Box::pin(async move {
             let _ = rx.await;
         })
+    }
+}
+
+#[derive(Message)]
+#[rtype(result = "BrokerSnapshot")]
+pub struct Snapshot;
+
+impl Handler<Snapshot> for DeliveryActor {
+    type Result = actix::MessageResult<Snapshot>;
+
+    fn handle(&mut self, _: Snapshot, _: &mut Self::Context) -> Self::Result {
+        actix::MessageResult(self.snapshot())
     }
 }

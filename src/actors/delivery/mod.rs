@@ -20,14 +20,16 @@ use rand::Rng;
 pub use handlers::*;
 
 use crate::actors::idempotency::{
-    DisableBroker, IdempotencyActor, LoadBroker, LoadPending, RecordAttempts,
+    DisableBroker, IdempotencyActor, LoadBroker, LoadPending, RecordAttempts, RecordCircuit,
 };
 use crate::broker::{BrokerEndpoint, EndpointError};
 use crate::circuit_breaker::{BreakerConfig, CircuitBreaker, Transition};
 use crate::config::DeliverySettings;
 use crate::delivery_queue::{Finish, LoadQueues};
 use crate::lease::LeaseBook;
+use crate::ledger::CircuitRecord;
 use crate::ledger::{AttemptOutcome, AttemptRecord, PendingDelivery};
+use crate::metrics::circuit_state_value;
 use crate::policy::{classify, parse_retry_after, AttemptResult, RetryPolicy, Verdict};
 use crate::signing::{signature_header, webhook_id};
 use crate::webhook_client::{self, WebhookRequest};
@@ -44,6 +46,8 @@ pub struct DeliveryDeps {
     pub settings: DeliverySettings,
     pub retry: RetryPolicy,
     pub breaker: BreakerConfig,
+    pub metrics: std::sync::Arc<crate::metrics::Metrics>,
+    pub instance_id: String,
 }
 
 enum Endpoint {
@@ -53,6 +57,18 @@ enum Endpoint {
         endpoint: Result<BrokerEndpoint, EndpointError>,
         at: Instant,
     },
+}
+
+/// A broker's live state on this instance (admin API `GET /brokers`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BrokerSnapshot {
+    pub broker_id: String,
+    pub circuit_state: &'static str,
+    pub circuit_since: chrono::DateTime<Utc>,
+    pub circuit_open_until: Option<chrono::DateTime<Utc>>,
+    pub consecutive_failures: u32,
+    pub in_flight: usize,
+    pub in_memory: usize,
 }
 
 /// What one attempt produced, in the terms the policy and the ledger need.
@@ -239,6 +255,20 @@ impl DeliveryActor {
         }
         self.load_from_ledger(ctx);
         self.schedule_wakeup(ctx);
+        self.update_gauges();
+    }
+
+    fn update_gauges(&self) {
+        let metrics = &self.deps.metrics;
+        let broker = [self.broker_id.as_str()];
+        metrics
+            .mailbox_depth
+            .with_label_values(&broker)
+            .set(self.lanes.len() as i64);
+        metrics
+            .in_flight
+            .with_label_values(&broker)
+            .set(self.in_flight as i64);
     }
 
     fn attempt(
@@ -334,6 +364,28 @@ impl DeliveryActor {
                 reason: "broker answered 410 Gone; broker disabled".to_owned(),
             },
         };
+        let metrics = &self.deps.metrics;
+        metrics
+            .deliveries
+            .with_label_values(&[outcome.as_str()])
+            .inc();
+        let result_class = match (&result, status_code) {
+            (AttemptResult::RequestInvalid, _) => "not_sent",
+            (_, Some(code)) => match code {
+                200..=299 => "2xx",
+                300..=399 => "3xx",
+                400..=499 => "4xx",
+                _ => "5xx",
+            },
+            (_, None) => "transport_error",
+        };
+        metrics.attempts.with_label_values(&[result_class]).inc();
+        if result != AttemptResult::RequestInvalid {
+            metrics
+                .attempt_duration
+                .with_label_values(&[outcome.as_str()])
+                .observe(latency.as_secs_f64());
+        }
         let (error_class, error_message) = match error {
             Some((class, message)) => (Some(class), Some(message)),
             None => (None, None),
@@ -530,10 +582,25 @@ impl DeliveryActor {
     }
 
     fn log_transition(&self, transition: &Transition) {
-        let open_until = transition.open_until.map(|until| {
+        let open_until_at = transition.open_until.map(|until| {
             let left = until.saturating_duration_since(Instant::now());
-            (Utc::now() + chrono::Duration::from_std(left).unwrap_or_default()).to_rfc3339()
+            Utc::now() + chrono::Duration::from_std(left).unwrap_or_default()
         });
+        let open_until = open_until_at.map(|at| at.to_rfc3339());
+        self.deps
+            .metrics
+            .circuit_state
+            .with_label_values(&[self.broker_id.as_str()])
+            .set(circuit_state_value(transition.to));
+        self.deps.ledger.do_send(RecordCircuit(CircuitRecord {
+            broker_id: self.broker_id.clone(),
+            state: transition.to,
+            since: Utc::now(),
+            consecutive_failures: transition.consecutive_failures,
+            open_until: open_until_at,
+            reason: transition.reason.clone(),
+            instance_id: self.deps.instance_id.clone(),
+        }));
         tracing::warn!(
             broker_id = %self.broker_id,
             from = transition.from,
@@ -589,6 +656,26 @@ impl DeliveryActor {
         }
     }
 
+    /// What the admin API shows for this broker from memory.
+    pub(super) fn snapshot(&self) -> BrokerSnapshot {
+        let since = Utc::now()
+            - chrono::Duration::from_std(self.breaker.since().elapsed()).unwrap_or_default();
+        let open_until = self.breaker.open_until().map(|until| {
+            Utc::now()
+                + chrono::Duration::from_std(until.saturating_duration_since(Instant::now()))
+                    .unwrap_or_default()
+        });
+        BrokerSnapshot {
+            broker_id: self.broker_id.clone(),
+            circuit_state: self.breaker.state().name(),
+            circuit_since: since,
+            circuit_open_until: open_until,
+            consecutive_failures: self.breaker.consecutive_failures(),
+            in_flight: self.in_flight,
+            in_memory: self.lanes.len(),
+        }
+    }
+
     fn notify_drained_if_idle(&mut self) {
         if self.is_draining && self.in_flight == 0 && !self.saving && self.unsaved.is_empty() {
             for waiter in self.draining.drain(..) {
@@ -604,6 +691,11 @@ impl Actor for DeliveryActor {
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(MAILBOX_MESSAGES);
         tracing::info!(broker_id = %self.broker_id, "delivery actor started");
+        self.deps
+            .metrics
+            .circuit_state
+            .with_label_values(&[self.broker_id.as_str()])
+            .set(circuit_state_value(self.breaker.state().name()));
         self.guarded(ctx, "dispatch", Self::dispatch);
     }
 }
@@ -613,6 +705,11 @@ impl actix::Supervised for DeliveryActor {
     /// and outcomes already decided but not yet saved are kept.
     fn restarting(&mut self, _: &mut Self::Context) {
         tracing::warn!(broker_id = %self.broker_id, "delivery actor restarted; reloading its pending deliveries from the ledger");
+        self.deps
+            .metrics
+            .actor_restarts
+            .with_label_values(&["delivery"])
+            .inc();
         self.lanes = LoadQueues::new(self.deps.settings.mailbox_capacity);
         self.endpoint = Endpoint::Unknown;
         self.in_flight = self.unsaved.len();

@@ -5,7 +5,9 @@ use actix::{Handler, Message, ResponseFuture};
 use futures::future::join_all;
 
 use super::DeliverySupervisor;
-use crate::actors::delivery::{Deliver, Drain, ForgetPartition, LedgerHasMore};
+use crate::actors::delivery::{
+    BrokerSnapshot, Deliver, Drain, ForgetPartition, LedgerHasMore, Snapshot,
+};
 use crate::ledger::ClaimedDelivery;
 
 /// Deliveries just created by a PartitionActor's claim.
@@ -90,6 +92,25 @@ impl Handler<DrainDeliveries> for DeliverySupervisor {
             tokio::time::timeout(msg.timeout, join_all(drains))
                 .await
                 .is_ok()
+        })
+    }
+}
+
+/// The live state of every broker this instance has an actor for (admin API).
+#[derive(Message)]
+#[rtype(result = "Vec<BrokerSnapshot>")]
+pub struct BrokerSnapshots;
+
+impl Handler<BrokerSnapshots> for DeliverySupervisor {
+    type Result = ResponseFuture<Vec<BrokerSnapshot>>;
+
+    fn handle(&mut self, _: BrokerSnapshots, _: &mut Self::Context) -> Self::Result {
+        let asks: Vec<_> = self.actors.values().map(|a| a.send(Snapshot)).collect();
+        Box::pin(async move {
+            let answers = tokio::time::timeout(Duration::from_secs(2), join_all(asks))
+                .await
+                .unwrap_or_default();
+            answers.into_iter().filter_map(Result::ok).collect()
         })
     }
 }

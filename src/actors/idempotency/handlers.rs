@@ -5,7 +5,8 @@ use actix::{Handler, Message, ResponseFuture};
 use super::IdempotencyActor;
 use crate::event::ShipmentEvent;
 use crate::ledger::{
-    AttemptRecord, BrokerRow, ClaimedDelivery, LedgerError, PendingDelivery, RejectedMessage,
+    AttemptRecord, BrokerRow, CircuitRecord, ClaimedDelivery, LedgerError, PendingDelivery,
+    RejectedMessage,
 };
 
 /// Records one poll batch: its rejected messages and its events, creating deliveries.
@@ -158,6 +159,24 @@ impl Handler<ReleaseLease> for IdempotencyActor {
             ledger
                 .release_lease(&msg.topic, msg.partition, &msg.owner, msg.linger)
                 .await
+        })
+    }
+}
+
+/// Stores a breaker transition for `status` and the admin API. Best effort: a failure is logged.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct RecordCircuit(pub CircuitRecord);
+
+impl Handler<RecordCircuit> for IdempotencyActor {
+    type Result = ResponseFuture<()>;
+
+    fn handle(&mut self, msg: RecordCircuit, _: &mut Self::Context) -> Self::Result {
+        let ledger = self.ledger.clone();
+        Box::pin(async move {
+            if let Err(error) = ledger.record_circuit(&msg.0).await {
+                tracing::warn!(broker_id = %msg.0.broker_id, error.message = %error, "could not store circuit state");
+            }
         })
     }
 }

@@ -67,6 +67,17 @@ impl Handler<ProcessBatch> for PartitionActor {
                 }
             }
         }
+        let partition_label = [partition.to_string()];
+        self.deps
+            .metrics
+            .messages_consumed
+            .with_label_values(&partition_label)
+            .inc_by(msg.messages.len() as u64);
+        self.deps
+            .metrics
+            .messages_rejected
+            .with_label_values(&partition_label)
+            .inc_by(rejected.len() as u64);
         let claim = ClaimBatch {
             topic: topic.clone(),
             partition,

@@ -31,6 +31,7 @@ pub struct PartitionDeps {
     pub request_timeout: Duration,
     pub max_message_bytes: usize,
     pub max_batch_messages: usize,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 pub struct PartitionActor {

@@ -1,0 +1,65 @@
+//! The admin HTTP API (actix-web), for on-call and for Prometheus. It reads through the ledger
+//! and asks the actors; it never reaches around them.
+//!
+//! | route                         | what                                                    |
+//! |-------------------------------|---------------------------------------------------------|
+//! | `GET /healthz`                | the process is alive                                    |
+//! | `GET /readyz`                 | Postgres answers and the consumer has joined its group  |
+//! | `GET /metrics`                | Prometheus text                                         |
+//! | `GET /brokers`                | per broker: circuit, in flight, pending, dead, last error |
+//! | `GET /dead-letters`           | like `dead-letters list` (`?broker=&since=&limit=`)     |
+//! | `POST /dead-letters/replay`   | like `dead-letters replay`; needs `Authorization: Bearer` |
+
+mod routes;
+
+use std::net::TcpListener;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use actix::Addr;
+use actix_web::{web, App, HttpServer};
+
+use crate::actors::delivery_supervisor::DeliverySupervisor;
+use crate::ledger::Ledger;
+use crate::metrics::Metrics;
+
+/// Set once the consumer has received its first assignment (it has joined the group).
+#[derive(Clone, Default)]
+pub struct Readiness(Arc<AtomicBool>);
+
+impl Readiness {
+    pub fn mark_joined(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+    pub fn joined(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+#[derive(Clone)]
+pub struct AdminState {
+    pub ledger: Ledger,
+    pub deliveries: Addr<DeliverySupervisor>,
+    pub metrics: Arc<Metrics>,
+    pub readiness: Readiness,
+    /// None: mutating routes are off.
+    pub token: Option<String>,
+}
+
+pub fn serve(listener: TcpListener, state: AdminState) -> std::io::Result<actix_web::dev::Server> {
+    let state = web::Data::new(state);
+    Ok(HttpServer::new(move || {
+        App::new()
+            .app_data(state.clone())
+            .route("/healthz", web::get().to(routes::healthz))
+            .route("/readyz", web::get().to(routes::readyz))
+            .route("/metrics", web::get().to(routes::metrics))
+            .route("/brokers", web::get().to(routes::brokers))
+            .route("/dead-letters", web::get().to(routes::dead_letters))
+            .route("/dead-letters/replay", web::post().to(routes::replay))
+    })
+    .workers(1)
+    .disable_signals()
+    .listen(listener)?
+    .run())
+}

@@ -1,0 +1,277 @@
+//! Read-only reports for operators: per-broker health (`status`), webhooks delivered more than
+//! once in a time window (`report duplicates`), and the full story of one event
+//! (`report deliveries`).
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use super::{Ledger, LedgerError};
+use crate::event::IdempotencyKey;
+use crate::signing::webhook_id;
+
+/// One broker as `status` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct BrokerStatus {
+    pub broker_id: String,
+    pub enabled: bool,
+    /// Why it is disabled (e.g. it answered 410 Gone), or that its `brokers` row is gone.
+    pub disabled_reason: Option<String>,
+    /// `closed`, `open` or `half_open`: the last transition any instance recorded.
+    pub circuit_state: String,
+    pub circuit_since: Option<DateTime<Utc>>,
+    pub circuit_open_until: Option<DateTime<Utc>>,
+    pub circuit_reason: Option<String>,
+    pub circuit_consecutive_failures: Option<i32>,
+    pub pending: i64,
+    pub dead: i64,
+    /// How long the oldest pending delivery has existed, by the database's clock.
+    pub oldest_pending_age_ms: Option<i64>,
+    /// The error of the most recently updated delivery that is still failing (pending or dead).
+    pub last_error: Option<String>,
+    pub last_error_at: Option<DateTime<Utc>>,
+}
+
+/// A webhook-id that one broker answered 2xx to more than once within the window.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DuplicateDelivery {
+    pub broker_id: String,
+    pub webhook_id: String,
+    pub event_id: Option<String>,
+    pub load_id: String,
+    /// 2xx answers within the window (so `times_delivered - 1` were duplicates).
+    pub times_delivered: i64,
+    pub first_delivered_at: DateTime<Utc>,
+    pub last_delivered_at: DateTime<Utc>,
+}
+
+/// Where one event came from and what happened to it for every broker.
+#[derive(Debug, Clone, Serialize)]
+pub struct EventStory {
+    pub idempotency_key: String,
+    pub event_id: Option<String>,
+    pub load_id: String,
+    pub status: String,
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub consumed_at: DateTime<Utc>,
+    /// One per broker the event was fanned out to, by broker id.
+    pub deliveries: Vec<DeliveryStory>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DeliveryStory {
+    pub delivery_id: i64,
+    pub broker_id: String,
+    pub webhook_id: String,
+    /// `pending`, `delivered` or `dead`.
+    pub state: String,
+    pub next_attempt_at: Option<DateTime<Utc>>,
+    pub delivered_at: Option<DateTime<Utc>>,
+    pub dead_reason: Option<String>,
+    /// In the order they were made (a replay starts counting attempts at 1 again).
+    pub attempts: Vec<AttemptStory>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AttemptStory {
+    pub attempt: i32,
+    pub started_at: DateTime<Utc>,
+    pub latency_ms: i32,
+    pub status_code: Option<i32>,
+    pub error_class: Option<String>,
+    pub error_message: Option<String>,
+    /// `delivered`, `retry` or `dead`.
+    pub outcome: String,
+}
+
+impl Ledger {
+    /// Pending and dead deliveries in the whole ledger (gauges).
+    pub async fn delivery_totals(&self) -> Result<(i64, i64), LedgerError> {
+        let row = self
+            .client()
+            .await?
+            .query_one(
+                "SELECT count(*) FILTER (WHERE state = 'pending'), count(*) FILTER (WHERE state = 'dead')
+                 FROM deliveries WHERE state IN ('pending', 'dead')",
+                &[],
+            )
+            .await?;
+        Ok((row.get(0), row.get(1)))
+    }
+
+    /// Every broker, in id order, with its breaker state and backlog. Brokers that still have
+    /// pending or dead deliveries but no `brokers` row are listed too, so totals match the ledger.
+    pub async fn broker_statuses(&self) -> Result<Vec<BrokerStatus>, LedgerError> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "WITH backlog AS (
+                     SELECT broker_id,
+                            count(*) FILTER (WHERE state = 'pending') AS pending,
+                            count(*) FILTER (WHERE state = 'dead') AS dead,
+                            min(created_at) FILTER (WHERE state = 'pending') AS oldest_pending,
+                            (array_agg(last_error ORDER BY updated_at DESC)
+                                 FILTER (WHERE last_error IS NOT NULL))[1] AS last_error,
+                            max(updated_at) FILTER (WHERE last_error IS NOT NULL) AS last_error_at
+                     FROM deliveries
+                     -- A delivered row has no error left; skipping them keeps this cheap.
+                     WHERE state IN ('pending', 'dead')
+                     GROUP BY broker_id
+                 )
+                 SELECT COALESCE(b.broker_id, k.broker_id),
+                        COALESCE(b.enabled, false),
+                        CASE WHEN b.broker_id IS NULL THEN 'no row in the brokers table'
+                             ELSE b.disabled_reason END,
+                        COALESCE(c.state, 'closed'), c.since, c.open_until, c.reason, c.consecutive_failures,
+                        COALESCE(k.pending, 0), COALESCE(k.dead, 0),
+                        (EXTRACT(EPOCH FROM (now() - k.oldest_pending)) * 1000)::int8,
+                        k.last_error, k.last_error_at
+                 FROM brokers b
+                 FULL JOIN backlog k ON k.broker_id = b.broker_id
+                 LEFT JOIN broker_circuits c ON c.broker_id = COALESCE(b.broker_id, k.broker_id)
+                 ORDER BY 1",
+                &[],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|row| BrokerStatus {
+                broker_id: row.get(0),
+                enabled: row.get(1),
+                disabled_reason: row.get(2),
+                circuit_state: row.get(3),
+                circuit_since: row.get(4),
+                circuit_open_until: row.get(5),
+                circuit_reason: row.get(6),
+                circuit_consecutive_failures: row.get(7),
+                pending: row.get(8),
+                dead: row.get(9),
+                oldest_pending_age_ms: row.get(10),
+                last_error: row.get(11),
+                last_error_at: row.get(12),
+            })
+            .collect())
+    }
+
+    /// Every (broker, webhook-id) with more than one 2xx answer started in `[since, until)`,
+    /// by broker, then by first delivery.
+    pub async fn duplicate_deliveries(
+        &self,
+        since: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> Result<Vec<DuplicateDelivery>, LedgerError> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT d.broker_id, d.idempotency_key, e.event_id, d.load_id, count(*),
+                        min(a.started_at), max(a.started_at)
+                 FROM delivery_attempts a
+                 JOIN deliveries d ON d.delivery_id = a.delivery_id
+                 JOIN events e ON e.idempotency_key = d.idempotency_key
+                 WHERE a.outcome = 'delivered' AND a.status_code BETWEEN 200 AND 299
+                   AND a.started_at >= $1 AND a.started_at < $2
+                 GROUP BY d.broker_id, d.idempotency_key, e.event_id, d.load_id
+                 HAVING count(*) > 1
+                 ORDER BY d.broker_id, min(a.started_at), d.idempotency_key",
+                &[&since, &until],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|row| DuplicateDelivery {
+                broker_id: row.get(0),
+                webhook_id: webhook_id(&IdempotencyKey::from_stored(row.get(1))),
+                event_id: row.get(2),
+                load_id: row.get(3),
+                times_delivered: row.get(4),
+                first_delivered_at: row.get(5),
+                last_delivered_at: row.get(6),
+            })
+            .collect())
+    }
+
+    /// The event whose `eventId` is `id`, or else whose idempotency key is `id`; `None` if
+    /// neither exists.
+    pub async fn event_story(&self, id: &str) -> Result<Option<EventStory>, LedgerError> {
+        let client = self.client().await?;
+        // event_id first: it is what people have; the key is the fallback for events without one.
+        let Some(event) = client
+            .query_opt(
+                "SELECT idempotency_key, event_id, load_id, status, topic, kafka_partition,
+                        kafka_offset, consumed_at
+                 FROM events
+                 WHERE event_id = $1 OR idempotency_key = $1
+                 ORDER BY (event_id = $1) IS TRUE DESC
+                 LIMIT 1",
+                &[&id],
+            )
+            .await?
+        else {
+            return Ok(None);
+        };
+        let key: String = event.get(0);
+        let deliveries = client
+            .query(
+                "SELECT delivery_id, broker_id, state,
+                        CASE WHEN state = 'pending' THEN next_attempt_at END,
+                        delivered_at, dead_reason
+                 FROM deliveries WHERE idempotency_key = $1
+                 ORDER BY broker_id",
+                &[&key],
+            )
+            .await?;
+        let attempts = client
+            .query(
+                "SELECT a.delivery_id, a.attempt, a.started_at, a.latency_ms, a.status_code,
+                        a.error_class, a.error_message, a.outcome
+                 FROM delivery_attempts a JOIN deliveries d ON d.delivery_id = a.delivery_id
+                 WHERE d.idempotency_key = $1
+                 ORDER BY a.started_at, a.attempt_id",
+                &[&key],
+            )
+            .await?;
+        let id = webhook_id(&IdempotencyKey::from_stored(key.clone()));
+        let deliveries = deliveries
+            .iter()
+            .map(|row| {
+                let delivery_id: i64 = row.get(0);
+                DeliveryStory {
+                    delivery_id,
+                    broker_id: row.get(1),
+                    webhook_id: id.clone(),
+                    state: row.get(2),
+                    next_attempt_at: row.get(3),
+                    delivered_at: row.get(4),
+                    dead_reason: row.get(5),
+                    attempts: attempts
+                        .iter()
+                        .filter(|a| a.get::<_, i64>(0) == delivery_id)
+                        .map(|a| AttemptStory {
+                            attempt: a.get(1),
+                            started_at: a.get(2),
+                            latency_ms: a.get(3),
+                            status_code: a.get(4),
+                            error_class: a.get(5),
+                            error_message: a.get(6),
+                            outcome: a.get(7),
+                        })
+                        .collect(),
+                }
+            })
+            .collect();
+        Ok(Some(EventStory {
+            idempotency_key: key,
+            event_id: event.get(1),
+            load_id: event.get(2),
+            status: event.get(3),
+            topic: event.get(4),
+            partition: event.get(5),
+            offset: event.get(6),
+            consumed_at: event.get(7),
+            deliveries,
+        }))
+    }
+}

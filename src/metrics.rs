@@ -1,0 +1,178 @@
+//! Prometheus metrics. One registry per running Application (tests run several in one process).
+//! Names follow Prometheus conventions: `_total` counters, base units (`_seconds`).
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+pub struct Metrics {
+    registry: Registry,
+    pub messages_consumed: IntCounterVec,
+    pub messages_rejected: IntCounterVec,
+    pub consumer_lag: IntGaugeVec,
+    pub deliveries: IntCounterVec,
+    pub attempts: IntCounterVec,
+    pub attempt_duration: HistogramVec,
+    pub circuit_state: IntGaugeVec,
+    pub mailbox_depth: IntGaugeVec,
+    pub in_flight: IntGaugeVec,
+    pub pending_deliveries: IntGauge,
+    pub dead_deliveries: IntGauge,
+    pub actor_restarts: IntCounterVec,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new_custom(Some("webhook_delivery".into()), None)
+            .expect("a fixed prefix is valid");
+        fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+            let metric = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry
+                .register(Box::new(metric.clone()))
+                .expect("registered once");
+            metric
+        }
+        fn gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+            let metric = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry
+                .register(Box::new(metric.clone()))
+                .expect("registered once");
+            metric
+        }
+        let pending_deliveries = IntGauge::new(
+            "pending_deliveries",
+            "Deliveries waiting to be sent or retried (whole ledger).",
+        )
+        .expect("valid metric");
+        let dead_deliveries = IntGauge::new(
+            "dead_deliveries",
+            "Dead-lettered deliveries (whole ledger).",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(pending_deliveries.clone()))
+            .expect("registered once");
+        registry
+            .register(Box::new(dead_deliveries.clone()))
+            .expect("registered once");
+        let attempt_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "attempt_duration_seconds",
+                "Time from sending a webhook to its outcome (response or error).",
+            )
+            .buckets(vec![
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            ]),
+            &["outcome"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(attempt_duration.clone()))
+            .expect("registered once");
+        Metrics {
+            messages_consumed: counter(
+                &registry,
+                "messages_consumed_total",
+                "Kafka messages read and written to the ledger.",
+                &["partition"],
+            ),
+            messages_rejected: counter(
+                &registry,
+                "messages_rejected_total",
+                "Kafka messages that were not valid events (recorded in rejected_messages).",
+                &["partition"],
+            ),
+            consumer_lag: gauge(
+                &registry,
+                "consumer_lag_messages",
+                "High watermark minus the group's committed offset, per assigned partition.",
+                &["partition"],
+            ),
+            deliveries: counter(
+                &registry,
+                "deliveries_total",
+                "Attempt outcomes: delivered, retry (scheduled again) or dead.",
+                &["outcome"],
+            ),
+            attempts: counter(
+                &registry,
+                "attempts_total",
+                "Webhook attempts by result class: 2xx, 3xx, 4xx, 5xx, transport_error, not_sent.",
+                &["result"],
+            ),
+            attempt_duration,
+            circuit_state: gauge(
+                &registry,
+                "circuit_state",
+                "Per-broker circuit breaker: 0 closed, 1 half-open, 2 open.",
+                &["broker_id"],
+            ),
+            mailbox_depth: gauge(
+                &registry,
+                "mailbox_depth",
+                "Deliveries held in memory per broker.",
+                &["broker_id"],
+            ),
+            in_flight: gauge(
+                &registry,
+                "in_flight_requests",
+                "Webhook requests in flight (or awaiting their ledger write) per broker.",
+                &["broker_id"],
+            ),
+            pending_deliveries,
+            dead_deliveries,
+            actor_restarts: counter(
+                &registry,
+                "actor_restarts_total",
+                "Actors restarted by their supervisor after a contained panic.",
+                &["actor"],
+            ),
+            registry,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buffer = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buffer)
+            .expect("text encoding into a Vec cannot fail");
+        String::from_utf8(buffer).expect("the text format is UTF-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+/// The numeric value of a breaker state for the `circuit_state` gauge.
+pub fn circuit_state_value(state: &str) -> i64 {
+    match state {
+        "open" => 2,
+        "half_open" => 1,
+        _ => 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_prometheus_text_with_the_prefix() {
+        let metrics = Metrics::new();
+        metrics.deliveries.with_label_values(&["delivered"]).inc();
+        metrics.circuit_state.with_label_values(&["acme"]).set(2);
+        metrics
+            .attempt_duration
+            .with_label_values(&["delivered"])
+            .observe(0.02);
+        let text = metrics.render();
+        assert!(text.contains("webhook_delivery_deliveries_total{outcome=\"delivered\"} 1"));
+        assert!(text.contains("webhook_delivery_circuit_state{broker_id=\"acme\"} 2"));
+        assert!(text.contains("# TYPE webhook_delivery_attempt_duration_seconds histogram"));
+    }
+}

@@ -156,9 +156,9 @@ async fn the_admin_api_reports_health_metrics_brokers_and_replays_with_a_token()
         "delivered: refused"
     );
     app.stop().await;
+    assert!(!log_lines_containing("dead letters replayed through the admin API").is_empty());
     assert!(
-        !logged("dead letters replayed through the admin API", "").is_empty()
-            && logged("", TOKEN).is_empty(),
+        log_lines_containing(TOKEN).is_empty(),
         "the token never appears in logs"
     );
 }

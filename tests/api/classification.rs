@@ -101,3 +101,35 @@ async fn every_classification_row_does_what_the_table_says() {
         "no other broker is disabled"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn response_bodies_are_read_only_up_to_the_cap() {
+    let env = TestEnv::new(1).await;
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(400).set_body_string("x".repeat(200_000)))
+        .mount(&server)
+        .await;
+    env.add_broker("chatty", &server.uri()).await;
+    env.subscribe("chatty", "L1").await;
+    env.produce_event(Some("e1"), "L1", "matched").await;
+    let mut settings = env.settings();
+    settings.delivery.max_response_bytes = 100;
+    let app = spawn_app(settings);
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            env.count("SELECT count(*) FROM deliveries WHERE state = 'dead'")
+                .await
+                == 1
+        })
+        .await
+    );
+    app.stop().await;
+    let last_error: String = env
+        .db
+        .query_one("SELECT last_error FROM deliveries", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(last_error, format!("HTTP 400: {}", "x".repeat(100)));
+}

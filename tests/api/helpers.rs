@@ -55,6 +55,17 @@ pub fn logged(message: &str, needle: &str) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// Every captured log line (raw) that contains `needle`.
+pub fn log_lines_containing(needle: &str) -> Vec<String> {
+    LOG_LINES
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|line| line.contains(needle))
+        .cloned()
+        .collect()
+}
+
 /// A receiver that answers the n-th request with `statuses[n]` (the last one repeats) and
 /// records when each request arrived.
 pub struct ScriptedReceiver {

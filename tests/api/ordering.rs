@@ -136,6 +136,11 @@ async fn during_a_secret_rotation_every_active_secret_signs() {
     let request = &received(&receiver).await[0];
     assert_eq!(header(request, "webhook-signature").split(' ').count(), 2);
     for secret in [SECRET, new_secret] {
+        let key = secret.trim_start_matches("whsec_");
+        assert!(
+            log_lines_containing(key).is_empty(),
+            "secrets never appear in logs"
+        );
         standardwebhooks::Webhook::new(secret)
             .unwrap()
             .verify(&request.body, &request.headers)

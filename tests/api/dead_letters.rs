@@ -1,19 +1,9 @@
-use std::process::Command;
 use std::time::Duration;
 
 use wiremock::matchers::method;
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
 use crate::helpers::*;
-
-fn cli(env: &TestEnv, args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_webhook-delivery"))
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .envs(env.settings_env())
-        .output()
-        .expect("binary runs")
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_permanent_failure_is_dead_lettered_listed_and_replayed_with_the_same_webhook_id() {
@@ -49,7 +39,7 @@ async fn a_permanent_failure_is_dead_lettered_listed_and_replayed_with_the_same_
         "a 400 is permanent: no retry"
     );
 
-    let list = cli(&env, &["dead-letters", "list", "--broker", "b1", "--json"]);
+    let list = run_cli(&env, &["dead-letters", "list", "--broker", "b1", "--json"]);
     assert!(
         list.status.success(),
         "{}",
@@ -73,14 +63,14 @@ async fn a_permanent_failure_is_dead_lettered_listed_and_replayed_with_the_same_
         .await
         .unwrap()
         .get(0);
-    let refused = cli(
+    let refused = run_cli(
         &env,
         &["dead-letters", "replay", "--id", &delivered_id.to_string()],
     );
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("refused"));
 
-    let replay = cli(&env, &["dead-letters", "replay", "--id", &dead_id]);
+    let replay = run_cli(&env, &["dead-letters", "replay", "--id", &dead_id]);
     assert!(
         replay.status.success(),
         "{}",
@@ -106,6 +96,6 @@ async fn a_permanent_failure_is_dead_lettered_listed_and_replayed_with_the_same_
         header(&received(&receiver).await[2], "webhook-id"),
         first_id
     );
-    let empty = cli(&env, &["dead-letters", "list"]);
+    let empty = run_cli(&env, &["dead-letters", "list"]);
     assert!(String::from_utf8_lossy(&empty.stdout).contains("0 dead deliveries"));
 }

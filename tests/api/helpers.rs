@@ -428,12 +428,27 @@ pub fn header<'a>(request: &'a Request, name: &str) -> &'a str {
         .unwrap_or_default()
 }
 
-/// A receiver that answers 200 to every POST.
-pub async fn ok_receiver() -> MockServer {
+/// A receiver that answers every POST with `response`.
+pub async fn receiver(response: wiremock::ResponseTemplate) -> MockServer {
     let server = MockServer::start().await;
     wiremock::Mock::given(wiremock::matchers::method("POST"))
-        .respond_with(wiremock::ResponseTemplate::new(200))
+        .respond_with(response)
         .mount(&server)
         .await;
     server
+}
+
+/// A receiver that answers 200 to every POST.
+pub async fn ok_receiver() -> MockServer {
+    receiver(wiremock::ResponseTemplate::new(200)).await
+}
+
+/// Runs the real binary with this test's configuration (`APP__*` variables).
+pub fn run_cli(env: &TestEnv, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_webhook-delivery"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .envs(env.settings_env())
+        .output()
+        .expect("binary runs")
 }

@@ -2,7 +2,6 @@
 //! real run produced.
 
 use std::collections::BTreeMap;
-use std::process::Command;
 use std::time::Duration;
 
 use chrono::{SecondsFormat, Utc};
@@ -13,15 +12,6 @@ use wiremock::matchers::method;
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
 use crate::helpers::*;
-
-fn cli(env: &TestEnv, args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_webhook-delivery"))
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .envs(env.settings_env())
-        .output()
-        .expect("binary runs")
-}
 
 fn stdout_of(output: std::process::Output) -> String {
     assert!(
@@ -138,7 +128,7 @@ async fn report_duplicates_lists_exactly_the_webhook_ids_delivered_more_than_onc
 
     // The last hour, as JSON.
     let since = hours_ago(1);
-    let report: Value = serde_json::from_str(&stdout_of(cli(
+    let report: Value = serde_json::from_str(&stdout_of(run_cli(
         &env,
         &[
             "report",
@@ -173,7 +163,7 @@ async fn report_duplicates_lists_exactly_the_webhook_ids_delivered_more_than_onc
     assert!(report["since"].is_string() && report["until"].is_string());
 
     // The same window as CSV (the default format).
-    let csv = stdout_of(cli(&env, &["report", "duplicates", "--since", &since]));
+    let csv = stdout_of(run_cli(&env, &["report", "duplicates", "--since", &since]));
     let (rows, summary) = csv
         .split_once("\n\n")
         .expect("a blank line before the summary");
@@ -206,7 +196,7 @@ async fn report_duplicates_lists_exactly_the_webhook_ids_delivered_more_than_onc
     assert_eq!(summary.len(), 3, "{csv}");
 
     // --until closes the window: three days ago to one day ago holds only the old pair.
-    let old = serde_json::from_str::<Value>(&stdout_of(cli(
+    let old = serde_json::from_str::<Value>(&stdout_of(run_cli(
         &env,
         &[
             "report",
@@ -223,7 +213,7 @@ async fn report_duplicates_lists_exactly_the_webhook_ids_delivered_more_than_onc
     assert_eq!(duplicates_of(&old), expected(&[("b1", "e4", 2)]));
 
     // Three days up to now: the old pair plus its real delivery today.
-    let all = serde_json::from_str::<Value>(&stdout_of(cli(
+    let all = serde_json::from_str::<Value>(&stdout_of(run_cli(
         &env,
         &[
             "report",
@@ -245,7 +235,7 @@ async fn report_duplicates_lists_exactly_the_webhook_ids_delivered_more_than_onc
         ])
     );
 
-    let backwards = cli(
+    let backwards = run_cli(
         &env,
         &[
             "report",
@@ -289,7 +279,7 @@ async fn report_deliveries_tells_the_story_of_one_event() {
     app.stop().await;
     let first_request = &received(&receiver).await[0];
 
-    let story: Value = serde_json::from_str(&stdout_of(cli(
+    let story: Value = serde_json::from_str(&stdout_of(run_cli(
         &env,
         &["report", "deliveries", "--event-id", "e1", "--json"],
     )))
@@ -333,7 +323,7 @@ async fn report_deliveries_tells_the_story_of_one_event() {
     );
     assert!(attempts[0]["latency_ms"].is_i64());
 
-    let text = stdout_of(cli(&env, &["report", "deliveries", "--event-id", "e1"]));
+    let text = stdout_of(run_cli(&env, &["report", "deliveries", "--event-id", "e1"]));
     for needle in [
         "e1",
         "partition 0 offset 0",
@@ -347,7 +337,7 @@ async fn report_deliveries_tells_the_story_of_one_event() {
 
     // An event without an eventId is found by its idempotency key.
     let key = IdempotencyKey::from_value_bytes(&without_id);
-    let story: Value = serde_json::from_str(&stdout_of(cli(
+    let story: Value = serde_json::from_str(&stdout_of(run_cli(
         &env,
         &["report", "deliveries", "--event-id", key.as_str(), "--json"],
     )))
@@ -359,7 +349,7 @@ async fn report_deliveries_tells_the_story_of_one_event() {
         1
     );
 
-    let unknown = cli(
+    let unknown = run_cli(
         &env,
         &["report", "deliveries", "--event-id", "no-such-event"],
     );

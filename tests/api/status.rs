@@ -1,7 +1,8 @@
 //! `webhook-delivery status`, run as the real binary against real Kafka and Postgres.
 
-use std::process::Command;
 use std::time::Duration;
+
+use std::process::Command;
 
 use serde_json::Value;
 use wiremock::matchers::method;
@@ -9,17 +10,8 @@ use wiremock::{Mock, MockServer, ResponseTemplate};
 
 use crate::helpers::*;
 
-fn cli(env: &TestEnv, args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_webhook-delivery"))
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .envs(env.settings_env())
-        .output()
-        .expect("binary runs")
-}
-
 fn status_json(env: &TestEnv) -> Value {
-    let output = cli(env, &["status", "--json"]);
+    let output = run_cli(env, &["status", "--json"]);
     assert!(
         output.status.success(),
         "{}",
@@ -149,7 +141,7 @@ async fn status_shows_lag_per_partition_and_backlog_per_broker() {
         .unwrap()
         .contains("503"));
 
-    let human = cli(&env, &["status"]);
+    let human = run_cli(&env, &["status"]);
     assert!(human.status.success());
     let text = String::from_utf8_lossy(&human.stdout);
     for needle in [
@@ -174,7 +166,7 @@ async fn status_shows_lag_per_partition_and_backlog_per_broker() {
     }
     let status = status_json(&env);
     assert_eq!(total_lag(&status), 3, "{status:#}");
-    let human = String::from_utf8_lossy(&cli(&env, &["status"]).stdout).into_owned();
+    let human = String::from_utf8_lossy(&run_cli(&env, &["status"]).stdout).into_owned();
     assert!(human.contains("total lag 3,"), "{human}");
 }
 

@@ -177,3 +177,27 @@ async fn without_a_token_mutating_routes_are_off() {
     assert_eq!(response.status(), 403);
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_says_why_it_is_not_ready() {
+    let env = TestEnv::new(1).await;
+    let mut settings = env.settings();
+    // Nothing listens there: the consumer can never join its group.
+    settings.kafka.brokers = "127.0.0.1:1".into();
+    let app = spawn_app(settings);
+    let response = reqwest::Client::new()
+        .get(app.admin_url("/readyz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 503);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert!(
+        body["reason"]
+            .as_str()
+            .unwrap()
+            .contains("has not joined its group"),
+        "{body}"
+    );
+    app.stop().await;
+}

@@ -196,7 +196,7 @@ pub async fn dead_letters(ledger: &Ledger, command: DeadLettersCommand) -> Resul
             };
             match ledger.replay(&selector).await? {
                 ReplayOutcome::Requeued(ids) => println!(
-                    "re-queued {} deliveries {:?}; a running service sends them within one ledger sweep",
+                    "re-queued {} deliveries {:?}; a running service sends them within a few seconds",
                     ids.len(),
                     ids
                 ),

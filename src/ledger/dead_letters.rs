@@ -82,7 +82,7 @@ impl Ledger {
     }
 
     /// Re-queues dead deliveries: pending, due now, attempts reset. A running service picks
-    /// them up on its next ledger sweep. Delivered rows are never touched.
+    /// them up within a few seconds (the ledger sweep). Delivered rows are never touched.
     pub async fn replay(&self, selector: &ReplaySelector) -> Result<ReplayOutcome, LedgerError> {
         let client = self.client().await?;
         const REQUEUE: &str = "state = 'pending', attempts = 0, next_attempt_at = now(),

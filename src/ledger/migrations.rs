@@ -11,6 +11,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "broker_circuits",
         include_str!("../../sql/0002_broker_circuits.sql"),
     ),
+    (
+        3,
+        "pending_by_offset",
+        include_str!("../../sql/0003_pending_by_offset.sql"),
+    ),
 ];
 
 /// Arbitrary but fixed: the key of the advisory lock that serializes migrations.

@@ -309,10 +309,12 @@ impl Ledger {
         Ok(())
     }
 
-    /// The oldest pending deliveries of one broker in the given partitions, in (partition, offset)
-    /// order, skipping the ones the caller already holds. Not-yet-due rows are included (with
-    /// `due_in`) so that every load's deliveries come back as an unbroken prefix, which is what
-    /// keeps per-load order (docs/design.md 4).
+    /// The oldest pending deliveries of one broker in the given partitions, in offset order,
+    /// skipping the ones the caller already holds. Not-yet-due rows are included (with `due_in`)
+    /// so that every load's deliveries come back as an unbroken prefix, which is what keeps
+    /// per-load order (docs/design.md 4): a load lives in one partition, and a LIMIT over offset
+    /// order cuts each partition's rows at one offset. Offset order (rather than partition, then
+    /// offset) lets the index `deliveries_pending_by_offset` stop at the LIMIT without a sort.
     pub async fn pending_for_broker(
         &self,
         broker_id: &str,
@@ -330,7 +332,7 @@ impl Ledger {
                  FROM deliveries d JOIN events e ON e.idempotency_key = d.idempotency_key
                  WHERE d.broker_id = $1 AND d.state = 'pending'
                    AND d.kafka_partition = ANY($2) AND NOT (d.delivery_id = ANY($3))
-                 ORDER BY d.kafka_partition, d.kafka_offset
+                 ORDER BY d.kafka_offset
                  LIMIT $4",
             )
             .await?;
@@ -354,18 +356,24 @@ impl Ledger {
             .collect())
     }
 
-    /// Brokers with due pending deliveries in the given partitions: the ledger sweep.
-    pub async fn brokers_with_due_work(
+    /// Brokers with pending deliveries in the given partitions that have been due for longer
+    /// than `overdue_for`: the ledger sweep's safety net. Deliveries a DeliveryActor holds are
+    /// normally sent within moments of coming due, so only work nobody holds (a replay, a row
+    /// forgotten after a restart) stays overdue, and healthy brokers are left alone.
+    pub async fn brokers_with_overdue_work(
         &self,
         partitions: &[i32],
+        overdue_for: Duration,
     ) -> Result<Vec<String>, LedgerError> {
+        let overdue_ms = i64::try_from(overdue_for.as_millis()).unwrap_or(i64::MAX);
         let rows = self
             .client()
             .await?
             .query(
                 "SELECT DISTINCT broker_id FROM deliveries
-                 WHERE state = 'pending' AND kafka_partition = ANY($1) AND next_attempt_at <= now()",
-                &[&partitions],
+                 WHERE state = 'pending' AND kafka_partition = ANY($1)
+                   AND next_attempt_at <= now() - $2::int8 * interval '1 millisecond'",
+                &[&partitions, &overdue_ms],
             )
             .await?;
         Ok(rows.iter().map(|row| row.get(0)).collect())

@@ -53,7 +53,9 @@ impl Handler<LeaseAcquired> for DeliverySupervisor {
         for actor in self.actors.values() {
             actor.do_send(LedgerHasMore);
         }
-        self.sweep(ctx);
+        // A partition just taken over may hold any amount of pending work, due or not yet
+        // overdue: wake every broker that has some, without the sweep's grace period.
+        self.nudge_brokers_with_work(ctx, Duration::ZERO);
     }
 }
 

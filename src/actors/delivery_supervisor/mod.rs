@@ -12,7 +12,12 @@ use actix::{Actor, ActorFutureExt, Addr, AsyncContext, Context, WrapFuture};
 pub use handlers::*;
 
 use crate::actors::delivery::{DeliveryActor, DeliveryDeps, LedgerHasMore};
-use crate::actors::idempotency::FindBrokersWithDueWork;
+use crate::actors::idempotency::FindBrokersWithOverdueWork;
+
+/// The sweep only nudges brokers with work due for longer than this. What a DeliveryActor holds
+/// goes out within moments of coming due, so nudging on merely-due work would make every busy
+/// broker reload from the ledger every tick (and route around its fast path meanwhile).
+const SWEEP_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 pub struct DeliverySupervisor {
     deps: DeliveryDeps,
@@ -43,13 +48,27 @@ impl DeliverySupervisor {
         })
     }
 
+    /// The periodic safety net: nudge brokers with overdue work.
     fn sweep(&mut self, ctx: &mut Context<Self>) {
+        self.nudge_brokers_with_work(ctx, SWEEP_GRACE);
+    }
+
+    /// Asks the ledger which brokers have pending work due for longer than `overdue_for` in our
+    /// partitions, and tells their actors to load it.
+    fn nudge_brokers_with_work(
+        &mut self,
+        ctx: &mut Context<Self>,
+        overdue_for: std::time::Duration,
+    ) {
         let partitions = self.deps.leases.held(std::time::Instant::now());
         if self.sweeping || partitions.is_empty() {
             return;
         }
         self.sweeping = true;
-        let find = self.deps.ledger.send(FindBrokersWithDueWork { partitions });
+        let find = self.deps.ledger.send(FindBrokersWithOverdueWork {
+            partitions,
+            overdue_for,
+        });
         ctx.spawn(find.into_actor(self).map(|result, act, _| {
             act.sweeping = false;
             match result {

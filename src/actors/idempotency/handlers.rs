@@ -59,16 +59,21 @@ impl Handler<LoadPending> for IdempotencyActor {
 
 #[derive(Message)]
 #[rtype(result = "Result<Vec<String>, LedgerError>")]
-pub struct FindBrokersWithDueWork {
+pub struct FindBrokersWithOverdueWork {
     pub partitions: Vec<i32>,
+    pub overdue_for: Duration,
 }
 
-impl Handler<FindBrokersWithDueWork> for IdempotencyActor {
+impl Handler<FindBrokersWithOverdueWork> for IdempotencyActor {
     type Result = ResponseFuture<Result<Vec<String>, LedgerError>>;
 
-    fn handle(&mut self, msg: FindBrokersWithDueWork, _: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, msg: FindBrokersWithOverdueWork, _: &mut Self::Context) -> Self::Result {
         let ledger = self.ledger.clone();
-        Box::pin(async move { ledger.brokers_with_due_work(&msg.partitions).await })
+        Box::pin(async move {
+            ledger
+                .brokers_with_overdue_work(&msg.partitions, msg.overdue_for)
+                .await
+        })
     }
 }
 

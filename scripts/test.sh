@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh machine: bring up Postgres and Kafka, check formatting and
-# lints, then run every unit and integration test against the real services.
+# lints, run every unit and integration test against the real services, then a smoke run of the
+# benchmark harness (correctness only: nothing lost, nothing duplicated; no timing asserts).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/services.sh
 cargo fmt --all -- --check
 cargo clippy --all-targets --features fault-injection --quiet -- -D warnings
+cargo clippy -p webhook-delivery-bench --all-targets --quiet -- -D warnings
 cargo test --all-targets --features fault-injection
+cargo test -p webhook-delivery-bench --quiet
+scripts/bench.sh --smoke

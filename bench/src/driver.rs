@@ -1,0 +1,184 @@
+//! `webhook-delivery-bench run`: every chosen scenario, the service then the baseline, then the
+//! table, the lag CSV and chart, and (with `--smoke`) the correctness verdict.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::error::{describe, BenchError};
+use crate::report::{
+    correctness_failures, lag_csv, lag_series, lag_svg, markdown, parse_lag_csv, verdicts,
+    LagSeries, RunResult,
+};
+use crate::run::{run_one, BenchContext};
+use crate::scenario::{Scenario, ScenarioName, System};
+
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// A tiny version of each scenario that checks correctness only (0 lost, 0 duplicates for
+    /// the service) and fails otherwise.
+    #[arg(long)]
+    pub smoke: bool,
+    /// Scenarios to run (repeatable); all of them by default.
+    #[arg(long, value_enum)]
+    pub scenario: Vec<ScenarioName>,
+    /// Only this system (default: each scenario's systems, service first).
+    #[arg(long, value_enum)]
+    pub system: Option<System>,
+    /// Where latest.md, lag.csv and lag.svg go (`--smoke` writes into its `smoke/` folder).
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/results"))]
+    pub results_dir: PathBuf,
+    /// The service's config directory (config/base.toml).
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../config"))]
+    pub config_dir: PathBuf,
+}
+
+/// Runs everything; `Ok(false)` when `--smoke` found a correctness violation or a run failed.
+pub async fn run(args: RunArgs) -> Result<bool, BenchError> {
+    let mut names = if args.scenario.is_empty() {
+        ScenarioName::ALL.to_vec()
+    } else {
+        args.scenario.clone()
+    };
+    names.sort_unstable();
+    names.dedup();
+    let out_dir = if args.smoke {
+        args.results_dir.join("smoke")
+    } else {
+        args.results_dir.clone()
+    };
+    let logs_dir = out_dir.join("logs");
+    std::fs::create_dir_all(&logs_dir)
+        .map_err(|e| BenchError::io(format!("creating {}", logs_dir.display()), e))?;
+    let context = BenchContext {
+        run_id: crate::event::now_micros().to_string()[4..12].to_owned(),
+        config_dir: args.config_dir.clone(),
+        logs_dir,
+        settle: Duration::from_secs(if args.smoke { 1 } else { 3 }),
+    };
+
+    let mut results: Vec<RunResult> = Vec::new();
+    let mut failures: Vec<String> = Vec::new();
+    let mut descriptions = Vec::new();
+    for name in names {
+        let scenario = Scenario::new(name, args.smoke);
+        descriptions.push(format!(
+            "- **{}**: {}; {}; deadline {} s.",
+            name.as_str(),
+            scenario.describe_brokers(),
+            scenario.workload.describe(),
+            scenario.deadline.as_secs()
+        ));
+        let systems = scenario
+            .systems
+            .iter()
+            .copied()
+            .filter(|s| args.system.is_none_or(|only| only == *s));
+        for system in systems {
+            eprintln!("bench: {} / {}", name.as_str(), system.as_str());
+            match run_one(&context, &scenario, system).await {
+                Ok(result) => {
+                    let f = &result.figures;
+                    eprintln!(
+                        "bench:   delivered {}/{} ({:.0}/s), {} duplicates, {} lost{}",
+                        f.delivered,
+                        f.expected,
+                        f.deliveries_per_sec,
+                        f.duplicates,
+                        f.lost,
+                        if result.completed {
+                            ""
+                        } else {
+                            ", deadline reached"
+                        }
+                    );
+                    results.push(result);
+                }
+                Err(error) => {
+                    let message = format!(
+                        "{} / {}: {}",
+                        name.as_str(),
+                        system.as_str(),
+                        describe(&error)
+                    );
+                    eprintln!("bench:   FAILED {message}");
+                    failures.push(message);
+                }
+            }
+        }
+    }
+
+    let verdicts = if args.smoke {
+        Vec::new()
+    } else {
+        verdicts(&results)
+    };
+    let heading = format!(
+        "## webhook-delivery benchmark ({}), run {}\n\n{} cores, shared by the system under test, Postgres, Tansu, the receivers and the producer.\n\n{}",
+        if args.smoke { "smoke" } else { "full" },
+        context.run_id,
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        descriptions.join("\n")
+    );
+    let mut md = markdown(&results, &verdicts, &heading);
+    let correctness = correctness_failures(&results);
+    if args.smoke {
+        md.push_str(&format!(
+            "\nSmoke correctness (service: 0 lost, 0 duplicates): {}\n",
+            if correctness.is_empty() && failures.is_empty() {
+                "passed"
+            } else {
+                "FAILED"
+            }
+        ));
+    }
+    for message in correctness.iter().chain(&failures) {
+        md.push_str(&format!("\n- FAILED: {message}"));
+    }
+    let missed: Vec<&str> = verdicts
+        .iter()
+        .filter(|v| v.met == Some(false))
+        .map(|v| v.target.as_str())
+        .collect();
+    if !missed.is_empty() {
+        md.push_str(&format!("\nTargets MISSED: {}.\n", missed.join("; ")));
+    }
+    write(&out_dir.join("latest.md"), &md)?;
+    write(&out_dir.join("lag.csv"), &lag_csv(&results))?;
+    write(&out_dir.join("lag.svg"), &lag_svg(&lag_series(&results)))?;
+    println!("{md}");
+    eprintln!(
+        "bench: wrote {} (table), lag.csv and lag.svg",
+        out_dir.join("latest.md").display()
+    );
+    Ok(failures.is_empty() && (!args.smoke || correctness.is_empty()))
+}
+
+fn write(path: &Path, text: &str) -> Result<(), BenchError> {
+    std::fs::write(path, text).map_err(|e| BenchError::io(format!("writing {}", path.display()), e))
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ChartArgs {
+    /// A lag.csv written by `run`.
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/results/lag.csv"))]
+    pub csv: PathBuf,
+    /// Where to draw the chart.
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/results/lag.svg"))]
+    pub svg: PathBuf,
+}
+
+/// Redraws the lag chart from a run's CSV (after a change to the drawing, without re-running).
+pub fn chart(args: &ChartArgs) -> Result<(), BenchError> {
+    let csv = std::fs::read_to_string(&args.csv)
+        .map_err(|e| BenchError::io(format!("reading {}", args.csv.display()), e))?;
+    let parsed = parse_lag_csv(&csv);
+    let series: Vec<LagSeries<'_>> = parsed
+        .iter()
+        .map(|(scenario, system, points)| LagSeries {
+            scenario: *scenario,
+            system: *system,
+            points,
+        })
+        .collect();
+    write(&args.svg, &lag_svg(&series))
+}

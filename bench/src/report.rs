@@ -1,0 +1,673 @@
+//! The results as people read them: a markdown table, the verdict on each target, the lag
+//! series as CSV and a hand-drawn SVG chart. Pure string building.
+
+use std::fmt::Write;
+
+use crate::analysis::Figures;
+use crate::cpu::CpuShare;
+use crate::scenario::{ScenarioName, System};
+
+/// One system's run of one scenario.
+#[derive(Debug, Clone)]
+pub struct RunResult {
+    pub scenario: ScenarioName,
+    pub system: System,
+    pub figures: Figures,
+    /// Every expected pair arrived before the deadline.
+    pub completed: bool,
+    /// Cores busy per component while the system worked.
+    pub cpu: CpuShare,
+    pub deadline_secs: u64,
+    /// Highest produce rate of the scenario (events/s), for rate workloads.
+    pub peak_rate: Option<u32>,
+    /// (seconds since the run's clock start, total lag)
+    pub lag_series: Vec<(f64, i64)>,
+}
+
+impl RunResult {
+    fn label(&self) -> String {
+        format!("{} / {}", self.scenario.as_str(), self.system.as_str())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Verdict {
+    pub target: String,
+    pub measured: String,
+    /// `None` when it could not be judged (a scenario not run).
+    pub met: Option<bool>,
+}
+
+fn find(results: &[RunResult], scenario: ScenarioName, system: System) -> Option<&RunResult> {
+    results
+        .iter()
+        .find(|r| r.scenario == scenario && r.system == system)
+}
+
+fn int(value: u64) -> String {
+    let digits = value.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn signed(value: Option<i64>) -> String {
+    match value {
+        Some(v) if v < 0 => format!("-{}", int(v.unsigned_abs())),
+        Some(v) => int(v as u64),
+        None => "n/a".into(),
+    }
+}
+
+fn ms(value: Option<f64>) -> String {
+    match value {
+        Some(v) if v >= 100.0 => format!("{v:.0}"),
+        Some(v) => format!("{v:.1}"),
+        None => "n/a".into(),
+    }
+}
+
+/// The service's targets, judged on the service's runs.
+pub fn verdicts(results: &[RunResult]) -> Vec<Verdict> {
+    let service = |scenario| find(results, scenario, System::Service);
+    let not_run = |target: &str| Verdict {
+        target: target.into(),
+        measured: "scenario not run".into(),
+        met: None,
+    };
+    let mut verdicts = Vec::new();
+    let healthy_p99 = service(ScenarioName::Healthy)
+        .and_then(|r| r.figures.latency)
+        .map(|l| l.p99_ms);
+    match service(ScenarioName::Healthy) {
+        Some(run) => {
+            let f = &run.figures;
+            verdicts.push(Verdict {
+                target: "healthy: >= 10,000 deliveries/s sustained".into(),
+                measured: format!("{} deliveries/s", int(f.deliveries_per_sec as u64)),
+                met: Some(f.deliveries_per_sec >= 10_000.0 && run.completed),
+            });
+            verdicts.push(Verdict {
+                target: "healthy: p99 < 250 ms".into(),
+                measured: format!("p99 {} ms", ms(healthy_p99)),
+                met: Some(healthy_p99.is_some_and(|p99| p99 < 250.0)),
+            });
+        }
+        None => {
+            verdicts.push(not_run("healthy: >= 10,000 deliveries/s sustained"));
+            verdicts.push(not_run("healthy: p99 < 250 ms"));
+        }
+    }
+    match service(ScenarioName::Incident) {
+        Some(run) => {
+            let f = &run.figures;
+            let p99 = f.latency.map(|l| l.p99_ms);
+            verdicts.push(Verdict {
+                target: "incident: healthy brokers' p99 within 1.5x of healthy".into(),
+                measured: match (p99, healthy_p99) {
+                    (Some(p99), Some(healthy)) => {
+                        format!(
+                            "p99 {} ms = {:.2}x healthy's {} ms",
+                            ms(Some(p99)),
+                            p99 / healthy,
+                            ms(Some(healthy))
+                        )
+                    }
+                    _ => format!("p99 {} ms (healthy not run)", ms(p99)),
+                },
+                met: match (p99, healthy_p99) {
+                    (Some(p99), Some(healthy)) => Some(p99 <= 1.5 * healthy),
+                    _ => None,
+                },
+            });
+            // Bounded: never more than 3 s of peak production behind, and back to 0 at the end.
+            let bound = run.peak_rate.map(|rate| 3 * i64::from(rate));
+            verdicts.push(Verdict {
+                target: "incident: lag bounded (max <= 3 s of peak production, 0 at the end)"
+                    .into(),
+                measured: format!(
+                    "max {} (bound {}), end {}",
+                    signed(f.max_lag),
+                    signed(bound),
+                    signed(f.end_lag)
+                ),
+                met: Some(
+                    f.max_lag
+                        .zip(bound)
+                        .is_some_and(|(max, bound)| max <= bound)
+                        && f.end_lag == Some(0),
+                ),
+            });
+            verdicts.push(Verdict {
+                target: "incident: 0 duplicates".into(),
+                measured: int(f.duplicates),
+                met: Some(f.duplicates == 0),
+            });
+            verdicts.push(Verdict {
+                target: "incident: 0 lost".into(),
+                measured: int(f.lost),
+                met: Some(f.lost == 0),
+            });
+        }
+        None => {
+            for target in [
+                "incident: healthy brokers' p99 within 1.5x of healthy",
+                "incident: lag bounded",
+                "incident: 0 duplicates",
+                "incident: 0 lost",
+            ] {
+                verdicts.push(not_run(target));
+            }
+        }
+    }
+    match service(ScenarioName::Backlog) {
+        Some(run) => verdicts.push(Verdict {
+            target: format!(
+                "backlog: {} events x 3 brokers delivered in < 15 s",
+                int(run.figures.events as u64)
+            ),
+            measured: match run.figures.drain_secs {
+                Some(secs) => format!("{secs:.1} s"),
+                None => format!("not drained within {} s", run.deadline_secs),
+            },
+            met: Some(run.figures.drain_secs.is_some_and(|secs| secs < 15.0)),
+        }),
+        None => verdicts.push(not_run(
+            "backlog: 42,000 events x 3 brokers delivered in < 15 s",
+        )),
+    }
+    match service(ScenarioName::Memory) {
+        Some(run) => verdicts.push(Verdict {
+            target: format!(
+                "memory: peak RSS < 256 MB with a {}-event backlog",
+                int(run.figures.events as u64)
+            ),
+            measured: match run.figures.peak_rss_mib {
+                Some(mib) => format!("{:.0} MB", mib * 1.048_576),
+                None => "n/a".into(),
+            },
+            met: run.figures.peak_rss_mib.map(|mib| mib * 1.048_576 < 256.0),
+        }),
+        None => verdicts.push(not_run(
+            "memory: peak RSS < 256 MB with a 100,000-event backlog",
+        )),
+    }
+    verdicts
+}
+
+/// Correctness only (smoke): every service run delivered everything exactly once.
+pub fn correctness_failures(results: &[RunResult]) -> Vec<String> {
+    results
+        .iter()
+        .filter(|r| r.system == System::Service)
+        .filter_map(|r| {
+            let f = &r.figures;
+            let mut problems = Vec::new();
+            if f.lost > 0 {
+                problems.push(format!("{} lost", f.lost));
+            }
+            if f.duplicates > 0 {
+                problems.push(format!("{} duplicates", f.duplicates));
+            }
+            if f.expected == 0 {
+                problems.push("nothing was expected (no event produced?)".into());
+            }
+            (!problems.is_empty()).then(|| format!("{}: {}", r.label(), problems.join(", ")))
+        })
+        .collect()
+}
+
+pub fn markdown(results: &[RunResult], verdicts: &[Verdict], heading: &str) -> String {
+    let mut md = String::new();
+    let _ = writeln!(md, "{heading}\n");
+    md.push_str(
+        "| scenario | system | events | deliveries expected | delivered | deliveries/s | p50 ms | p99 ms | max ms | max lag | lag at end | drain s | duplicates | lost | peak RSS MB |\n",
+    );
+    md.push_str("|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n");
+    for run in results {
+        let f = &run.figures;
+        let lost = if f.lost > 0 && f.lost_unconsumed > 0 {
+            format!(
+                "{} ({} never consumed)",
+                int(f.lost),
+                int(f.lost_unconsumed)
+            )
+        } else {
+            int(f.lost)
+        };
+        let drain = match f.drain_secs {
+            Some(secs) => format!("{secs:.1}"),
+            None => format!("not in {} s", run.deadline_secs),
+        };
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            run.scenario.as_str(),
+            run.system.as_str(),
+            int(f.events as u64),
+            int(f.expected),
+            int(f.delivered),
+            int(f.deliveries_per_sec as u64),
+            ms(f.latency.map(|l| l.p50_ms)),
+            ms(f.latency.map(|l| l.p99_ms)),
+            ms(f.latency.map(|l| l.max_ms)),
+            signed(f.max_lag),
+            signed(f.end_lag),
+            drain,
+            int(f.duplicates),
+            lost,
+            f.peak_rss_mib
+                .map(|mib| format!("{:.0}", mib * 1.048_576))
+                .unwrap_or_else(|| "n/a".into()),
+        );
+    }
+    if !results.is_empty() {
+        md.push_str("\nWhere the cores went while the system worked (average cores busy, from the clock start until the last delivery or the deadline; Tansu is shared with anything else running):\n\n");
+        md.push_str("| scenario | system | system under test | postgres (its backends + shared) | tansu | receivers + producer + sampler | total |\n");
+        md.push_str("|---|---|--:|--:|--:|--:|--:|\n");
+        for run in results {
+            let c = &run.cpu;
+            let _ = writeln!(
+                md,
+                "| {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
+                run.scenario.as_str(),
+                run.system.as_str(),
+                c.system,
+                c.postgres,
+                c.tansu,
+                c.harness,
+                c.system + c.postgres + c.tansu + c.harness
+            );
+        }
+    }
+    md.push_str(concat!(
+        "\nLost: expected (event, broker) pairs not received by a broker that does not time out by the end of the run ",
+        "(all delivered, or the deadline). Never consumed: the event's offset was not yet committed when the run ended. ",
+        "Still in the ledger: the service still holds the delivery (pending or dead), so it is late, not forgotten.\n",
+    ));
+    let ratios = ratio_rows(results);
+    if !ratios.is_empty() {
+        md.push_str(
+            "\nService / baseline (below 1 is better for p99, max lag, drain and RSS):\n\n",
+        );
+        md.push_str("| scenario | deliveries/s | p99 | max lag | drain | peak RSS | duplicates (service vs baseline) | lost (service vs baseline) |\n");
+        md.push_str("|---|--:|--:|--:|--:|--:|--:|--:|\n");
+        md.push_str(&ratios);
+    }
+    if !verdicts.is_empty() {
+        md.push_str("\nTargets (service):\n\n| target | measured | verdict |\n|---|---|---|\n");
+        for v in verdicts {
+            let verdict = match v.met {
+                Some(true) => "met",
+                Some(false) => "**MISSED**",
+                None => "not judged",
+            };
+            let _ = writeln!(md, "| {} | {} | {} |", v.target, v.measured, verdict);
+        }
+    }
+    md
+}
+
+fn ratio(service: Option<f64>, baseline: Option<f64>) -> String {
+    match (service, baseline) {
+        (Some(s), Some(b)) if b > 0.0 => {
+            let r = s / b;
+            if r >= 10.0 {
+                format!("{r:.0}x")
+            } else if r >= 0.1 {
+                format!("{r:.2}x")
+            } else {
+                format!("{r:.3}x")
+            }
+        }
+        _ => "n/a".into(),
+    }
+}
+
+fn ratio_rows(results: &[RunResult]) -> String {
+    let mut rows = String::new();
+    for scenario in ScenarioName::ALL {
+        let (Some(s), Some(b)) = (
+            find(results, scenario, System::Service),
+            find(results, scenario, System::Baseline),
+        ) else {
+            continue;
+        };
+        let (fs, fb) = (&s.figures, &b.figures);
+        let drain = match (fs.drain_secs, fb.drain_secs) {
+            (Some(_), None) => format!("baseline not drained in {} s", b.deadline_secs),
+            (service, baseline) => ratio(service, baseline),
+        };
+        let _ = writeln!(
+            rows,
+            "| {} | {} | {} | {} | {} | {} | {} vs {} | {} vs {} |",
+            scenario.as_str(),
+            ratio(Some(fs.deliveries_per_sec), Some(fb.deliveries_per_sec)),
+            ratio(fs.latency.map(|l| l.p99_ms), fb.latency.map(|l| l.p99_ms)),
+            ratio(fs.max_lag.map(|l| l as f64), fb.max_lag.map(|l| l as f64)),
+            drain,
+            ratio(fs.peak_rss_mib, fb.peak_rss_mib),
+            int(fs.duplicates),
+            int(fb.duplicates),
+            int(fs.lost),
+            int(fb.lost),
+        );
+    }
+    rows
+}
+
+pub fn lag_csv(results: &[RunResult]) -> String {
+    let mut csv = String::from("scenario,system,seconds,lag\n");
+    for run in results {
+        for (secs, lag) in &run.lag_series {
+            let _ = writeln!(
+                csv,
+                "{},{},{secs:.3},{lag}",
+                run.scenario.as_str(),
+                run.system.as_str()
+            );
+        }
+    }
+    csv
+}
+
+const PANEL_WIDTH: f64 = 880.0;
+const PANEL_HEIGHT: f64 = 200.0;
+const MARGIN_LEFT: f64 = 80.0;
+const MARGIN_TOP: f64 = 40.0;
+const PANEL_GAP: f64 = 70.0;
+
+fn colour(system: System) -> &'static str {
+    match system {
+        System::Service => "#1f77b4",
+        System::Baseline => "#d62728",
+    }
+}
+
+/// A round axis maximum at or above `value` (1, 2 or 5 times a power of ten).
+fn nice_ceiling(value: f64) -> f64 {
+    if value <= 0.0 {
+        return 1.0;
+    }
+    let power = 10f64.powf(value.log10().floor());
+    [1.0, 2.0, 5.0, 10.0]
+        .iter()
+        .map(|m| m * power)
+        .find(|&c| c >= value)
+        .unwrap_or(10.0 * power)
+}
+
+/// One system's lag over one scenario: (seconds since the run's clock start, total lag).
+pub struct LagSeries<'a> {
+    pub scenario: ScenarioName,
+    pub system: System,
+    pub points: &'a [(f64, i64)],
+}
+
+pub fn lag_series(results: &[RunResult]) -> Vec<LagSeries<'_>> {
+    results
+        .iter()
+        .map(|r| LagSeries {
+            scenario: r.scenario,
+            system: r.system,
+            points: &r.lag_series,
+        })
+        .collect()
+}
+
+/// One series read back from a CSV: (scenario, system, points).
+pub type OwnedLagSeries = (ScenarioName, System, Vec<(f64, i64)>);
+
+/// Reads back what `lag_csv` wrote, in file order.
+pub fn parse_lag_csv(csv: &str) -> Vec<OwnedLagSeries> {
+    use clap::ValueEnum;
+    let mut series: Vec<OwnedLagSeries> = Vec::new();
+    for line in csv.lines().skip(1) {
+        let fields: Vec<&str> = line.split(',').collect();
+        let [scenario, system, secs, lag] = fields[..] else {
+            continue;
+        };
+        let (Ok(scenario), Ok(system), Ok(secs), Ok(lag)) = (
+            ScenarioName::from_str(scenario, true),
+            System::from_str(system, true),
+            secs.parse::<f64>(),
+            lag.parse::<i64>(),
+        ) else {
+            continue;
+        };
+        match series.last_mut() {
+            Some(last) if last.0 == scenario && last.1 == system => last.2.push((secs, lag)),
+            _ => series.push((scenario, system, vec![(secs, lag)])),
+        }
+    }
+    series
+}
+
+/// An axis label: whole numbers without decimals, others with one.
+fn axis_label(value: f64) -> String {
+    if value.fract() == 0.0 {
+        format!("{value:.0}")
+    } else {
+        format!("{value:.1}")
+    }
+}
+
+/// One panel per scenario: total consumer lag against seconds since the run's clock start,
+/// one polyline per system.
+pub fn lag_svg(results: &[LagSeries<'_>]) -> String {
+    let scenarios: Vec<ScenarioName> = ScenarioName::ALL
+        .into_iter()
+        .filter(|s| results.iter().any(|r| r.scenario == *s))
+        .collect();
+    let width = MARGIN_LEFT + PANEL_WIDTH + 40.0;
+    let height = MARGIN_TOP + scenarios.len() as f64 * (PANEL_HEIGHT + PANEL_GAP);
+    let mut svg = String::new();
+    let _ = writeln!(
+        svg,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0}" height="{height:.0}" viewBox="0 0 {width:.0} {height:.0}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = writeln!(svg, r#"<rect width="100%" height="100%" fill="white"/>"#);
+    let _ = writeln!(
+        svg,
+        r#"<text x="{MARGIN_LEFT}" y="22" font-size="16">Consumer lag (messages behind, all partitions), sampled every 500 ms</text>"#
+    );
+    for (panel, scenario) in scenarios.iter().enumerate() {
+        let runs: Vec<&LagSeries<'_>> =
+            results.iter().filter(|r| r.scenario == *scenario).collect();
+        let top = MARGIN_TOP + panel as f64 * (PANEL_HEIGHT + PANEL_GAP) + 20.0;
+        let bottom = top + PANEL_HEIGHT;
+        let max_secs = nice_ceiling(
+            runs.iter()
+                .flat_map(|r| r.points.iter().map(|p| p.0))
+                .fold(0.0, f64::max),
+        );
+        let max_lag = nice_ceiling(
+            runs.iter()
+                .flat_map(|r| r.points.iter().map(|p| p.1 as f64))
+                .fold(0.0, f64::max),
+        );
+        let x = |secs: f64| MARGIN_LEFT + secs / max_secs * PANEL_WIDTH;
+        let y = |lag: f64| bottom - lag / max_lag * PANEL_HEIGHT;
+        let _ = writeln!(
+            svg,
+            r#"<text x="{MARGIN_LEFT}" y="{:.0}" font-size="14" font-weight="bold">{}</text>"#,
+            top - 8.0,
+            scenario.as_str()
+        );
+        for tick in 0..=4 {
+            let fraction = f64::from(tick) / 4.0;
+            let (tx, ty) = (x(fraction * max_secs), y(fraction * max_lag));
+            let _ = writeln!(
+                svg,
+                r##"<line x1="{MARGIN_LEFT}" y1="{ty:.1}" x2="{:.1}" y2="{ty:.1}" stroke="#ddd"/><text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"##,
+                MARGIN_LEFT + PANEL_WIDTH,
+                MARGIN_LEFT - 6.0,
+                ty + 4.0,
+                int((fraction * max_lag) as u64)
+            );
+            let _ = writeln!(
+                svg,
+                r#"<text x="{tx:.1}" y="{:.1}" text-anchor="middle">{} s</text>"#,
+                bottom + 16.0,
+                axis_label(fraction * max_secs)
+            );
+        }
+        let _ = writeln!(
+            svg,
+            r#"<polyline points="{MARGIN_LEFT},{top:.1} {MARGIN_LEFT},{bottom:.1} {:.1},{bottom:.1}" fill="none" stroke="black"/>"#,
+            MARGIN_LEFT + PANEL_WIDTH
+        );
+        for (line, run) in runs.iter().enumerate() {
+            let points: Vec<String> = run
+                .points
+                .iter()
+                .map(|&(secs, lag)| format!("{:.1},{:.1}", x(secs), y(lag as f64)))
+                .collect();
+            let _ = writeln!(
+                svg,
+                r#"<polyline points="{}" fill="none" stroke="{}" stroke-width="2"/>"#,
+                points.join(" "),
+                colour(run.system)
+            );
+            let legend_x = MARGIN_LEFT + PANEL_WIDTH - 160.0;
+            let legend_y = top + 14.0 + line as f64 * 16.0;
+            let _ = writeln!(
+                svg,
+                r#"<line x1="{legend_x:.1}" y1="{:.1}" x2="{:.1}" y2="{:.1}" stroke="{}" stroke-width="3"/><text x="{:.1}" y="{legend_y:.1}">{}</text>"#,
+                legend_y - 4.0,
+                legend_x + 20.0,
+                legend_y - 4.0,
+                colour(run.system),
+                legend_x + 26.0,
+                run.system.as_str()
+            );
+        }
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::analysis::Latency;
+
+    fn run(scenario: ScenarioName, system: System, dps: f64, p99: f64) -> RunResult {
+        RunResult {
+            scenario,
+            system,
+            figures: Figures {
+                events: 42_000,
+                expected: 126_000,
+                delivered: 126_000,
+                deliveries_per_sec: dps,
+                latency: Some(Latency {
+                    p50_ms: p99 / 4.0,
+                    p99_ms: p99,
+                    max_ms: p99 * 2.0,
+                }),
+                max_lag: Some(900),
+                end_lag: Some(0),
+                drain_secs: Some(12.5),
+                duplicates: 0,
+                lost: 0,
+                lost_unconsumed: 0,
+                undelivered_in_ledger: None,
+                requests: 126_000,
+                peak_rss_mib: Some(100.0),
+            },
+            completed: true,
+            cpu: CpuShare::default(),
+            deadline_secs: 60,
+            peak_rate: Some(3_000),
+            lag_series: vec![(0.0, 0), (0.5, 900), (1.0, 0)],
+        }
+    }
+
+    #[test]
+    fn thousands_are_separated() {
+        assert_eq!(int(0), "0");
+        assert_eq!(int(999), "999");
+        assert_eq!(int(1_000), "1,000");
+        assert_eq!(int(1_234_567), "1,234,567");
+    }
+
+    #[test]
+    fn targets_are_judged_on_the_service() {
+        let results = [
+            run(ScenarioName::Healthy, System::Service, 10_500.0, 100.0),
+            run(ScenarioName::Healthy, System::Baseline, 900.0, 30_000.0),
+            run(ScenarioName::Incident, System::Service, 9_000.0, 160.0),
+            run(ScenarioName::Backlog, System::Service, 10_080.0, 5_000.0),
+        ];
+        let verdicts = verdicts(&results);
+        let met = |prefix: &str| {
+            verdicts
+                .iter()
+                .find(|v| v.target.starts_with(prefix))
+                .unwrap()
+                .met
+        };
+        assert_eq!(met("healthy: >="), Some(true));
+        assert_eq!(met("healthy: p99"), Some(true));
+        // 160 ms > 1.5 x 100 ms.
+        assert_eq!(met("incident: healthy brokers"), Some(false));
+        assert_eq!(met("incident: lag"), Some(true));
+        assert_eq!(met("backlog"), Some(true));
+        assert_eq!(met("memory"), None);
+        let md = markdown(&results, &verdicts, "## Results");
+        assert!(
+            md.contains("| healthy | service | 42,000 | 126,000 | 126,000 | 10,500 |"),
+            "{md}"
+        );
+        assert!(md.contains("| healthy | 12x | 0.003x |"), "{md}");
+        assert!(md.contains("**MISSED**"));
+    }
+
+    #[test]
+    fn smoke_flags_loss_and_duplicates_of_the_service_only() {
+        let mut service = run(ScenarioName::Backlog, System::Service, 1.0, 1.0);
+        let mut baseline = run(ScenarioName::Backlog, System::Baseline, 1.0, 1.0);
+        baseline.figures.duplicates = 5;
+        assert!(correctness_failures(&[service.clone(), baseline.clone()]).is_empty());
+        service.figures.lost = 2;
+        assert_eq!(
+            correctness_failures(&[service, baseline]),
+            vec!["backlog / service: 2 lost".to_owned()]
+        );
+    }
+
+    #[test]
+    fn the_chart_has_a_line_per_run_and_the_csv_a_row_per_point() {
+        let results = [
+            run(ScenarioName::Healthy, System::Service, 1.0, 1.0),
+            run(ScenarioName::Healthy, System::Baseline, 1.0, 1.0),
+        ];
+        let svg = lag_svg(&lag_series(&results));
+        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+        assert_eq!(svg.matches(r#"stroke-width="2""#).count(), 2);
+        let csv = lag_csv(&results);
+        assert_eq!(csv.lines().count(), 1 + 6);
+        let parsed = parse_lag_csv(&csv);
+        assert_eq!(parsed.len(), 2);
+        assert_eq!(
+            parsed[1],
+            (
+                ScenarioName::Healthy,
+                System::Baseline,
+                vec![(0.0, 0), (0.5, 900), (1.0, 0)]
+            )
+        );
+        assert_eq!(
+            (axis_label(12.5), axis_label(25.0)),
+            ("12.5".to_owned(), "25".to_owned())
+        );
+        assert_eq!(nice_ceiling(900.0), 1000.0);
+        assert_eq!(nice_ceiling(1_100.0), 2000.0);
+    }
+}

@@ -1,0 +1,321 @@
+//! One system's run of one scenario: fresh world, receivers, production, the system under test
+//! in its own process, lag sampling, then the figures.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use webhook_delivery::config::KafkaSettings;
+use webhook_delivery::offsets::partition_offsets;
+
+use crate::analysis::{analyse, Observations};
+use crate::cpu::{CpuShare, CpuSnapshot};
+use crate::error::BenchError;
+use crate::event::{now_micros, WARMUP_LOAD};
+use crate::lag::{LagPoint, LagSampler};
+use crate::producer::{EventProducer, Production};
+use crate::report::RunResult;
+use crate::scenario::{BrokerClass, Scenario, System, Workload, PARTITIONS};
+use crate::settings::{write_and_load, REQUEST_TIMEOUT_MS};
+use crate::sink::Sink;
+use crate::sut::{SutLaunch, SutProcess};
+use crate::world::World;
+
+const WARMUP_TIMEOUT: Duration = Duration::from_secs(60);
+const POLL_EVERY: Duration = Duration::from_millis(100);
+
+/// What every run of one bench invocation shares.
+pub struct BenchContext {
+    pub run_id: String,
+    pub config_dir: PathBuf,
+    /// Per-run settings files and the systems' logs.
+    pub logs_dir: PathBuf,
+    /// After everything expected arrived, wait this long for late duplicates.
+    pub settle: Duration,
+}
+
+/// What happened while the system ran, before the receivers' log is read.
+struct Exercised {
+    production: Production,
+    committed: HashMap<i32, i64>,
+    clock_start_micros: u64,
+    completed: bool,
+    peak_rss_kib: Option<u64>,
+    /// Cores busy per component from the clock start until everything arrived (or the deadline).
+    cpu: CpuShare,
+}
+
+pub async fn run_one(
+    context: &BenchContext,
+    scenario: &Scenario,
+    system: System,
+) -> Result<RunResult, BenchError> {
+    let label = format!(
+        "{}_{}_{}",
+        context.run_id,
+        scenario.name.as_str(),
+        system.as_str()
+    );
+    // Hanging brokers hold a request past both systems' 5 s timeout.
+    let hold = Duration::from_millis(REQUEST_TIMEOUT_MS) + Duration::from_secs(1);
+    let sink = Sink::start(&scenario.brokers, hold)?;
+    let world = match World::create(&label, PARTITIONS).await {
+        Ok(world) => world,
+        Err(error) => {
+            sink.stop().await;
+            return Err(error);
+        }
+    };
+    let mut lag = Vec::new();
+    let exercised = exercise(context, scenario, system, &sink, &world, &label, &mut lag).await;
+    let requests = sink.stop().await;
+    let undelivered = match system {
+        System::Service => {
+            let counted: Vec<String> = (0..scenario.brokers.len())
+                .filter(|&b| scenario.brokers[b].class() != BrokerClass::Hanging)
+                .map(crate::world::broker_id)
+                .collect();
+            world.undelivered(&counted).await.ok()
+        }
+        System::Baseline => None,
+    };
+    world.teardown().await;
+    let exercised = exercised?;
+
+    let mut figures = analyse(&Observations {
+        events: &exercised.production.events,
+        subscribers: &|load| scenario.subscribers(load),
+        classes: &scenario.classes(),
+        requests: &requests,
+        committed: &exercised.committed,
+        clock_start_micros: exercised.clock_start_micros,
+        lag: &lag,
+        peak_rss_kib: exercised.peak_rss_kib,
+    });
+    figures.undelivered_in_ledger = undelivered;
+    let lag_series = lag
+        .iter()
+        .filter(|p| p.at_micros >= exercised.clock_start_micros)
+        .map(|p| {
+            let secs = (p.at_micros - exercised.clock_start_micros) as f64 / 1e6;
+            (secs, p.lag)
+        })
+        .collect();
+    Ok(RunResult {
+        scenario: scenario.name,
+        system,
+        figures,
+        completed: exercised.completed,
+        cpu: exercised.cpu,
+        deadline_secs: scenario.deadline.as_secs(),
+        peak_rate: scenario.workload.peak_rate(),
+        lag_series,
+    })
+}
+
+async fn exercise(
+    context: &BenchContext,
+    scenario: &Scenario,
+    system: System,
+    sink: &Sink,
+    world: &World,
+    label: &str,
+    lag: &mut Vec<LagPoint>,
+) -> Result<Exercised, BenchError> {
+    let urls: Vec<String> = (0..=scenario.brokers.len())
+        .map(|broker| sink.url(broker as u16))
+        .collect();
+    let subscriptions: Vec<(u16, u32)> = (0..scenario.loads)
+        .flat_map(|load| {
+            scenario
+                .subscribers(load)
+                .into_iter()
+                .map(move |broker| (broker, load))
+        })
+        .collect();
+    world.seed(&urls, &subscriptions).await?;
+    let (settings, settings_file) = write_and_load(
+        world,
+        &context.config_dir,
+        context.logs_dir.join(format!("{label}.toml")),
+    )?;
+
+    let mut producer = EventProducer::new(&world.topic, scenario.loads)?;
+    if let Workload::Backlog { events } = scenario.workload {
+        eprintln!("bench:   producing a backlog of {events} events");
+        producer = blocking(move || {
+            producer.produce_backlog(events)?;
+            producer.flush_partitions(PARTITIONS)?;
+            Ok(producer)
+        })
+        .await?;
+    }
+
+    let production_secs: u64 = match &scenario.workload {
+        Workload::Rate(phases) => phases.iter().map(|p| p.duration.as_secs()).sum(),
+        Workload::Backlog { .. } => 0,
+    };
+    let max_lifetime = WARMUP_TIMEOUT
+        + Duration::from_secs(production_secs + 30)
+        + scenario.deadline
+        + context.settle;
+    let log_file = context.logs_dir.join(format!(
+        "{}-{}.log",
+        scenario.name.as_str(),
+        system.as_str()
+    ));
+    let mut sut = SutProcess::spawn(SutLaunch {
+        system,
+        settings_file: &settings_file,
+        config_dir: &context.config_dir,
+        log_file: &log_file,
+        max_lifetime,
+    })?;
+    let sampler = LagSampler::start(settings.kafka.clone());
+
+    let outcome = drive(
+        context,
+        scenario,
+        sink,
+        &mut sut,
+        producer,
+        &settings.kafka,
+        &world.db_name,
+    )
+    .await;
+    let status = sut.stop().await;
+    lag.extend(sampler.stop().await);
+    if outcome.is_err() {
+        eprintln!(
+            "bench:   {} stopped ({status}); its log: {}",
+            system.as_str(),
+            log_file.display()
+        );
+    }
+    outcome
+}
+
+async fn drive(
+    context: &BenchContext,
+    scenario: &Scenario,
+    sink: &Sink,
+    sut: &mut SutProcess,
+    mut producer: EventProducer,
+    kafka: &KafkaSettings,
+    db_name: &str,
+) -> Result<Exercised, BenchError> {
+    let mut cpu_start = CpuSnapshot::take(sut.pid(), db_name);
+    let clock_start_micros = match &scenario.workload {
+        Workload::Backlog { .. } => sut.started_micros,
+        Workload::Rate(phases) => {
+            producer = warm_up(producer, sink, sut).await?;
+            eprintln!(
+                "bench:   consuming after {:.1} s; producing {}",
+                sut.started.elapsed().as_secs_f64(),
+                scenario.workload.describe()
+            );
+            cpu_start = CpuSnapshot::take(sut.pid(), db_name);
+            let start = now_micros();
+            let phases = phases.clone();
+            producer = blocking(move || {
+                producer.produce_at_rate(&phases)?;
+                producer.flush_partitions(PARTITIONS)?;
+                Ok(producer)
+            })
+            .await?;
+            start
+        }
+    };
+    let production = blocking(move || Ok(producer.finish())).await?;
+    if production.failed > 0 {
+        eprintln!(
+            "bench:   {} events were not acknowledged by Kafka (left out of the results)",
+            production.failed
+        );
+    }
+    let classes = scenario.classes();
+    let expected: u64 = production
+        .events
+        .iter()
+        .map(|event| {
+            scenario
+                .subscribers(event.load)
+                .iter()
+                .filter(|&&b| classes[b as usize] != BrokerClass::Hanging)
+                .count() as u64
+        })
+        .sum();
+
+    let deadline = Instant::now()
+        + scenario.deadline.saturating_sub(Duration::from_micros(
+            now_micros().saturating_sub(clock_start_micros),
+        ));
+    let mut completed = false;
+    while Instant::now() < deadline {
+        if sink.delivered() >= expected {
+            completed = true;
+            break;
+        }
+        if let Some(status) = sut.exited() {
+            return Err(BenchError::Service(format!(
+                "exited during the run ({status})"
+            )));
+        }
+        tokio::time::sleep(POLL_EVERY).await;
+    }
+    let cpu = cpu_start.share_until(&CpuSnapshot::take(sut.pid(), db_name));
+    tokio::time::sleep(context.settle).await;
+
+    let kafka = kafka.clone();
+    let committed = blocking(move || Ok(partition_offsets(&kafka, Duration::from_secs(5))?))
+        .await?
+        .into_iter()
+        .filter_map(|p| Some((p.partition, p.committed?)))
+        .collect();
+    Ok(Exercised {
+        production,
+        committed,
+        clock_start_micros,
+        completed,
+        peak_rss_kib: sut.peak_rss_kib(),
+        cpu,
+    })
+}
+
+/// Produces the warm-up event and waits until the warm-up broker receives it: the system is
+/// then consuming, and the rate clock can start.
+async fn warm_up(
+    producer: EventProducer,
+    sink: &Sink,
+    sut: &mut SutProcess,
+) -> Result<EventProducer, BenchError> {
+    let producer = blocking(move || {
+        producer.send_marker("warmup", WARMUP_LOAD, None)?;
+        Ok(producer)
+    })
+    .await?;
+    let give_up = Instant::now() + WARMUP_TIMEOUT;
+    while !sink.warmed_up() {
+        if let Some(status) = sut.exited() {
+            return Err(BenchError::Service(format!(
+                "exited before consuming ({status})"
+            )));
+        }
+        if Instant::now() > give_up {
+            return Err(BenchError::Timeout(format!(
+                "the warm-up webhook did not arrive within {} s",
+                WARMUP_TIMEOUT.as_secs()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(producer)
+}
+
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, BenchError> + Send + 'static,
+) -> Result<T, BenchError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| BenchError::io("a blocking task panicked", std::io::Error::other(e)))?
+}

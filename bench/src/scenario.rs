@@ -1,0 +1,395 @@
+//! The scenarios: who the brokers are and how they behave, which loads they follow, and how
+//! events arrive. Full sizes are what the targets are about; `--smoke` sizes only check
+//! correctness and finish in seconds.
+
+use std::time::Duration;
+
+/// How one broker's endpoint answers (the receiver applies it per request).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Behaviour {
+    /// Added before every answer.
+    pub latency: Duration,
+    /// Share of requests answered 500.
+    pub error_rate: f64,
+    /// Share of requests answered 429 with `Retry-After: retry_after_secs`.
+    pub throttle_rate: f64,
+    pub retry_after_secs: u32,
+    /// Never answers within any client's timeout.
+    pub hangs: bool,
+}
+
+impl Behaviour {
+    pub fn healthy() -> Behaviour {
+        Behaviour {
+            latency: Duration::ZERO,
+            error_rate: 0.0,
+            throttle_rate: 0.0,
+            retry_after_secs: 0,
+            hangs: false,
+        }
+    }
+
+    pub fn failing(error_rate: f64) -> Behaviour {
+        Behaviour {
+            error_rate,
+            ..Behaviour::healthy()
+        }
+    }
+
+    pub fn throttling(throttle_rate: f64, retry_after_secs: u32) -> Behaviour {
+        Behaviour {
+            throttle_rate,
+            retry_after_secs,
+            ..Behaviour::healthy()
+        }
+    }
+
+    pub fn hanging() -> Behaviour {
+        Behaviour {
+            hangs: true,
+            ..Behaviour::healthy()
+        }
+    }
+
+    pub fn class(&self) -> BrokerClass {
+        if self.hangs {
+            BrokerClass::Hanging
+        } else if self.error_rate > 0.0 || self.throttle_rate > 0.0 {
+            BrokerClass::Flaky
+        } else {
+            BrokerClass::Healthy
+        }
+    }
+}
+
+/// How a broker counts in the results.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BrokerClass {
+    /// Answers 2xx at once (or after its latency): its deliveries count for latency.
+    Healthy,
+    /// Sometimes answers 5xx/429: every delivery must still arrive (retries), latency not counted.
+    Flaky,
+    /// Never answers in time: excluded from loss (nothing can be delivered to it).
+    Hanging,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
+pub enum ScenarioName {
+    Healthy,
+    Incident,
+    Backlog,
+    Memory,
+}
+
+impl ScenarioName {
+    pub const ALL: [ScenarioName; 4] = [
+        ScenarioName::Healthy,
+        ScenarioName::Incident,
+        ScenarioName::Backlog,
+        ScenarioName::Memory,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ScenarioName::Healthy => "healthy",
+            ScenarioName::Incident => "incident",
+            ScenarioName::Backlog => "backlog",
+            ScenarioName::Memory => "memory",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
+pub enum System {
+    /// webhook-delivery, this repository's service.
+    Service,
+    /// The original inline consumer (src/baseline.rs).
+    Baseline,
+}
+
+impl System {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            System::Service => "service",
+            System::Baseline => "baseline",
+        }
+    }
+}
+
+/// A stretch of steady production.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Phase {
+    pub events_per_sec: u32,
+    pub duration: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Workload {
+    /// Produced while the system runs, phase after phase.
+    Rate(Vec<Phase>),
+    /// Already in the topic when the system starts.
+    Backlog { events: u32 },
+}
+
+impl Workload {
+    pub fn events(&self) -> u64 {
+        match self {
+            Workload::Rate(phases) => phases
+                .iter()
+                .map(|p| (f64::from(p.events_per_sec) * p.duration.as_secs_f64()).round() as u64)
+                .sum(),
+            Workload::Backlog { events } => u64::from(*events),
+        }
+    }
+
+    pub fn peak_rate(&self) -> Option<u32> {
+        match self {
+            Workload::Rate(phases) => phases.iter().map(|p| p.events_per_sec).max(),
+            Workload::Backlog { .. } => None,
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            Workload::Rate(phases) => format!(
+                "{} events produced at {}",
+                self.events(),
+                phases
+                    .iter()
+                    .map(|p| format!("{}/s for {} s", p.events_per_sec, p.duration.as_secs()))
+                    .collect::<Vec<_>>()
+                    .join(", then ")
+            ),
+            Workload::Backlog { events } => format!("{events} events already in the topic"),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Scenario {
+    pub name: ScenarioName,
+    /// One entry per broker, by index.
+    pub brokers: Vec<Behaviour>,
+    pub loads: u32,
+    pub subscribers_per_load: u32,
+    pub workload: Workload,
+    /// The run ends this long after its clock starts (production start, or system start for a
+    /// backlog), delivered or not.
+    pub deadline: Duration,
+    pub systems: Vec<System>,
+}
+
+pub const PARTITIONS: i32 = 6;
+
+impl Scenario {
+    pub fn new(name: ScenarioName, smoke: bool) -> Scenario {
+        let secs = Duration::from_secs;
+        let both = vec![System::Service, System::Baseline];
+        match (name, smoke) {
+            (ScenarioName::Healthy, false) => Scenario {
+                name,
+                brokers: vec![Behaviour::healthy(); 20],
+                loads: 3_000,
+                subscribers_per_load: 3,
+                // 3,500 events/s x 3 subscribers = 10,500 deliveries/s offered.
+                workload: Workload::Rate(vec![Phase {
+                    events_per_sec: 3_500,
+                    duration: secs(20),
+                }]),
+                deadline: secs(90),
+                systems: both,
+            },
+            (ScenarioName::Incident, false) => Scenario {
+                name,
+                brokers: incident_brokers(20, 0.2),
+                loads: 3_000,
+                subscribers_per_load: 3,
+                workload: Workload::Rate(vec![
+                    Phase {
+                        events_per_sec: 1_000,
+                        duration: secs(10),
+                    },
+                    Phase {
+                        events_per_sec: 3_000,
+                        duration: secs(10),
+                    },
+                    Phase {
+                        events_per_sec: 1_000,
+                        duration: secs(10),
+                    },
+                ]),
+                deadline: secs(90),
+                systems: both,
+            },
+            (ScenarioName::Backlog, false) => Scenario {
+                name,
+                brokers: vec![Behaviour::healthy(); 20],
+                loads: 3_000,
+                subscribers_per_load: 3,
+                workload: Workload::Backlog { events: 42_000 },
+                deadline: secs(90),
+                systems: both,
+            },
+            (ScenarioName::Memory, false) => Scenario {
+                name,
+                brokers: vec![Behaviour::healthy(); 20],
+                loads: 3_000,
+                subscribers_per_load: 3,
+                workload: Workload::Backlog { events: 100_000 },
+                deadline: secs(180),
+                systems: both,
+            },
+            // Smoke: a few hundred events; the baseline only where it finishes quickly.
+            (ScenarioName::Healthy, true) => Scenario {
+                name,
+                brokers: vec![Behaviour::healthy(); 4],
+                loads: 40,
+                subscribers_per_load: 3,
+                workload: Workload::Rate(vec![Phase {
+                    events_per_sec: 200,
+                    duration: secs(2),
+                }]),
+                deadline: secs(20),
+                systems: both,
+            },
+            (ScenarioName::Incident, true) => Scenario {
+                name,
+                brokers: incident_brokers(6, 0.1),
+                loads: 40,
+                subscribers_per_load: 3,
+                workload: Workload::Rate(vec![
+                    Phase {
+                        events_per_sec: 100,
+                        duration: secs(1),
+                    },
+                    Phase {
+                        events_per_sec: 300,
+                        duration: secs(1),
+                    },
+                    Phase {
+                        events_per_sec: 100,
+                        duration: secs(1),
+                    },
+                ]),
+                // Retries back off 1, 2, 4, 8 s: an unlucky delivery to a 5xx broker needs ~15 s.
+                deadline: secs(60),
+                systems: vec![System::Service],
+            },
+            (ScenarioName::Backlog, true) => Scenario {
+                name,
+                brokers: vec![Behaviour::healthy(); 4],
+                loads: 40,
+                subscribers_per_load: 3,
+                workload: Workload::Backlog { events: 400 },
+                deadline: secs(20),
+                systems: vec![System::Service],
+            },
+            (ScenarioName::Memory, true) => Scenario {
+                name,
+                brokers: vec![Behaviour::healthy(); 4],
+                loads: 40,
+                subscribers_per_load: 3,
+                workload: Workload::Backlog { events: 600 },
+                deadline: secs(20),
+                systems: vec![System::Service],
+            },
+        }
+    }
+
+    /// The brokers subscribed to `load`: `subscribers_per_load` distinct ones, spread evenly.
+    pub fn subscribers(&self, load: u32) -> Vec<u16> {
+        let brokers = self.brokers.len() as u32;
+        let per_load = self.subscribers_per_load.min(brokers);
+        let stride = (brokers / per_load.max(1)).max(1);
+        (0..per_load)
+            .map(|k| ((load + k * stride) % brokers) as u16)
+            .collect()
+    }
+
+    pub fn classes(&self) -> Vec<BrokerClass> {
+        self.brokers.iter().map(Behaviour::class).collect()
+    }
+
+    pub fn describe_brokers(&self) -> String {
+        let count = |class| self.classes().iter().filter(|&&c| c == class).count();
+        let (healthy, flaky, hanging) = (
+            count(BrokerClass::Healthy),
+            count(BrokerClass::Flaky),
+            count(BrokerClass::Hanging),
+        );
+        let mut text = format!("{} brokers ({healthy} healthy", self.brokers.len());
+        if flaky > 0 {
+            text.push_str(&format!(", {flaky} answering some 5xx/429"));
+        }
+        if hanging > 0 {
+            text.push_str(&format!(", {hanging} timing out"));
+        }
+        text.push_str(&format!(
+            "), {} loads x {} subscribers",
+            self.loads, self.subscribers_per_load
+        ));
+        text
+    }
+}
+
+/// 10 % of brokers time out, two answer `error_rate` 5xx, one answers half that share 429
+/// (Retry-After: 1); the rest are healthy. The smoke uses a lower rate: at 20 %, a 5xx broker's
+/// breaker sometimes trips and its open period doubles after failed probes (5, 10, 20 s...),
+/// which is realistic but makes a correctness check slow.
+fn incident_brokers(count: usize, error_rate: f64) -> Vec<Behaviour> {
+    let hanging = (count / 10).max(1);
+    (0..count)
+        .map(|index| match index {
+            i if i < hanging => Behaviour::hanging(),
+            i if i < hanging + 2 => Behaviour::failing(error_rate),
+            i if i == hanging + 2 => Behaviour::throttling(error_rate / 2.0, 1),
+            _ => Behaviour::healthy(),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_load_has_distinct_subscribers() {
+        for name in ScenarioName::ALL {
+            for smoke in [false, true] {
+                let scenario = Scenario::new(name, smoke);
+                for load in 0..scenario.loads {
+                    let mut subscribers = scenario.subscribers(load);
+                    subscribers.sort_unstable();
+                    subscribers.dedup();
+                    assert_eq!(subscribers.len(), 3, "{name:?} smoke={smoke} load {load}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_incident_has_ten_percent_hanging_brokers_and_a_three_fold_surge() {
+        let scenario = Scenario::new(ScenarioName::Incident, false);
+        let hanging = scenario
+            .classes()
+            .iter()
+            .filter(|&&c| c == BrokerClass::Hanging)
+            .count();
+        assert_eq!(hanging, 2);
+        let Workload::Rate(phases) = &scenario.workload else {
+            panic!("rate workload")
+        };
+        assert_eq!(phases[1].events_per_sec, 3 * phases[0].events_per_sec);
+        assert_eq!(scenario.workload.events(), 50_000);
+    }
+
+    #[test]
+    fn the_backlog_is_42_000_events() {
+        assert_eq!(
+            Scenario::new(ScenarioName::Backlog, false)
+                .workload
+                .events(),
+            42_000
+        );
+    }
+}

@@ -80,6 +80,14 @@ impl<T> LoadQueues<T> {
         self.lanes.contains_key(load)
     }
 
+    /// The (partition, offset) of the newest delivery held for `load`.
+    pub fn last_order(&self, load: &str) -> Option<(i32, i64)> {
+        self.lanes
+            .get(load)
+            .and_then(|lane| lane.entries.back())
+            .map(|entry| entry.order)
+    }
+
     pub fn known_ids(&self) -> Vec<i64> {
         self.ids.iter().copied().collect()
     }
@@ -297,6 +305,15 @@ mod tests {
         let mut ids = q.known_ids();
         ids.sort();
         assert_eq!(ids, vec![1, 2]);
+    }
+
+    #[test]
+    fn last_order_is_the_newest_entry_of_the_lane() {
+        let mut q = queue();
+        assert_eq!(q.last_order("L1"), None);
+        q.insert(2, "L1", (0, 20), None, "b");
+        q.insert(1, "L1", (0, 10), None, "a");
+        assert_eq!(q.last_order("L1"), Some((0, 20)));
     }
 
     #[test]

@@ -97,12 +97,13 @@ pub struct PendingDelivery {
     pub payload: Bytes,
 }
 
-/// A delivery created by a claim. `has_pending_predecessor` says an earlier delivery of the same
-/// (broker, load) was still pending when it was claimed, so it must not overtake that one.
+/// A delivery created by a claim. `pending_predecessor_offset` is the offset of the newest
+/// earlier delivery of the same (broker, load) that was still pending when it was claimed: it
+/// must not be sent before that one.
 #[derive(Debug, Clone)]
 pub struct ClaimedDelivery {
     pub delivery: PendingDelivery,
-    pub has_pending_predecessor: bool,
+    pub pending_predecessor_offset: Option<i64>,
 }
 
 #[derive(Debug, Clone)]
@@ -238,11 +239,11 @@ impl Ledger {
                      ON CONFLICT (idempotency_key, broker_id) DO NOTHING
                      RETURNING delivery_id, idempotency_key, broker_id, load_id, kafka_offset
                  )
-                 -- The EXISTS sees the ledger as it was before this statement: earlier pending rows only.
+                 -- The subquery sees the ledger as it was before this statement: earlier rows only.
                  SELECT n.delivery_id, n.idempotency_key, n.broker_id, n.load_id, n.kafka_offset,
-                        EXISTS (SELECT 1 FROM deliveries p
-                                WHERE p.broker_id = n.broker_id AND p.load_id = n.load_id
-                                  AND p.state = 'pending') AS has_pending_predecessor
+                        (SELECT max(p.kafka_offset) FROM deliveries p
+                         WHERE p.broker_id = n.broker_id AND p.load_id = n.load_id
+                           AND p.state = 'pending') AS pending_predecessor_offset
                  FROM inserted n
                  ORDER BY n.kafka_offset, n.broker_id",
             )
@@ -276,7 +277,7 @@ impl Ledger {
                         due_in: Duration::ZERO,
                         payload: event.payload.clone(),
                     },
-                    has_pending_predecessor: row.get(5),
+                    pending_predecessor_offset: row.get(5),
                 }
             })
             .collect())
@@ -322,7 +323,12 @@ impl Ledger {
         exclude: &[i64],
         limit: usize,
     ) -> Result<Vec<PendingDelivery>, LedgerError> {
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        // The held rows are skipped here rather than in SQL: `NOT (id = ANY(...))` with a full
+        // mailbox's worth of ids turns the ordered index walk into a scan and sort of the whole
+        // backlog. Of the first `limit + held` rows in offset order at most `held` are held, so
+        // what remains is still every unheld row below one offset: a per-load prefix.
+        let held: std::collections::HashSet<i64> = exclude.iter().copied().collect();
+        let fetch = i64::try_from(limit + held.len()).unwrap_or(i64::MAX);
         let client = self.client().await?;
         let statement = client
             .prepare_cached(
@@ -330,17 +336,18 @@ impl Ledger {
                         d.attempts, GREATEST(0, (EXTRACT(EPOCH FROM (d.next_attempt_at - now())) * 1000))::int8,
                         e.payload, e.event_id
                  FROM deliveries d JOIN events e ON e.idempotency_key = d.idempotency_key
-                 WHERE d.broker_id = $1 AND d.state = 'pending'
-                   AND d.kafka_partition = ANY($2) AND NOT (d.delivery_id = ANY($3))
+                 WHERE d.broker_id = $1 AND d.state = 'pending' AND d.kafka_partition = ANY($2)
                  ORDER BY d.kafka_offset
-                 LIMIT $4",
+                 LIMIT $3",
             )
             .await?;
         let rows = client
-            .query(&statement, &[&broker_id, &partitions, &exclude, &limit])
+            .query(&statement, &[&broker_id, &partitions, &fetch])
             .await?;
         Ok(rows
             .iter()
+            .filter(|row| !held.contains(&row.get::<_, i64>(0)))
+            .take(limit)
             .map(|row| PendingDelivery {
                 delivery_id: row.get(0),
                 key: IdempotencyKey::from_stored(row.get(1)),

@@ -147,3 +147,49 @@ async fn during_a_secret_rotation_every_active_secret_signs() {
             .expect("each secret verifies on its own (standardwebhooks crate)");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn order_holds_when_most_deliveries_wait_in_the_ledger() {
+    let env = TestEnv::new(2).await;
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_delay(Duration::from_millis(30)))
+        .mount(&server)
+        .await;
+    env.add_broker("b1", &server.uri()).await;
+    let loads = ["L1", "L2", "L3", "L4"];
+    for load in loads {
+        env.subscribe("b1", load).await;
+    }
+    for step in 0..6 {
+        for load in loads {
+            env.produce_event(Some(&format!("{load}-{step}")), load, &format!("s{step}"))
+                .await;
+        }
+    }
+    let mut settings = env.settings();
+    // Room for 3 of the 24 deliveries: the rest overflow to the ledger and are loaded later.
+    settings.delivery.mailbox_capacity = 3;
+    let app = spawn_app(settings);
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            env.count("SELECT count(*) FROM deliveries WHERE state = 'delivered'")
+                .await
+                == 24
+        })
+        .await
+    );
+    app.stop().await;
+    let requests = received(&server).await;
+    assert_eq!(requests.len(), 24, "each delivery exactly once");
+    for load in loads {
+        let statuses: Vec<String> = requests
+            .iter()
+            .map(|r| serde_json::from_slice::<serde_json::Value>(&r.body).unwrap())
+            .filter(|body| body["loadId"] == load)
+            .map(|body| body["status"].as_str().unwrap().to_owned())
+            .collect();
+        let expected: Vec<String> = (0..6).map(|step| format!("s{step}")).collect();
+        assert_eq!(statuses, expected, "{load} in order");
+    }
+}

@@ -20,30 +20,36 @@ impl Handler<Deliver> for DeliveryActor {
 }
 
 impl DeliveryActor {
+    /// The fast path. A lane holds every pending delivery of its load up to its newest entry
+    /// (lanes are filled in offset order, from claims and from ledger loads), so a new delivery
+    /// may join only if its newest pending predecessor is already held. Otherwise it stays in the
+    /// ledger and a load picks it up behind its predecessors; other loads are not affected.
     fn accept(&mut self, claimed: Vec<ClaimedDelivery>, ctx: &mut <Self as actix::Actor>::Context) {
         for claimed in claimed {
-            // While the ledger holds deliveries we have not loaded, new ones must come from the
-            // ledger too, behind them, or they could overtake an earlier event of their load.
-            if self.ledger_has_more {
-                continue;
-            }
             let delivery = claimed.delivery;
-            if claimed.has_pending_predecessor && !self.lanes.has_load(&delivery.load_id) {
-                self.ledger_has_more = true;
+            let predecessor_held = match claimed.pending_predecessor_offset {
+                None => true,
+                Some(offset) => self
+                    .lanes
+                    .last_order(&delivery.load_id)
+                    .is_some_and(|(_, last)| last >= offset),
+            };
+            if !predecessor_held {
+                self.want_ledger_load();
                 continue;
             }
             let (id, order) = (delivery.delivery_id, (delivery.partition, delivery.offset));
             let load_id = delivery.load_id.clone();
             if self.lanes.insert(id, &load_id, order, None, delivery) == Inserted::Full {
-                self.ledger_has_more = true;
+                self.want_ledger_load();
             }
         }
         self.dispatch(ctx);
     }
 }
 
-/// The ledger may hold pending deliveries that are not in memory (mailbox was full, a lease was
-/// acquired, or the sweep found due retries).
+/// The ledger may hold pending deliveries that are not in memory (the mailbox was full, a lease
+/// was acquired, or the sweep found overdue work).
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct LedgerHasMore;
@@ -52,7 +58,7 @@ impl Handler<LedgerHasMore> for DeliveryActor {
     type Result = ();
 
     fn handle(&mut self, _: LedgerHasMore, ctx: &mut Self::Context) {
-        self.ledger_has_more = true;
+        self.want_ledger_load();
         self.guarded(ctx, "dispatch", Self::dispatch);
     }
 }

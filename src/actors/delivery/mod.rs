@@ -153,8 +153,10 @@ pub struct DeliveryActor {
     breaker: CircuitBreaker,
     /// Attempts started whose outcome is not yet saved.
     in_flight: usize,
-    /// Pending deliveries may exist in the ledger that are not in `lanes`.
-    ledger_has_more: bool,
+    /// Bumped whenever pending deliveries may exist in the ledger that are not in `lanes`.
+    ledger_load_wanted: u64,
+    /// The `ledger_load_wanted` value at the start of the last load that found everything.
+    ledger_load_done: u64,
     loading_from_ledger: bool,
     unsaved: Vec<UnsavedOutcome>,
     saving: bool,
@@ -182,7 +184,9 @@ impl DeliveryActor {
             endpoint: Endpoint::Unknown,
             lanes,
             in_flight: 0,
-            ledger_has_more: true,
+            // A new actor knows nothing yet: look in the ledger first.
+            ledger_load_wanted: 1,
+            ledger_load_done: 0,
             loading_from_ledger: false,
             unsaved: Vec::new(),
             saving: false,
@@ -533,9 +537,13 @@ impl DeliveryActor {
 
     /// Loads pending deliveries from the ledger when some may be missing from memory and at
     /// least half the lanes' capacity is free (or they are empty).
+    pub(super) fn want_ledger_load(&mut self) {
+        self.ledger_load_wanted += 1;
+    }
+
     fn load_from_ledger(&mut self, ctx: &mut Context<Self>) {
         let room = self.lanes.room();
-        if !self.ledger_has_more
+        if self.ledger_load_done >= self.ledger_load_wanted
             || self.loading_from_ledger
             || self.is_draining
             || (room < self.deps.settings.mailbox_capacity / 2 && !self.lanes.is_empty())
@@ -544,8 +552,10 @@ impl DeliveryActor {
             return;
         }
         let partitions = self.deps.leases.held(Instant::now());
+        let started_at = self.ledger_load_wanted;
         if partitions.is_empty() {
-            self.ledger_has_more = false;
+            // Nothing is ours to send; a lease acquisition asks again.
+            self.ledger_load_done = started_at;
             return;
         }
         self.loading_from_ledger = true;
@@ -566,8 +576,10 @@ impl DeliveryActor {
                 }
                 Err(_) => return,
             };
+            // Fewer rows than asked for: everything pending at the start of this load is held
+            // now. Anything wanted since then needs another load.
             if rows.len() < room {
-                act.ledger_has_more = false;
+                act.ledger_load_done = started_at;
             }
             let now = Instant::now();
             for row in rows {
@@ -713,7 +725,7 @@ impl actix::Supervised for DeliveryActor {
         self.lanes = LoadQueues::new(self.deps.settings.mailbox_capacity);
         self.endpoint = Endpoint::Unknown;
         self.in_flight = self.unsaved.len();
-        self.ledger_has_more = true;
+        self.want_ledger_load();
         self.loading_from_ledger = false;
         self.saving = false;
         self.wakeup = None;

@@ -51,7 +51,15 @@ pub struct LoadQueues<T> {
     waiting: BTreeSet<(Instant, String)>,
     ids: HashSet<i64>,
     capacity: usize,
+    /// Per load, the newest delivery that finished here (delivered or dead), for recently
+    /// active loads only (bounded, oldest forgotten first). See `covered_through`.
+    finished_through: HashMap<String, (i32, i64)>,
+    finished_order: VecDeque<String>,
 }
+
+/// How many loads' `finished_through` marks are kept. Forgetting one only costs a ledger load
+/// the next time that load's predecessor check fails.
+const FINISHED_MARKS: usize = 10_000;
 
 impl<T> LoadQueues<T> {
     pub fn new(capacity: usize) -> Self {
@@ -61,6 +69,8 @@ impl<T> LoadQueues<T> {
             waiting: BTreeSet::new(),
             ids: HashSet::new(),
             capacity,
+            finished_through: HashMap::new(),
+            finished_order: VecDeque::new(),
         }
     }
 
@@ -80,12 +90,31 @@ impl<T> LoadQueues<T> {
         self.lanes.contains_key(load)
     }
 
-    /// The (partition, offset) of the newest delivery held for `load`.
-    pub fn last_order(&self, load: &str) -> Option<(i32, i64)> {
-        self.lanes
+    /// Up to which (partition, offset) every pending delivery of `load` is accounted for here:
+    /// held in its lane, or finished by this actor. A new delivery of the load can join its lane
+    /// when its newest pending predecessor is at or below this.
+    pub fn covered_through(&self, load: &str) -> Option<(i32, i64)> {
+        let held = self
+            .lanes
             .get(load)
             .and_then(|lane| lane.entries.back())
-            .map(|entry| entry.order)
+            .map(|entry| entry.order);
+        held.max(self.finished_through.get(load).copied())
+    }
+
+    fn mark_finished(&mut self, load: &str, order: (i32, i64)) {
+        if self
+            .finished_through
+            .insert(load.to_owned(), order)
+            .is_none()
+        {
+            self.finished_order.push_back(load.to_owned());
+            if self.finished_order.len() > FINISHED_MARKS {
+                if let Some(oldest) = self.finished_order.pop_front() {
+                    self.finished_through.remove(&oldest);
+                }
+            }
+        }
     }
 
     pub fn known_ids(&self) -> Vec<i64> {
@@ -182,14 +211,18 @@ impl<T> LoadQueues<T> {
         };
         match finish {
             Finish::Done => {
-                if let Some(head) = lane.entries.pop_front() {
+                let finished = lane.entries.pop_front().map(|head| {
                     self.ids.remove(&head.id);
-                }
+                    head.order
+                });
                 if lane.entries.is_empty() {
                     self.lanes.remove(load);
                 } else {
                     lane.state = LaneState::Ready;
                     self.ready.push_back(load.to_owned());
+                }
+                if let Some(order) = finished {
+                    self.mark_finished(load, order);
                 }
             }
             Finish::RetryAt(at) => {
@@ -209,6 +242,8 @@ impl<T> LoadQueues<T> {
 
     /// Forgets a whole lane that is not busy (its deliveries stay pending in the ledger).
     pub fn forget_lane(&mut self, load: &str) {
+        // Its pending deliveries are no longer held, so nothing is covered any more.
+        self.finished_through.remove(load);
         let Some(lane) = self.lanes.remove(load) else {
             return;
         };
@@ -224,18 +259,23 @@ impl<T> LoadQueues<T> {
         }
     }
 
-    /// Forgets every lane not in flight whose head matches `predicate` (e.g. a revoked partition).
-    pub fn forget_lanes_where(&mut self, predicate: impl Fn(&T) -> bool) {
+    /// Forgets a revoked partition: every lane of it not in flight, and what was finished in it.
+    pub fn forget_partition(&mut self, partition: i32) {
         let doomed: Vec<String> = self
             .lanes
             .iter()
             .filter(|(_, lane)| lane.state != LaneState::Busy)
-            .filter(|(_, lane)| predicate(&lane.entries[0].item))
+            .filter(|(_, lane)| lane.entries[0].order.0 == partition)
             .map(|(load, _)| load.clone())
             .collect();
         for load in doomed {
             self.forget_lane(&load);
         }
+        self.finished_through
+            .retain(|_, (finished_partition, _)| *finished_partition != partition);
+        let finished = &self.finished_through;
+        self.finished_order
+            .retain(|load| finished.contains_key(load));
     }
 
     /// When the earliest waiting lane becomes ready, if any.
@@ -308,12 +348,25 @@ mod tests {
     }
 
     #[test]
-    fn last_order_is_the_newest_entry_of_the_lane() {
+    fn coverage_includes_held_and_finished_deliveries() {
         let mut q = queue();
-        assert_eq!(q.last_order("L1"), None);
+        let now = Instant::now();
+        assert_eq!(q.covered_through("L1"), None);
         q.insert(2, "L1", (0, 20), None, "b");
         q.insert(1, "L1", (0, 10), None, "a");
-        assert_eq!(q.last_order("L1"), Some((0, 20)));
+        assert_eq!(q.covered_through("L1"), Some((0, 20)));
+        for _ in 0..2 {
+            q.pop_ready(now);
+            q.finish("L1", Finish::Done);
+        }
+        assert!(!q.has_load("L1"));
+        assert_eq!(
+            q.covered_through("L1"),
+            Some((0, 20)),
+            "finished deliveries still count"
+        );
+        q.forget_lane("L1");
+        assert_eq!(q.covered_through("L1"), None);
     }
 
     #[test]
@@ -327,21 +380,33 @@ mod tests {
     }
 
     #[test]
-    fn forgetting_lanes_skips_busy_ones() {
+    fn forgetting_a_partition_keeps_lanes_in_flight() {
         let mut q = LoadQueues::new(10);
         let now = Instant::now();
-        q.insert(1, "L1", (0, 1), None, 0);
-        q.insert(2, "L2", (1, 1), None, 1);
-        q.insert(3, "L3", (1, 2), None, 1);
-        assert_eq!(q.pop_ready(now).map(|(_, i)| *i), Some(0));
-        q.insert(4, "L1", (0, 2), None, 1);
-        q.forget_lanes_where(|partition| *partition == 1);
-        assert!(
-            q.has_load("L1"),
-            "busy lane kept even though its tail matches"
-        );
-        assert!(!q.has_load("L2") && !q.has_load("L3"));
-        assert_eq!(q.len(), 2);
-        assert_eq!(q.pop_ready(now), None);
+        q.insert(1, "L1", (1, 1), None, "in flight");
+        q.insert(2, "L2", (1, 2), None, "queued");
+        q.insert(3, "L3", (0, 1), None, "other partition");
+        assert_eq!(q.pop_ready(now).map(|(_, i)| *i), Some("in flight"));
+        q.insert(4, "L1", (1, 3), None, "behind the one in flight");
+        q.forget_partition(1);
+        assert!(q.has_load("L1"), "a lane in flight is kept");
+        assert!(!q.has_load("L2"));
+        assert!(q.has_load("L3"));
+        assert_eq!(q.len(), 3);
+    }
+
+    #[test]
+    fn forgetting_a_partition_forgets_what_finished_in_it() {
+        let mut q = LoadQueues::new(10);
+        let now = Instant::now();
+        q.insert(1, "L1", (1, 5), None, ());
+        q.insert(2, "L2", (0, 5), None, ());
+        for _ in 0..2 {
+            let (load, _) = q.pop_ready(now).unwrap();
+            q.finish(&load, Finish::Done);
+        }
+        q.forget_partition(1);
+        assert_eq!(q.covered_through("L1"), None);
+        assert_eq!(q.covered_through("L2"), Some((0, 5)));
     }
 }

@@ -16,6 +16,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "pending_by_offset",
         include_str!("../../sql/0003_pending_by_offset.sql"),
     ),
+    (
+        4,
+        "pending_by_load",
+        include_str!("../../sql/0004_pending_by_load.sql"),
+    ),
 ];
 
 /// Arbitrary but fixed: the key of the advisory lock that serializes migrations.

@@ -20,10 +20,11 @@ impl Handler<Deliver> for DeliveryActor {
 }
 
 impl DeliveryActor {
-    /// The fast path. A lane holds every pending delivery of its load up to its newest entry
-    /// (lanes are filled in offset order, from claims and from ledger loads), so a new delivery
-    /// may join only if its newest pending predecessor is already held. Otherwise it stays in the
-    /// ledger and a load picks it up behind its predecessors; other loads are not affected.
+    /// The fast path. Every pending delivery of a load up to `covered_through` is held here or
+    /// was finished here (lanes fill in offset order, from claims and from ledger loads), so a
+    /// new delivery may join only if its newest pending predecessor is covered. Otherwise it
+    /// stays in the ledger and a load picks it up behind its predecessors; other loads are not
+    /// affected.
     fn accept(&mut self, claimed: Vec<ClaimedDelivery>, ctx: &mut <Self as actix::Actor>::Context) {
         for claimed in claimed {
             let delivery = claimed.delivery;
@@ -31,8 +32,8 @@ impl DeliveryActor {
                 None => true,
                 Some(offset) => self
                     .lanes
-                    .last_order(&delivery.load_id)
-                    .is_some_and(|(_, last)| last >= offset),
+                    .covered_through(&delivery.load_id)
+                    .is_some_and(|(_, covered)| covered >= offset),
             };
             if !predecessor_held {
                 self.want_ledger_load();
@@ -74,8 +75,7 @@ impl Handler<ForgetPartition> for DeliveryActor {
     type Result = ();
 
     fn handle(&mut self, msg: ForgetPartition, _: &mut Self::Context) {
-        self.lanes
-            .forget_lanes_where(|delivery| delivery.partition == msg.partition);
+        self.lanes.forget_partition(msg.partition);
     }
 }
 

@@ -21,6 +21,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "pending_by_load",
         include_str!("../../sql/0004_pending_by_load.sql"),
     ),
+    (
+        5,
+        "attempt_indexes",
+        include_str!("../../sql/0005_attempt_indexes.sql"),
+    ),
 ];
 
 /// Arbitrary but fixed: the key of the advisory lock that serializes migrations.

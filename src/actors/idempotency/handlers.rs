@@ -92,18 +92,29 @@ impl Handler<LoadBroker> for IdempotencyActor {
     }
 }
 
+/// Attempt outcomes to write. Answers once they are committed (grouped with other brokers'
+/// outcomes into one statement); the error is the ledger's, as text.
 #[derive(Message)]
-#[rtype(result = "Result<(), LedgerError>")]
+#[rtype(result = "Result<(), String>")]
 pub struct RecordAttempts {
     pub records: Vec<AttemptRecord>,
 }
 
 impl Handler<RecordAttempts> for IdempotencyActor {
-    type Result = ResponseFuture<Result<(), LedgerError>>;
+    type Result = ResponseFuture<Result<(), String>>;
 
-    fn handle(&mut self, msg: RecordAttempts, _: &mut Self::Context) -> Self::Result {
-        let ledger = self.ledger.clone();
-        Box::pin(async move { ledger.record_attempts(&msg.records).await })
+    fn handle(&mut self, msg: RecordAttempts, ctx: &mut Self::Context) -> Self::Result {
+        let (saved, committed) = tokio::sync::oneshot::channel();
+        self.queued_outcomes.push(super::QueuedOutcomes {
+            records: msg.records,
+            saved,
+        });
+        self.write_outcomes(ctx);
+        Box::pin(async move {
+            committed
+                .await
+                .unwrap_or_else(|_| Err("the ledger actor stopped".to_owned()))
+        })
     }
 }
 

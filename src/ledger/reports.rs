@@ -203,10 +203,11 @@ impl Ledger {
                 "SELECT idempotency_key, event_id, load_id, status, topic, kafka_partition,
                         kafka_offset, consumed_at
                  FROM events
-                 WHERE event_id = $1 OR idempotency_key = $1
-                 ORDER BY (event_id = $1) IS TRUE DESC
+                 WHERE idempotency_key = $1 OR idempotency_key = $2
+                 ORDER BY (idempotency_key = $1) DESC
                  LIMIT 1",
-                &[&id],
+                // Both lookups are on the primary key: an eventId's key is derived from it.
+                &[&IdempotencyKey::from_event_id(id).as_str(), &id],
             )
             .await?
         else {

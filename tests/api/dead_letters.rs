@@ -1,23 +1,12 @@
 use std::time::Duration;
 
-use wiremock::matchers::method;
-use wiremock::{Mock, MockServer, ResponseTemplate};
-
 use crate::helpers::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_permanent_failure_is_dead_lettered_listed_and_replayed_with_the_same_webhook_id() {
     let env = TestEnv::new(1).await;
-    let receiver = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(400))
-        .up_to_n_times(1)
-        .mount(&receiver)
-        .await;
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(200))
-        .mount(&receiver)
-        .await;
+    let scripted = ScriptedReceiver::start(&[400, 200]).await;
+    let receiver = &scripted.server;
     env.add_broker("b1", &receiver.uri()).await;
     env.subscribe("b1", "L1").await;
     env.produce_event(Some("e1"), "L1", "matched").await;
@@ -32,7 +21,7 @@ async fn a_permanent_failure_is_dead_lettered_listed_and_replayed_with_the_same_
         })
         .await
     );
-    let first_id = header(&received(&receiver).await[0], "webhook-id").to_owned();
+    let first_id = header(&received(receiver).await[0], "webhook-id").to_owned();
     assert_eq!(
         env.count("SELECT count(*) FROM delivery_attempts").await,
         2,
@@ -78,7 +67,7 @@ async fn a_permanent_failure_is_dead_lettered_listed_and_replayed_with_the_same_
     );
     assert!(
         eventually(Duration::from_secs(15), || async {
-            received(&receiver).await.len() == 3
+            received(receiver).await.len() == 3
         })
         .await,
         "the running service sends the replayed delivery"
@@ -93,7 +82,7 @@ async fn a_permanent_failure_is_dead_lettered_listed_and_replayed_with_the_same_
     );
     app.stop().await;
     assert_eq!(
-        header(&received(&receiver).await[2], "webhook-id"),
+        header(&received(receiver).await[2], "webhook-id"),
         first_id
     );
     let empty = run_cli(&env, &["dead-letters", "list"]);

@@ -8,8 +8,6 @@ use chrono::{SecondsFormat, Utc};
 use serde_json::Value;
 use webhook_delivery::event::IdempotencyKey;
 use webhook_delivery::signing::webhook_id;
-use wiremock::matchers::method;
-use wiremock::{Mock, MockServer, ResponseTemplate};
 
 use crate::helpers::*;
 
@@ -253,16 +251,8 @@ async fn report_duplicates_lists_exactly_the_webhook_ids_delivered_more_than_onc
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn report_deliveries_tells_the_story_of_one_event() {
     let env = TestEnv::new(1).await;
-    let receiver = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(503))
-        .up_to_n_times(1)
-        .mount(&receiver)
-        .await;
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(200))
-        .mount(&receiver)
-        .await;
+    let scripted = ScriptedReceiver::start(&[503, 200]).await;
+    let receiver = &scripted.server;
     env.add_broker("b1", &receiver.uri()).await;
     env.subscribe("b1", "L1").await;
     env.produce_event(Some("e1"), "L1", "matched").await;
@@ -277,7 +267,7 @@ async fn report_deliveries_tells_the_story_of_one_event() {
         .await
     );
     app.stop().await;
-    let first_request = &received(&receiver).await[0];
+    let first_request = &received(receiver).await[0];
 
     let story: Value = serde_json::from_str(&stdout_of(run_cli(
         &env,

@@ -4,24 +4,41 @@
 use std::collections::HashSet;
 use std::sync::Mutex;
 
-static PANIC_ONCE: Mutex<Option<HashSet<String>>> = Mutex::new(None);
+static ARMED: Mutex<Option<HashSet<String>>> = Mutex::new(None);
 
 /// The next delivery attempt of this broker panics inside its DeliveryActor, once.
 pub fn panic_once_in_delivery(broker_id: &str) {
-    PANIC_ONCE
-        .lock()
-        .unwrap()
-        .get_or_insert_with(HashSet::new)
-        .insert(broker_id.to_owned());
+    arm(format!("delivery:{broker_id}"));
+}
+
+/// The next batch of this topic panics inside its PartitionActor, once.
+pub fn panic_once_in_partition(topic: &str) {
+    arm(format!("partition:{topic}"));
 }
 
 pub(crate) fn maybe_panic_in_delivery(broker_id: &str) {
-    let armed = PANIC_ONCE
+    fire(format!("delivery:{broker_id}"));
+}
+
+pub(crate) fn maybe_panic_in_partition(topic: &str) {
+    fire(format!("partition:{topic}"));
+}
+
+fn arm(site: String) {
+    ARMED
+        .lock()
+        .unwrap()
+        .get_or_insert_with(HashSet::new)
+        .insert(site);
+}
+
+fn fire(site: String) {
+    let armed = ARMED
         .lock()
         .unwrap()
         .as_mut()
-        .is_some_and(|set| set.remove(broker_id));
+        .is_some_and(|set| set.remove(&site));
     if armed {
-        panic!("injected fault in the delivery actor of {broker_id}");
+        panic!("injected fault at {site}");
     }
 }

@@ -24,7 +24,7 @@ use tokio::sync::oneshot;
 use crate::actors::partition_supervisor::{
     PartitionSupervisor, PartitionsAssigned, PartitionsRevoked, StrayMessage,
 };
-use crate::admin::Readiness;
+use crate::admin::Health;
 use crate::config::KafkaSettings;
 
 pub type EventConsumer = StreamConsumer<RebalanceContext>;
@@ -77,7 +77,7 @@ pub struct RebalanceContext {
     partitions: Addr<PartitionSupervisor>,
     revoke_drain_timeout: Duration,
     closing: AtomicBool,
-    readiness: Readiness,
+    health: Health,
 }
 
 impl ClientContext for RebalanceContext {}
@@ -124,7 +124,7 @@ impl ConsumerContext for RebalanceContext {
         let partitions = self.partitions_of(list);
         tracing::info!(topic = %self.topic, partitions = ?partitions, "partitions assigned");
         // Even an empty assignment means we are a member of the group.
-        self.readiness.mark_joined();
+        self.health.mark_joined();
         let Some(consumer) = self.consumer.get().and_then(Weak::upgrade) else {
             return;
         };
@@ -177,7 +177,7 @@ impl KafkaConsumer {
     pub fn start(
         settings: &KafkaSettings,
         partitions: Addr<PartitionSupervisor>,
-        readiness: Readiness,
+        health: Health,
     ) -> Result<KafkaConsumer, ConsumerError> {
         let config = client_config(settings);
         let topic = settings.topic.clone();
@@ -204,7 +204,7 @@ impl KafkaConsumer {
                         partitions: partitions.clone(),
                         revoke_drain_timeout,
                         closing: AtomicBool::new(false),
-                        readiness,
+                        health,
                     };
                     let consumer: Arc<EventConsumer> = match config.create_with_context(context) {
                         Ok(consumer) => Arc::new(consumer),

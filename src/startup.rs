@@ -13,7 +13,7 @@ use crate::actors::delivery_supervisor::{DeliverySupervisor, DrainDeliveries};
 use crate::actors::idempotency::IdempotencyActor;
 use crate::actors::partition::PartitionDeps;
 use crate::actors::partition_supervisor::{PartitionSupervisor, StopPartitions};
-use crate::admin::{self, AdminState, Readiness};
+use crate::admin::{self, AdminState, Health};
 use crate::config::Settings;
 use crate::kafka::{ConsumerError, KafkaConsumer};
 use crate::lease::LeaseBook;
@@ -92,7 +92,7 @@ impl Application {
             admin_listener,
         } = self;
         let metrics = Arc::new(Metrics::new());
-        let readiness = Readiness::default();
+        let health = Health::default();
         let leases = LeaseBook::default();
         let ledger_actor = IdempotencyActor::new(ledger.clone()).start();
         let deliveries = DeliverySupervisor::new(DeliveryDeps {
@@ -116,6 +116,7 @@ impl Application {
             max_message_bytes: settings.delivery.max_message_bytes,
             max_batch_messages: settings.kafka.max_batch_messages,
             metrics: metrics.clone(),
+            health: health.clone(),
         })
         .start();
         let admin_server = admin::serve(
@@ -124,7 +125,7 @@ impl Application {
                 ledger: ledger.clone(),
                 deliveries: deliveries.clone(),
                 metrics: metrics.clone(),
-                readiness: readiness.clone(),
+                health: health.clone(),
                 token: Some(settings.admin.token.clone()).filter(|t| !t.is_empty()),
             },
         )
@@ -140,7 +141,7 @@ impl Application {
             leases.clone(),
             metrics.clone(),
         ));
-        let consumer = KafkaConsumer::start(&settings.kafka, partitions.clone(), readiness)?;
+        let consumer = KafkaConsumer::start(&settings.kafka, partitions.clone(), health)?;
         tracing::info!(
             instance_id = %instance_id,
             topic = %settings.kafka.topic,

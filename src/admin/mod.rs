@@ -23,16 +23,34 @@ use crate::actors::delivery_supervisor::DeliverySupervisor;
 use crate::ledger::Ledger;
 use crate::metrics::Metrics;
 
-/// Set once the consumer has received its first assignment (it has joined the group).
+/// What `/readyz` and `/healthz` report: whether the consumer has joined its group, and whether
+/// something broke that only a restart mends (then both answer 503 and Kubernetes restarts the
+/// pod; nothing is lost, the ledger and the committed offsets carry over).
 #[derive(Clone, Default)]
-pub struct Readiness(Arc<AtomicBool>);
+pub struct Health {
+    joined: Arc<AtomicBool>,
+    broken: Arc<std::sync::Mutex<Option<String>>>,
+}
 
-impl Readiness {
+impl Health {
     pub fn mark_joined(&self) {
-        self.0.store(true, Ordering::SeqCst);
+        self.joined.store(true, Ordering::SeqCst);
     }
     pub fn joined(&self) -> bool {
-        self.0.load(Ordering::SeqCst)
+        self.joined.load(Ordering::SeqCst)
+    }
+    pub fn mark_broken(&self, reason: String) {
+        let mut broken = self
+            .broken
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        broken.get_or_insert(reason);
+    }
+    pub fn broken(&self) -> Option<String> {
+        self.broken
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 }
 
@@ -41,7 +59,7 @@ pub struct AdminState {
     pub ledger: Ledger,
     pub deliveries: Addr<DeliverySupervisor>,
     pub metrics: Arc<Metrics>,
-    pub readiness: Readiness,
+    pub health: Health,
     /// None: mutating routes are off.
     pub token: Option<String>,
 }

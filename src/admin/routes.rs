@@ -10,16 +10,25 @@ use super::AdminState;
 use crate::actors::delivery_supervisor::BrokerSnapshots;
 use crate::ledger::{ReplayOutcome, ReplaySelector};
 
-pub async fn healthz() -> HttpResponse {
-    HttpResponse::Ok().json(json!({"status": "ok"}))
+pub async fn healthz(state: web::Data<AdminState>) -> HttpResponse {
+    match state.health.broken() {
+        None => HttpResponse::Ok().json(json!({"status": "ok"})),
+        Some(reason) => {
+            HttpResponse::ServiceUnavailable().json(json!({"status": "broken", "reason": reason}))
+        }
+    }
 }
 
 pub async fn readyz(state: web::Data<AdminState>) -> HttpResponse {
     let database = tokio::time::timeout(Duration::from_secs(2), state.ledger.ping()).await;
+    if let Some(reason) = state.health.broken() {
+        return HttpResponse::ServiceUnavailable()
+            .json(json!({"status": "not ready", "reason": reason}));
+    }
     let reason = match database {
         Err(_) => Some("postgres did not answer within 2 s".to_owned()),
         Ok(Err(error)) => Some(format!("postgres: {error}")),
-        Ok(Ok(())) if !state.readiness.joined() => {
+        Ok(Ok(())) if !state.health.joined() => {
             Some("the Kafka consumer has not joined its group yet".to_owned())
         }
         Ok(Ok(())) => None,

@@ -81,10 +81,7 @@ async fn a_permanent_failure_is_dead_lettered_listed_and_replayed_with_the_same_
         .await
     );
     app.stop().await;
-    assert_eq!(
-        header(&received(receiver).await[2], "webhook-id"),
-        first_id
-    );
+    assert_eq!(header(&received(receiver).await[2], "webhook-id"), first_id);
     let empty = run_cli(&env, &["dead-letters", "list"]);
     assert!(String::from_utf8_lossy(&empty.stdout).contains("0 dead deliveries"));
 }

@@ -57,3 +57,61 @@ async fn a_panicking_delivery_actor_is_restarted_and_its_deliveries_complete() {
         .collect();
     assert_eq!(ids.len(), 5);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_actor_that_dies_fails_the_health_check_and_loses_nothing() {
+    let env = TestEnv::new(1).await;
+    let receiver = ok_receiver().await;
+    env.add_broker("b1", &receiver.uri()).await;
+    env.subscribe("b1", "L1").await;
+    env.produce_event(Some("e1"), "L1", "matched").await;
+    webhook_delivery::fault_injection::panic_once_in_partition(&env.topic);
+
+    let app = spawn_app(env.settings());
+    let http = reqwest::Client::new();
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            http.get(app.admin_url("/healthz"))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                == 503
+        })
+        .await,
+        "liveness fails so the orchestrator restarts the pod"
+    );
+    let body: serde_json::Value = http
+        .get(app.admin_url("/healthz"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(body["reason"]
+        .as_str()
+        .unwrap()
+        .contains("no longer consumed"));
+    assert_eq!(
+        logged(
+            "partition actor stopped unexpectedly; this partition is no longer consumed; /healthz now fails so the pod gets restarted",
+            &env.topic
+        )
+        .len(),
+        1
+    );
+    app.stop().await;
+    assert!(received(&receiver).await.is_empty());
+
+    // The "restarted pod": the event was never claimed, so its offset was never stored.
+    let restarted = spawn_app(env.settings());
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            received(&receiver).await.len() == 1
+        })
+        .await,
+        "the event is delivered after the restart"
+    );
+    restarted.stop().await;
+}

@@ -27,6 +27,8 @@ impl Handler<ProcessBatch> for PartitionActor {
     type Result = AtomicResponse<Self, ()>;
 
     fn handle(&mut self, msg: ProcessBatch, _: &mut Self::Context) -> Self::Result {
+        #[cfg(feature = "fault-injection")]
+        crate::fault_injection::maybe_panic_in_partition(&self.deps.topic);
         let topic = self.deps.topic.clone();
         let partition = self.partition;
         let Some(last_offset) = msg.messages.last().map(|m| m.offset()) else {

@@ -32,6 +32,7 @@ pub struct PartitionDeps {
     pub max_message_bytes: usize,
     pub max_batch_messages: usize,
     pub metrics: Arc<crate::metrics::Metrics>,
+    pub health: crate::admin::Health,
 }
 
 pub struct PartitionActor {
@@ -132,6 +133,11 @@ impl Actor for PartitionActor {
             ctx.address(),
             self.deps.max_batch_messages,
             stop_rx,
+            (
+                self.deps.topic.clone(),
+                self.partition,
+                self.deps.health.clone(),
+            ),
         ));
         self.renew_lease(ctx);
         ctx.run_interval(self.deps.lease / 4, Self::renew_lease);
@@ -150,6 +156,7 @@ async fn read_batches(
     actor: Addr<PartitionActor>,
     max_batch: usize,
     mut stop: oneshot::Receiver<()>,
+    (topic, partition, health): (String, i32, crate::admin::Health),
 ) {
     loop {
         let first = tokio::select! {
@@ -175,6 +182,20 @@ async fn read_batches(
             }
         }
         if actor.send(ProcessBatch { messages }).await.is_err() {
+            // Revoked and stopped: fine. Gone without being told to stop (a panic in its
+            // handler): nothing reads this partition any more. Say so loudly and fail the health
+            // check so the pod is restarted; the batch was not claimed, so its offset was not
+            // stored and the next owner reads it again.
+            if matches!(stop.try_recv(), Err(oneshot::error::TryRecvError::Closed)) {
+                tracing::error!(
+                    topic = %topic,
+                    partition,
+                    "partition actor stopped unexpectedly; this partition is no longer consumed; /healthz now fails so the pod gets restarted"
+                );
+                health.mark_broken(format!(
+                    "partition {partition} of {topic} is no longer consumed (its actor stopped unexpectedly)"
+                ));
+            }
             return;
         }
     }

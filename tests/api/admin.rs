@@ -35,11 +35,11 @@ async fn the_admin_api_reports_health_metrics_brokers_and_replays_with_a_token()
         "ready once postgres answers and the group is joined"
     );
     assert!(
-        eventually(Duration::from_secs(20), || async {
-            env.count("SELECT count(*) FROM deliveries WHERE state <> 'pending'")
-                .await
-                == 2
-        })
+        env.count_reaches(
+            "SELECT count(*) FROM deliveries WHERE state <> 'pending'",
+            2,
+            Duration::from_secs(20)
+        )
         .await
     );
 
@@ -142,11 +142,11 @@ async fn the_admin_api_reports_health_metrics_brokers_and_replays_with_a_token()
     );
     assert_eq!(replay(Some(TOKEN)).await.unwrap().status(), 200);
     assert!(
-        eventually(Duration::from_secs(15), || async {
-            env.count("SELECT count(*) FROM deliveries WHERE state = 'delivered'")
-                .await
-                == 2
-        })
+        env.count_reaches(
+            "SELECT count(*) FROM deliveries WHERE state = 'delivered'",
+            2,
+            Duration::from_secs(15)
+        )
         .await,
         "the replayed delivery goes out"
     );

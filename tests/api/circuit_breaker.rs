@@ -24,11 +24,11 @@ async fn the_breaker_opens_holds_probes_and_closes() {
 
     let app = spawn_app(settings);
     assert!(
-        eventually(Duration::from_secs(30), || async {
-            env.count("SELECT count(*) FROM deliveries WHERE state = 'delivered'")
-                .await
-                == 4
-        })
+        env.count_reaches(
+            "SELECT count(*) FROM deliveries WHERE state = 'delivered'",
+            4,
+            Duration::from_secs(30)
+        )
         .await
     );
     app.stop().await;

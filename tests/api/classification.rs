@@ -117,11 +117,11 @@ async fn response_bodies_are_read_only_up_to_the_cap() {
     settings.delivery.max_response_bytes = 100;
     let app = spawn_app(settings);
     assert!(
-        eventually(Duration::from_secs(30), || async {
-            env.count("SELECT count(*) FROM deliveries WHERE state = 'dead'")
-                .await
-                == 1
-        })
+        env.count_reaches(
+            "SELECT count(*) FROM deliveries WHERE state = 'dead'",
+            1,
+            Duration::from_secs(30)
+        )
         .await
     );
     app.stop().await;

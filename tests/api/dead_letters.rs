@@ -14,11 +14,11 @@ async fn a_permanent_failure_is_dead_lettered_listed_and_replayed_with_the_same_
 
     let app = spawn_app(env.settings());
     assert!(
-        eventually(Duration::from_secs(30), || async {
-            env.count("SELECT count(*) FROM deliveries WHERE state <> 'pending'")
-                .await
-                == 2
-        })
+        env.count_reaches(
+            "SELECT count(*) FROM deliveries WHERE state <> 'pending'",
+            2,
+            Duration::from_secs(30)
+        )
         .await
     );
     let first_id = header(&received(receiver).await[0], "webhook-id").to_owned();
@@ -73,11 +73,11 @@ async fn a_permanent_failure_is_dead_lettered_listed_and_replayed_with_the_same_
         "the running service sends the replayed delivery"
     );
     assert!(
-        eventually(Duration::from_secs(5), || async {
-            env.count("SELECT count(*) FROM deliveries WHERE state = 'delivered'")
-                .await
-                == 2
-        })
+        env.count_reaches(
+            "SELECT count(*) FROM deliveries WHERE state = 'delivered'",
+            2,
+            Duration::from_secs(5)
+        )
         .await
     );
     app.stop().await;

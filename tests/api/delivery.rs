@@ -34,12 +34,13 @@ async fn events_reach_exactly_the_subscribed_brokers_once_each_signed() {
     );
 
     let app = spawn_app(env.settings());
-    let all_delivered = eventually(Duration::from_secs(30), || async {
-        env.count("SELECT count(*) FROM deliveries WHERE state = 'delivered'")
-            .await
-            == 7
-    })
-    .await;
+    let all_delivered = env
+        .count_reaches(
+            "SELECT count(*) FROM deliveries WHERE state = 'delivered'",
+            7,
+            Duration::from_secs(30),
+        )
+        .await;
     assert!(all_delivered, "7 deliveries (1 + 2 x 3) are delivered");
     tokio::time::sleep(Duration::from_millis(500)).await;
     app.stop().await;
@@ -101,11 +102,11 @@ async fn duplicates_of_an_event_send_one_webhook_per_broker() {
 
     let app = spawn_app(env.settings());
     assert!(
-        eventually(Duration::from_secs(30), || async {
-            env.count("SELECT count(*) FROM deliveries WHERE state = 'delivered'")
-                .await
-                == 4
-        })
+        env.count_reaches(
+            "SELECT count(*) FROM deliveries WHERE state = 'delivered'",
+            4,
+            Duration::from_secs(30)
+        )
         .await
     );
     // Give a wrongly duplicated send every chance to show up.
@@ -204,11 +205,11 @@ async fn a_slow_broker_does_not_delay_another_brokers_deliveries() {
         "the fast broker finished ({fast_done:?}) before the slow broker answered anything"
     );
     assert!(
-        eventually(Duration::from_secs(40), || async {
-            env.count("SELECT count(*) FROM deliveries WHERE state = 'delivered'")
-                .await
-                == 20
-        })
+        env.count_reaches(
+            "SELECT count(*) FROM deliveries WHERE state = 'delivered'",
+            20,
+            Duration::from_secs(40)
+        )
         .await,
         "the slow broker gets its events too"
     );
@@ -242,11 +243,11 @@ async fn a_broker_row_with_an_invalid_url_or_secret_is_dead_lettered_not_fatal()
 
     let app = spawn_app(env.settings());
     assert!(
-        eventually(Duration::from_secs(30), || async {
-            env.count("SELECT count(*) FROM deliveries WHERE state <> 'pending'")
-                .await
-                == 3
-        })
+        env.count_reaches(
+            "SELECT count(*) FROM deliveries WHERE state <> 'pending'",
+            3,
+            Duration::from_secs(30)
+        )
         .await
     );
     app.stop().await;

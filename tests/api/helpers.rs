@@ -310,6 +310,11 @@ impl TestEnv {
         self.db.query_one(sql, &[]).await.unwrap().get(0)
     }
 
+    /// Polls a `SELECT count(*) ...` until it returns `expected` or `timeout` passes.
+    pub async fn count_reaches(&self, sql: &str, expected: i64, timeout: Duration) -> bool {
+        eventually(timeout, || async { self.count(sql).await == expected }).await
+    }
+
     /// Sum of committed offsets of the test's group, as the broker sees them.
     pub fn committed_offsets(&self, partitions: i32) -> Vec<i64> {
         use rdkafka::consumer::{BaseConsumer, Consumer};

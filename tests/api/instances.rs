@@ -85,11 +85,11 @@ async fn two_instances_never_send_the_same_delivery_at_once_and_survive_a_kill()
     );
     first.sigkill();
     assert!(
-        eventually(Duration::from_secs(120), || async {
-            env.count("SELECT count(*) FROM deliveries WHERE state = 'delivered'")
-                .await
-                == events as i64
-        })
+        env.count_reaches(
+            "SELECT count(*) FROM deliveries WHERE state = 'delivered'",
+            events as i64,
+            Duration::from_secs(120)
+        )
         .await,
         "the survivor takes over the dead instance's partitions and delivers everything"
     );

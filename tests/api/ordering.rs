@@ -68,11 +68,11 @@ async fn a_loads_statuses_arrive_in_order_even_across_retries_without_holding_up
 
     let app = spawn_app(settings);
     assert!(
-        eventually(Duration::from_secs(30), || async {
-            env.count("SELECT count(*) FROM deliveries WHERE state = 'delivered'")
-                .await
-                == 8
-        })
+        env.count_reaches(
+            "SELECT count(*) FROM deliveries WHERE state = 'delivered'",
+            8,
+            Duration::from_secs(30)
+        )
         .await
     );
     app.stop().await;
@@ -172,11 +172,11 @@ async fn order_holds_when_most_deliveries_wait_in_the_ledger() {
     settings.delivery.mailbox_capacity = 3;
     let app = spawn_app(settings);
     assert!(
-        eventually(Duration::from_secs(30), || async {
-            env.count("SELECT count(*) FROM deliveries WHERE state = 'delivered'")
-                .await
-                == 24
-        })
+        env.count_reaches(
+            "SELECT count(*) FROM deliveries WHERE state = 'delivered'",
+            24,
+            Duration::from_secs(30)
+        )
         .await
     );
     app.stop().await;

@@ -99,11 +99,11 @@ async fn report_duplicates_lists_exactly_the_webhook_ids_delivered_more_than_onc
     }
     let app = spawn_app(env.settings());
     assert!(
-        eventually(Duration::from_secs(30), || async {
-            env.count("SELECT count(*) FROM deliveries WHERE state = 'delivered'")
-                .await
-                == 8
-        })
+        env.count_reaches(
+            "SELECT count(*) FROM deliveries WHERE state = 'delivered'",
+            8,
+            Duration::from_secs(30)
+        )
         .await
     );
     app.stop().await;
@@ -259,11 +259,11 @@ async fn report_deliveries_tells_the_story_of_one_event() {
     let without_id = env.produce_event(None, "L1", "accepted").await;
     let app = spawn_app(env.settings());
     assert!(
-        eventually(Duration::from_secs(30), || async {
-            env.count("SELECT count(*) FROM deliveries WHERE state = 'delivered'")
-                .await
-                == 2
-        })
+        env.count_reaches(
+            "SELECT count(*) FROM deliveries WHERE state = 'delivered'",
+            2,
+            Duration::from_secs(30)
+        )
         .await
     );
     app.stop().await;

@@ -58,11 +58,11 @@ async fn a_graceful_restart_delivers_everything_exactly_once() {
 
     let second = spawn_app(env.settings());
     assert!(
-        eventually(Duration::from_secs(60), || async {
-            env.count("SELECT count(*) FROM deliveries WHERE state = 'delivered'")
-                .await
-                == 30
-        })
+        env.count_reaches(
+            "SELECT count(*) FROM deliveries WHERE state = 'delivered'",
+            30,
+            Duration::from_secs(60)
+        )
         .await,
         "every event delivered after the restart"
     );
@@ -103,11 +103,11 @@ async fn a_killed_process_loses_nothing_and_resends_nothing_already_delivered() 
 
     let second = Instance::start(&env);
     assert!(
-        eventually(Duration::from_secs(90), || async {
-            env.count("SELECT count(*) FROM deliveries WHERE state = 'delivered'")
-                .await
-                == 30
-        })
+        env.count_reaches(
+            "SELECT count(*) FROM deliveries WHERE state = 'delivered'",
+            30,
+            Duration::from_secs(90)
+        )
         .await,
         "every event delivered after the kill"
     );

@@ -20,11 +20,11 @@ async fn retries_are_bounded_and_only_hit_the_failing_broker() {
     settings.retry.max_attempts = 3;
     let app = spawn_app(settings);
     assert!(
-        eventually(Duration::from_secs(30), || async {
-            env.count("SELECT count(*) FROM deliveries WHERE state = 'dead'")
-                .await
-                == 1
-        })
+        env.count_reaches(
+            "SELECT count(*) FROM deliveries WHERE state = 'dead'",
+            1,
+            Duration::from_secs(30)
+        )
         .await
     );
     tokio::time::sleep(Duration::from_millis(1500)).await;

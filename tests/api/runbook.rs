@@ -36,11 +36,11 @@ async fn every_runbook_command_works_against_a_running_instance() {
     )];
     let instance = Instance::start_with(&env, &admin_bind, Stdio::from(log_file));
     assert!(
-        eventually(Duration::from_secs(30), || async {
-            env.count("SELECT count(*) FROM deliveries WHERE state <> 'pending'")
-                .await
-                == 4
-        })
+        env.count_reaches(
+            "SELECT count(*) FROM deliveries WHERE state <> 'pending'",
+            4,
+            Duration::from_secs(30)
+        )
         .await,
         "the instance has delivered and dead-lettered something to talk about"
     );

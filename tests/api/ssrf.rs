@@ -18,11 +18,11 @@ async fn dead_reasons(env: &TestEnv) -> Vec<(String, String)> {
 async fn run_until_settled(env: &TestEnv, settings: webhook_delivery::config::Settings, n: i64) {
     let app = spawn_app(settings);
     assert!(
-        eventually(Duration::from_secs(30), || async {
-            env.count("SELECT count(*) FROM deliveries WHERE state = 'dead'")
-                .await
-                == n
-        })
+        env.count_reaches(
+            "SELECT count(*) FROM deliveries WHERE state = 'dead'",
+            n,
+            Duration::from_secs(30)
+        )
         .await
     );
     app.stop().await;

@@ -23,11 +23,11 @@ async fn a_panicking_delivery_actor_is_restarted_and_its_deliveries_complete() {
 
     let app = spawn_app(env.settings());
     assert!(
-        eventually(Duration::from_secs(30), || async {
-            env.count("SELECT count(*) FROM deliveries WHERE state = 'delivered'")
-                .await
-                == 5
-        })
+        env.count_reaches(
+            "SELECT count(*) FROM deliveries WHERE state = 'delivered'",
+            5,
+            Duration::from_secs(30)
+        )
         .await,
         "every delivery completes after the restart"
     );

@@ -52,6 +52,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // The demo's receivers are plain http on loopback, which production refuses.
     settings.delivery.allow_http = true;
     settings.delivery.allowed_networks = vec!["127.0.0.0/8".parse()?];
+    // Any free port, so the demo runs beside a local instance on the default 9090.
+    settings.admin.bind = "127.0.0.1:0".parse()?;
     Ledger::connect_lazy(&settings.postgres.url, 1)?
         .migrate()
         .await?;
@@ -152,7 +154,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         settings.kafka.topic
     );
 
-    let deadline = Instant::now() + Duration::from_secs(30);
+    // The failing broker's circuit opens and holds its deliveries in the ledger, so "nothing
+    // pending" may not come; 15 s is plenty for the healthy ones.
+    let deadline = Instant::now() + Duration::from_secs(15);
     while Instant::now() < deadline {
         let row = db
             .query_one(
@@ -200,6 +204,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 &[&broker_id],
             )
             .await?;
+        if let Some(circuit) = db
+            .query_opt(
+                "SELECT state, reason FROM broker_circuits WHERE broker_id = $1",
+                &[&broker_id],
+            )
+            .await?
+        {
+            let (state, reason): (String, String) = (circuit.get(0), circuit.get(1));
+            println!("    circuit: {state} ({reason})");
+        }
         for row in rows {
             let (state, count, error): (String, i64, Option<String>) =
                 (row.get(0), row.get(1), row.get(2));
@@ -209,6 +223,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
         }
     }
+    println!(
+        "\n(a broker whose circuit is open gets no requests; its deliveries wait in the ledger and resume when it recovers)"
+    );
     println!(
         "\nledger database: {}  (inspect with psql)",
         settings.postgres.url

@@ -5,6 +5,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/services.sh
+# Each test makes its own database; drop what earlier runs left behind.
+psql -h 127.0.0.1 -U postgres -d test -Atc \
+  "SELECT datname FROM pg_database WHERE datname ~ '^wd_(test|cli|demo|explain)_?'" |
+  while read -r database; do
+    psql -h 127.0.0.1 -U postgres -d test -qc "DROP DATABASE IF EXISTS \"$database\"" || true
+  done
 cargo fmt --all -- --check
 cargo clippy --all-targets --features fault-injection --quiet -- -D warnings
 cargo clippy -p webhook-delivery-bench --all-targets --quiet -- -D warnings

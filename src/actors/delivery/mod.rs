@@ -54,9 +54,17 @@ enum Endpoint {
     Unknown,
     Loading,
     Loaded {
-        endpoint: Result<BrokerEndpoint, EndpointError>,
+        endpoint: Result<BrokerEndpoint, Unusable>,
         at: Instant,
     },
+}
+
+/// Why a broker's endpoint gets no requests: a broken `brokers` row, or a URL the SSRF guard
+/// refuses. Decided once per endpoint load; each delivery is then dead-lettered with it.
+#[derive(Clone)]
+struct Unusable {
+    class: &'static str,
+    reason: String,
 }
 
 /// A broker's live state on this instance (admin API `GET /brokers`).
@@ -126,13 +134,13 @@ impl AttemptReport {
     }
 
     /// A request we decided not to make (invalid broker row, refused URL).
-    fn not_sent(error: Option<(&'static str, String)>) -> AttemptReport {
+    fn not_sent(class: &'static str, reason: String) -> AttemptReport {
         AttemptReport {
             started_at: Utc::now(),
             latency: Duration::ZERO,
             result: AttemptResult::RequestInvalid,
             status_code: None,
-            error,
+            error: Some((class, reason)),
         }
     }
 }
@@ -237,24 +245,14 @@ impl DeliveryActor {
             #[cfg(feature = "fault-injection")]
             crate::fault_injection::maybe_panic_in_delivery(&self.broker_id);
             self.in_flight += 1;
-            // A request we will not make is decided here, without I/O: a broken broker row, or
-            // a URL the SSRF guard refuses.
-            let refusal = match &endpoint {
-                Ok(endpoint) => self
-                    .network_policy
-                    .check_url(&endpoint.url)
-                    .err()
-                    .map(|why| ("ssrf_refused", format!("refused by the SSRF guard: {why}"))),
-                Err(reason) => Some((
-                    "invalid_broker",
-                    format!("broker {}: {reason}", self.broker_id),
-                )),
-            };
-            match (&endpoint, refusal) {
-                (Ok(endpoint), None) => self.attempt(ctx, load_id, delivery, endpoint),
-                (_, refusal) => {
-                    self.record_outcome(ctx, load_id, &delivery, AttemptReport::not_sent(refusal))
-                }
+            match &endpoint {
+                Ok(endpoint) => self.attempt(ctx, load_id, delivery, endpoint),
+                Err(unusable) => self.record_outcome(
+                    ctx,
+                    load_id,
+                    &delivery,
+                    AttemptReport::not_sent(unusable.class, unusable.reason.clone()),
+                ),
             }
         }
         self.load_from_ledger(ctx);
@@ -511,7 +509,7 @@ impl DeliveryActor {
         ctx.spawn(load.into_actor(self).map(|result, act, ctx| {
             act.guarded(ctx, "load_endpoint", move |act, ctx| {
             let endpoint = match result {
-                Ok(Ok(row)) => BrokerEndpoint::from_row(row.as_ref()),
+                Ok(Ok(row)) => act.usable_endpoint(BrokerEndpoint::from_row(row.as_ref())),
                 Ok(Err(error)) => {
                     tracing::warn!(broker_id = %act.broker_id, error.message = %error, "could not load broker; retrying in 1 s");
                     act.endpoint = Endpoint::Unknown;
@@ -522,8 +520,8 @@ impl DeliveryActor {
                 }
                 Err(_) => return,
             };
-            if let Err(reason) = &endpoint {
-                tracing::warn!(broker_id = %act.broker_id, error.message = %reason,
+            if let Err(unusable) = &endpoint {
+                tracing::warn!(broker_id = %act.broker_id, error.class = unusable.class, error.message = %unusable.reason,
                     "broker cannot receive webhooks; its deliveries are dead-lettered until the row is fixed and they are replayed");
             }
             act.endpoint = Endpoint::Loaded {
@@ -535,12 +533,33 @@ impl DeliveryActor {
         }));
     }
 
-    /// Loads pending deliveries from the ledger when some may be missing from memory and at
-    /// least half the lanes' capacity is free (or they are empty).
+    /// A loaded broker row, checked once: broken rows and URLs the SSRF guard refuses get no
+    /// requests.
+    fn usable_endpoint(
+        &self,
+        endpoint: Result<BrokerEndpoint, EndpointError>,
+    ) -> Result<BrokerEndpoint, Unusable> {
+        let endpoint = endpoint.map_err(|reason| Unusable {
+            class: "invalid_broker",
+            reason: format!("broker {}: {reason}", self.broker_id),
+        })?;
+        self.network_policy
+            .check_url(&endpoint.url)
+            .map_err(|why| Unusable {
+                class: "ssrf_refused",
+                reason: format!("refused by the SSRF guard: {why}"),
+            })?;
+        Ok(endpoint)
+    }
+
+    /// Some pending deliveries may be in the ledger but not in memory: load them when there is
+    /// room (see `load_from_ledger`).
     pub(super) fn want_ledger_load(&mut self) {
         self.ledger_load_wanted += 1;
     }
 
+    /// Loads pending deliveries from the ledger when some may be missing from memory and at
+    /// least half the lanes' capacity is free (or they are empty).
     fn load_from_ledger(&mut self, ctx: &mut Context<Self>) {
         let room = self.lanes.room();
         if self.ledger_load_done >= self.ledger_load_wanted

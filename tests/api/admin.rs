@@ -20,16 +20,11 @@ async fn the_admin_api_reports_health_metrics_brokers_and_replays_with_a_token()
     let app = spawn_app(settings);
     let http = reqwest::Client::new();
 
-    let health = http.get(app.admin_url("/healthz")).send().await.unwrap();
+    let health = app.admin_get("/healthz").await;
     assert_eq!(health.status(), 200);
     assert!(
         eventually(Duration::from_secs(20), || async {
-            http.get(app.admin_url("/readyz"))
-                .send()
-                .await
-                .unwrap()
-                .status()
-                == 200
+            app.admin_get("/readyz").await.status() == 200
         })
         .await,
         "ready once postgres answers and the group is joined"
@@ -43,14 +38,7 @@ async fn the_admin_api_reports_health_metrics_brokers_and_replays_with_a_token()
         .await
     );
 
-    let metrics = http
-        .get(app.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.admin_get("/metrics").await.text().await.unwrap();
     for expected in [
         "webhook_delivery_messages_consumed_total{partition=",
         "webhook_delivery_messages_rejected_total{partition=",
@@ -76,14 +64,7 @@ async fn the_admin_api_reports_health_metrics_brokers_and_replays_with_a_token()
 
     assert!(
         eventually(Duration::from_secs(15), || async {
-            let text = http
-                .get(app.admin_url("/metrics"))
-                .send()
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap();
+            let text = app.admin_get("/metrics").await.text().await.unwrap();
             text.contains("webhook_delivery_consumer_lag_messages{partition=")
                 && text.contains("webhook_delivery_pending_deliveries 0")
                 && text.contains("webhook_delivery_dead_deliveries 1")
@@ -92,14 +73,7 @@ async fn the_admin_api_reports_health_metrics_brokers_and_replays_with_a_token()
         "lag (per held partition) and ledger gauges are published"
     );
 
-    let brokers: Vec<serde_json::Value> = http
-        .get(app.admin_url("/brokers"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let brokers: Vec<serde_json::Value> = app.admin_get("/brokers").await.json().await.unwrap();
     let failing_row = brokers
         .iter()
         .find(|b| b["broker_id"] == "failing")
@@ -112,11 +86,9 @@ async fn the_admin_api_reports_health_metrics_brokers_and_replays_with_a_token()
         .starts_with("HTTP 400"));
     assert_eq!(failing_row["enabled"], true);
 
-    let letters: Vec<serde_json::Value> = http
-        .get(app.admin_url("/dead-letters?broker=failing"))
-        .send()
+    let letters: Vec<serde_json::Value> = app
+        .admin_get("/dead-letters?broker=failing")
         .await
-        .unwrap()
         .json()
         .await
         .unwrap();
@@ -185,11 +157,7 @@ async fn readyz_says_why_it_is_not_ready() {
     // Nothing listens there: the consumer can never join its group.
     settings.kafka.brokers = "127.0.0.1:1".into();
     let app = spawn_app(settings);
-    let response = reqwest::Client::new()
-        .get(app.admin_url("/readyz"))
-        .send()
-        .await
-        .unwrap();
+    let response = app.admin_get("/readyz").await;
     assert_eq!(response.status(), 503);
     let body: serde_json::Value = response.json().await.unwrap();
     assert!(

@@ -375,6 +375,13 @@ impl TestApp {
         format!("http://127.0.0.1:{}{path}", self.admin_port)
     }
 
+    /// `GET` on the admin API.
+    pub async fn admin_get(&self, path: &str) -> reqwest::Response {
+        reqwest::get(self.admin_url(path))
+            .await
+            .expect("admin API answers")
+    }
+
     /// Graceful stop, as on SIGTERM.
     pub async fn stop(mut self) {
         if let Some(stop) = self.stop.take() {

@@ -68,27 +68,14 @@ async fn a_partition_actor_that_dies_fails_the_health_check_and_loses_nothing() 
     webhook_delivery::fault_injection::panic_once_in_partition(&env.topic);
 
     let app = spawn_app(env.settings());
-    let http = reqwest::Client::new();
     assert!(
         eventually(Duration::from_secs(30), || async {
-            http.get(app.admin_url("/healthz"))
-                .send()
-                .await
-                .unwrap()
-                .status()
-                == 503
+            app.admin_get("/healthz").await.status() == 503
         })
         .await,
         "liveness fails so the orchestrator restarts the pod"
     );
-    let body: serde_json::Value = http
-        .get(app.admin_url("/healthz"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let body: serde_json::Value = app.admin_get("/healthz").await.json().await.unwrap();
     assert!(body["reason"]
         .as_str()
         .unwrap()

@@ -1,4 +1,4 @@
--- The delivery ledger. The service creates these tables (`webhook-delivery migrate`, or on `serve`).
+-- The delivery ledger. `webhook-delivery migrate` creates these tables (`serve` runs no DDL).
 -- brokers and broker_subscriptions are written by other systems; the service only reads them,
 -- except that a 410 Gone answer disables a broker (enabled = false, disabled_reason set).
 

@@ -31,10 +31,11 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Apply pending migrations, then consume and deliver until SIGTERM/SIGINT.
+    /// Consume and deliver until SIGTERM/SIGINT. Refuses to start on a ledger schema older than
+    /// this build needs (run `migrate` first); runs no DDL itself.
     Serve,
-    /// Apply pending ledger migrations and exit.
-    Migrate,
+    /// Apply pending ledger migrations and exit. Safe while older instances run.
+    Migrate(MigrateArgs),
     /// Inspect and replay deliveries that were given up on.
     #[command(subcommand)]
     DeadLetters(DeadLettersCommand),
@@ -45,6 +46,13 @@ pub enum Command {
     /// Incident reports from the ledger.
     #[command(subcommand)]
     Report(ReportCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    /// Stop after this migration version (staged rollouts; tests). Default: apply all.
+    #[arg(long)]
+    pub to: Option<i32>,
 }
 
 #[derive(Debug, Args)]

@@ -35,8 +35,8 @@ fn main() -> ExitCode {
                     let app = Application::build(settings).await?;
                     app.run_until_stopped(shutdown_signal()).await?;
                 }
-                Command::Migrate => {
-                    let applied = connect(&settings)?.migrate().await?;
+                Command::Migrate(args) => {
+                    let applied = connect(&settings)?.migrate_to(args.to).await?;
                     println!("migrations applied: {applied:?}");
                 }
                 Command::DeadLetters(command) => {

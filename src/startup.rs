@@ -25,7 +25,7 @@ const GAUGE_REFRESH: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
-    #[error("could not prepare the ledger database")]
+    #[error("the ledger database is not usable")]
     Ledger(#[from] LedgerError),
     #[error("could not start consuming from Kafka")]
     Kafka(#[from] ConsumerError),
@@ -45,12 +45,17 @@ pub struct Application {
 }
 
 impl Application {
-    /// Connects to Postgres, applies pending migrations and binds the admin port.
+    /// Connects to Postgres, checks that the ledger schema is one this build can run on and
+    /// binds the admin port. It runs no DDL: migrations are `webhook-delivery migrate`, a separate
+    /// deploy step (src/ledger/migrations.rs).
     pub async fn build(settings: Settings) -> Result<Application, StartupError> {
         let ledger = Ledger::connect_lazy(&settings.postgres.url, settings.postgres.pool_size)?;
-        let applied = ledger.migrate().await?;
-        if !applied.is_empty() {
-            tracing::info!(versions = ?applied, "ledger migrations applied");
+        let schema = ledger.check_schema().await?;
+        if !schema.pending_optional.is_empty() {
+            tracing::info!(
+                versions = ?schema.pending_optional,
+                "ledger migrations not applied yet (optional for this build: online index builds); run `webhook-delivery migrate`"
+            );
         }
         let admin_listener =
             TcpListener::bind(settings.admin.bind).map_err(|source| StartupError::AdminBind {

@@ -6,6 +6,9 @@ mod migrations;
 mod reports;
 
 pub use dead_letters::{DeadLetter, ReplayOutcome, ReplaySelector};
+pub use migrations::{
+    known_schema_versions, latest_schema_version, SchemaStatus, REQUIRED_SCHEMA_VERSION,
+};
 pub use reports::{AttemptStory, BrokerStatus, DeliveryStory, DuplicateDelivery, EventStory};
 
 use std::collections::HashMap;
@@ -29,11 +32,22 @@ pub enum LedgerError {
     Pool(#[source] deadpool_postgres::PoolError),
     #[error("database query failed: {}", describe(.0))]
     Query(#[from] tokio_postgres::Error),
-    #[error("migration {version} failed")]
+    #[error("migration {version} failed: {}", describe(.source))]
     Migration {
         version: i32,
         #[source]
         source: tokio_postgres::Error,
+    },
+    #[error(
+        "the ledger schema is too old for this build (newest migration applied: {}, this build \
+         needs every migration up to {required}; missing: {missing:?}): run `webhook-delivery \
+         migrate` first (safe while older instances run; RUNBOOK.md \"Deploying a new version\")",
+        applied.map_or_else(|| "none".to_owned(), |v| v.to_string())
+    )]
+    SchemaTooOld {
+        applied: Option<i32>,
+        required: i32,
+        missing: Vec<i32>,
     },
 }
 
@@ -98,8 +112,8 @@ pub struct PendingDelivery {
 }
 
 /// A delivery created by a claim. `pending_predecessor_offset` is the offset of the newest
-/// earlier delivery of the same (broker, load) that was still pending when it was claimed: it
-/// must not be sent before that one.
+/// earlier delivery of the same (broker, load) that was still pending when it was claimed
+/// (another delivery of the same claim included): it must not be sent before that one.
 #[derive(Debug, Clone)]
 pub struct ClaimedDelivery {
     pub delivery: PendingDelivery,
@@ -238,14 +252,28 @@ impl Ledger {
                      SELECT idempotency_key, broker_id, load_id, $2, kafka_offset FROM targets
                      ON CONFLICT (idempotency_key, broker_id) DO NOTHING
                      RETURNING delivery_id, idempotency_key, broker_id, load_id, kafka_offset
+                 ),
+                 in_batch AS (
+                     SELECT n.*, lag(n.kafka_offset) OVER (
+                                     PARTITION BY n.broker_id, n.load_id ORDER BY n.kafka_offset
+                                 ) AS previous_in_batch
+                     FROM inserted n
                  )
-                 -- The subquery sees the ledger as it was before this statement: earlier rows only.
-                 SELECT n.delivery_id, n.idempotency_key, n.broker_id, n.load_id, n.kafka_offset,
-                        (SELECT max(p.kafka_offset) FROM deliveries p
-                         WHERE p.broker_id = n.broker_id AND p.load_id = n.load_id
-                           AND p.state = 'pending') AS pending_predecessor_offset
-                 FROM inserted n
-                 ORDER BY n.kafka_offset, n.broker_id",
+                 -- A delivery's predecessor is the previous new row of its (broker, load) in this
+                 -- batch; only the first row of each pair probes the ledger, and that probe is one
+                 -- backward step on deliveries_pending_by_load starting below the row's own offset
+                 -- (COALESCE evaluates the subquery only when needed). Its cost does not depend on
+                 -- how many deliveries of the load are pending (docs/performance.md). The subquery
+                 -- sees the ledger as it was before this statement: earlier rows only.
+                 SELECT b.delivery_id, b.idempotency_key, b.broker_id, b.load_id, b.kafka_offset,
+                        COALESCE(b.previous_in_batch,
+                                 (SELECT p.kafka_offset FROM deliveries p
+                                  WHERE p.broker_id = b.broker_id AND p.load_id = b.load_id
+                                    AND p.state = 'pending' AND p.kafka_offset < b.kafka_offset
+                                  ORDER BY p.kafka_offset DESC
+                                  LIMIT 1)) AS pending_predecessor_offset
+                 FROM in_batch b
+                 ORDER BY b.kafka_offset, b.broker_id",
             )
             .await?;
         let rows = client

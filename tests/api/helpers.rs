@@ -141,6 +141,11 @@ pub struct TestEnv {
 
 impl TestEnv {
     pub async fn new(partitions: i32) -> TestEnv {
+        Self::with_schema(partitions, None).await
+    }
+
+    /// A world whose ledger has migrations applied only up to `schema_version` (all if `None`).
+    pub async fn with_schema(partitions: i32, schema_version: Option<i32>) -> TestEnv {
         LazyLock::force(&TRACING);
         let db_name = unique("wd_test").replace('-', "_");
         let (admin, connection) = tokio_postgres::connect(ADMIN_DB_URL, NoTls)
@@ -155,7 +160,7 @@ impl TestEnv {
         // The service creates the schema; tests need it before seeding brokers.
         webhook_delivery::ledger::Ledger::connect_lazy(&db_url, 1)
             .unwrap()
-            .migrate()
+            .migrate_to(schema_version)
             .await
             .unwrap();
         let (db, connection) = tokio_postgres::connect(&db_url, NoTls).await.unwrap();

@@ -7,6 +7,7 @@ mod delivery;
 mod helpers;
 mod instances;
 mod isolation;
+mod migrations;
 mod ordering;
 mod poison;
 mod reports;

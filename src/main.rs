@@ -32,8 +32,16 @@ fn main() -> ExitCode {
         actix_rt::System::new().block_on(async move {
             match cli.command {
                 Command::Serve => {
-                    let app = Application::build(settings).await?;
-                    app.run_until_stopped(shutdown_signal()).await?;
+                    let served = async {
+                        let app = Application::build(settings).await?;
+                        app.run_until_stopped(shutdown_signal()).await
+                    }
+                    .await;
+                    // The service's log is where a failed start must show up, as one ERROR line.
+                    if let Err(error) = &served {
+                        tracing::error!(error.message = %chain(error, ": "), "webhook-delivery stopped on an error");
+                    }
+                    served?;
                 }
                 Command::Migrate => {
                     let applied = connect(&settings)?.migrate().await?;
@@ -57,20 +65,28 @@ fn main() -> ExitCode {
     }
 }
 
+/// Every command that reads or writes the ledger connects here, so all of them get the same TLS
+/// settings (`sslmode` in postgres.url, postgres.ca_file).
 fn connect(settings: &Settings) -> Result<Ledger, webhook_delivery::ledger::LedgerError> {
-    Ledger::connect_lazy(&settings.postgres.url, settings.postgres.pool_size)
+    Ledger::connect(&settings.postgres)
 }
 
 /// Prints the error with its whole `source` chain: the 2am reader needs the root cause.
 fn fail(context: &str, error: &dyn std::error::Error) -> ExitCode {
-    let mut message = format!("error: {context}: {error}");
+    eprintln!("error: {context}: {}", chain(error, "\n  caused by: "));
+    ExitCode::FAILURE
+}
+
+/// The error and its `source` chain, joined by `separator`.
+fn chain(error: &dyn std::error::Error, separator: &str) -> String {
+    let mut message = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {
-        message.push_str(&format!("\n  caused by: {cause}"));
+        message.push_str(separator);
+        message.push_str(&cause.to_string());
         source = cause.source();
     }
-    eprintln!("{message}");
-    ExitCode::FAILURE
+    message
 }
 
 async fn shutdown_signal() {

@@ -3,6 +3,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use webhook_delivery::cli::{self, Cli, Command};
 use webhook_delivery::config::{default_config_dir, Settings};
+use webhook_delivery::kafka_properties;
 use webhook_delivery::ledger::Ledger;
 use webhook_delivery::startup::Application;
 use webhook_delivery::telemetry::{get_subscriber, init_subscriber, install_panic_hook};
@@ -51,6 +52,7 @@ fn main() -> ExitCode {
                     cli::dead_letters(&connect(&settings)?, command).await?;
                 }
                 Command::Status(args) => {
+                    kafka_properties::check(&settings.kafka)?;
                     cli::status(&settings, &connect(&settings)?, args).await?;
                 }
                 Command::Report(command) => {

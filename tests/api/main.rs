@@ -16,3 +16,4 @@ mod runbook;
 mod ssrf;
 mod status;
 mod supervision;
+mod tls;

@@ -314,6 +314,12 @@ async fn sasl_ssl_against_a_plaintext_listener_logs_a_tls_error_without_secrets_
         .env("APP__KAFKA__CLIENT__SASL__MECHANISM", "SCRAM-SHA-512")
         .env("APP__KAFKA__CLIENT__SASL__USERNAME", "webhook-delivery")
         .env("APP__KAFKA__CLIENT__SASL__PASSWORD", &sasl_password)
+        // Tansu takes the ClientHello for the start of a huge request and waits for the rest, so
+        // the handshake ends by this timeout (a Kafka broker hangs up at once instead).
+        .env(
+            "APP__KAFKA__CLIENT__SOCKET__CONNECTION__SETUP__TIMEOUT__MS",
+            "2000",
+        )
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -327,10 +333,9 @@ async fn sasl_ssl_against_a_plaintext_listener_logs_a_tls_error_without_secrets_
         lines.iter().any(|line| {
             serde_json::from_str::<serde_json::Value>(line).is_ok_and(|line| {
                 line["level"].as_u64().unwrap_or(0) >= 40
-                    && line["msg"]
-                        .as_str()
-                        .unwrap_or("")
-                        .contains("SSL handshake failed")
+                    && line["msg"].as_str().is_some_and(|msg| {
+                        msg.contains("SSL handshake failed") || msg.contains("state SSL_HANDSHAKE")
+                    })
             })
         })
     };
@@ -371,4 +376,37 @@ fn collect_lines(
             lines.lock().unwrap().push(line);
         }
     })
+}
+
+#[tokio::test]
+async fn disable_stays_plain_text_and_prefer_takes_tls_when_the_server_offers_it() {
+    let database = fresh_database().await;
+    let (db, connection) = tokio_postgres::connect(ADMIN_DB_URL, NoTls).await.unwrap();
+    tokio::spawn(connection);
+    for (mode, encrypted) in [("disable", false), ("prefer", true), ("", true)] {
+        let application = unique("wd-tls");
+        // "": no sslmode at all, which means prefer.
+        let sslmode = match mode {
+            "" => String::new(),
+            mode => format!("&sslmode={mode}"),
+        };
+        let url = format!(
+            "postgres://postgres@127.0.0.1:5432/{database}?application_name={application}{sslmode}"
+        );
+        let ledger = webhook_delivery::ledger::Ledger::connect_lazy(&url, 1).unwrap();
+        ledger.ping().await.unwrap();
+        let row = db
+            .query_one(
+                "SELECT bool_and(s.ssl) FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid)
+                 WHERE a.application_name = $1",
+                &[&application],
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            row.get::<_, Option<bool>>(0),
+            Some(encrypted),
+            "sslmode={mode}"
+        );
+    }
 }

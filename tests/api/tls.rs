@@ -198,6 +198,16 @@ async fn verify_ca_with_ca_file_passes_and_verify_full_checks_the_host_name() {
     let url = format!("{}&sslrootcert={SNAKEOIL}", at(&name, "verify-full"));
     let output = run(&["migrate"], &[("APP__POSTGRES__URL", &url)]);
     assert!(output.status.success(), "{}", text(&output).1);
+    // ...but not in both places.
+    let output = run(
+        &["migrate"],
+        &[
+            ("APP__POSTGRES__URL", &url),
+            ("APP__POSTGRES__CA_FILE", SNAKEOIL),
+        ],
+    );
+    assert!(!output.status.success());
+    assert!(text(&output).1.contains("the CA is set twice"));
 }
 
 #[tokio::test]

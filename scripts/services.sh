@@ -46,6 +46,35 @@ ensure_postgres() {
     || su postgres -c "createdb test"
 }
 
+# Postgres must speak TLS: tests connect with sslmode=require, verify-ca and verify-full. Debian's
+# package turns ssl on with its self-signed "snakeoil" certificate (ssl-cert package); this checks
+# that, and on a server where it is off, makes the certificate if needed and turns ssl on.
+SNAKEOIL_CERT=/etc/ssl/certs/ssl-cert-snakeoil.pem
+SNAKEOIL_KEY=/etc/ssl/private/ssl-cert-snakeoil.key
+
+ensure_postgres_ssl() {
+  if [ "$(su postgres -c "psql -qtAc 'SHOW ssl'")" = "on" ]; then
+    log "postgres ssl is on ($(su postgres -c "psql -qtAc 'SHOW ssl_cert_file'"))"
+    return
+  fi
+  log "turning postgres ssl on with the snakeoil certificate"
+  if [ ! -f "$SNAKEOIL_KEY" ]; then
+    command -v make-ssl-cert >/dev/null 2>&1 \
+      || { export DEBIAN_FRONTEND=noninteractive; apt-get install -y -qq ssl-cert >/dev/null; }
+    make-ssl-cert generate-default-snakeoil
+  fi
+  # The key is readable by the ssl-cert group only.
+  usermod -a -G ssl-cert postgres
+  su postgres -c "psql -qc \"ALTER SYSTEM SET ssl_cert_file = '$SNAKEOIL_CERT'\" \
+    -c \"ALTER SYSTEM SET ssl_key_file = '$SNAKEOIL_KEY'\" -c 'ALTER SYSTEM SET ssl = on'"
+  local version
+  version=$(ls /etc/postgresql | sort -V | tail -n 1)
+  # A restart, not a reload: the server must pick up its new group to read the key.
+  pg_ctlcluster --skip-systemctl-redirect "$version" main restart
+  wait_for_port 5432 postgres
+  [ "$(su postgres -c "psql -qtAc 'SHOW ssl'")" = "on" ] || { log "postgres ssl could not be turned on"; exit 1; }
+}
+
 ensure_tansu() {
   if [ ! -x "$TANSU" ] || ! "$TANSU" --version 2>/dev/null | grep -q "$TANSU_VERSION"; then
     log "installing tansu $TANSU_VERSION into $CACHE_DIR/tansu (a few minutes, once)"
@@ -71,4 +100,5 @@ ensure_tansu() {
 }
 
 ensure_postgres
+ensure_postgres_ssl
 ensure_tansu

@@ -56,6 +56,10 @@ pub struct PostgresSettings {
     pub pool_size: usize,
     /// How long a partition lease lasts without renewal (see docs/design.md invariant 3).
     pub lease_ms: u64,
+    /// PEM file with the CA(s) that sign the server's certificate. Empty: the built-in public
+    /// roots. How it is used depends on `sslmode` in the URL (src/ledger/tls.rs).
+    #[serde(default)]
+    pub ca_file: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -152,18 +156,24 @@ impl Settings {
             }
             builder = builder.add_source(config::File::from(path).required(true));
         }
-        let settings: Settings = builder
+        let (client_properties, environment) =
+            split_kafka_client_environment(std::env::vars_os().filter_map(|(name, value)| {
+                Some((name.into_string().ok()?, value.into_string().ok()?))
+            }));
+        let mut settings: Settings = builder
             .add_source(
                 config::Environment::with_prefix("APP")
                     .prefix_separator("__")
                     .separator("__")
                     .list_separator(",")
                     .with_list_parse_key("delivery.allowed_networks")
-                    .try_parsing(true),
+                    .try_parsing(true)
+                    .source(Some(environment)),
             )
             .build()
             .and_then(config::Config::try_deserialize)
             .map_err(ConfigError::Load)?;
+        settings.kafka.client.extend(client_properties);
         settings.validate()?;
         Ok(settings)
     }
@@ -309,6 +319,9 @@ impl PostgresSettings {
     pub fn lease(&self) -> Duration {
         Duration::from_millis(self.lease_ms)
     }
+    pub fn ca_file(&self) -> Option<&Path> {
+        Some(Path::new(&self.ca_file)).filter(|_| !self.ca_file.is_empty())
+    }
 }
 
 impl DeliverySettings {
@@ -354,6 +367,30 @@ impl ShutdownSettings {
     pub fn drain_timeout(&self) -> Duration {
         Duration::from_millis(self.drain_timeout_ms)
     }
+}
+
+/// Separates `APP__KAFKA__CLIENT__<NAME>` variables from the rest of the environment. Their name
+/// maps to the librdkafka property with `__` as the dot (`APP__KAFKA__CLIENT__SASL__PASSWORD` is
+/// `sasl.password`), and their value is kept verbatim: the generic parsing would turn a password
+/// such as `007` into the number 7, and a dotted name into a nested table.
+fn split_kafka_client_environment(
+    variables: impl Iterator<Item = (String, String)>,
+) -> (BTreeMap<String, String>, config::Map<String, String>) {
+    const PREFIX: &str = "app__kafka__client__";
+    let mut client = BTreeMap::new();
+    let mut rest = config::Map::new();
+    for (name, value) in variables {
+        let lower = name.to_ascii_lowercase();
+        match lower.strip_prefix(PREFIX) {
+            Some(property) if !property.is_empty() => {
+                client.insert(property.replace("__", "."), value);
+            }
+            _ => {
+                rest.insert(name, value);
+            }
+        }
+    }
+    (client, rest)
 }
 
 /// Where `config/` lives: `APP_CONFIG_DIR` if set, else `./config`.
@@ -453,6 +490,25 @@ mod tests {
             "[delivery]\nallowed_networks = [\"localhost\"]\n",
         ));
         assert!(text.contains("allowed_networks"), "{text}");
+    }
+
+    #[test]
+    fn kafka_client_variables_map_to_dotted_properties_verbatim() {
+        let (client, rest) = split_kafka_client_environment(
+            [
+                ("APP__KAFKA__CLIENT__SASL__PASSWORD", "007"),
+                ("APP__KAFKA__CLIENT__SECURITY__PROTOCOL", "SASL_SSL"),
+                ("APP__KAFKA__BROKERS", "b:9093"),
+                ("PATH", "/bin"),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned())),
+        );
+        assert_eq!(client["sasl.password"], "007");
+        assert_eq!(client["security.protocol"], "SASL_SSL");
+        assert_eq!(client.len(), 2);
+        assert_eq!(rest["APP__KAFKA__BROKERS"], "b:9093");
+        assert!(rest.contains_key("PATH"));
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod event;
 #[cfg(feature = "fault-injection")]
 pub mod fault_injection;
 pub mod kafka;
+pub mod kafka_properties;
 pub mod lease;
 pub mod ledger;
 pub mod metrics;

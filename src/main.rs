@@ -3,6 +3,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use webhook_delivery::cli::{self, Cli, Command};
 use webhook_delivery::config::{default_config_dir, Settings};
+use webhook_delivery::kafka_properties;
 use webhook_delivery::ledger::Ledger;
 use webhook_delivery::startup::Application;
 use webhook_delivery::telemetry::{get_subscriber, init_subscriber, install_panic_hook};
@@ -32,8 +33,16 @@ fn main() -> ExitCode {
         actix_rt::System::new().block_on(async move {
             match cli.command {
                 Command::Serve => {
-                    let app = Application::build(settings).await?;
-                    app.run_until_stopped(shutdown_signal()).await?;
+                    let served = async {
+                        let app = Application::build(settings).await?;
+                        app.run_until_stopped(shutdown_signal()).await
+                    }
+                    .await;
+                    // The service's log is where a failed start must show up, as one ERROR line.
+                    if let Err(error) = &served {
+                        tracing::error!(error.message = %chain(error, ": "), "webhook-delivery stopped on an error");
+                    }
+                    served?;
                 }
                 Command::Migrate(args) => {
                     let applied = connect(&settings)?.migrate_to(args.to).await?;
@@ -43,6 +52,7 @@ fn main() -> ExitCode {
                     cli::dead_letters(&connect(&settings)?, command).await?;
                 }
                 Command::Status(args) => {
+                    kafka_properties::check(&settings.kafka)?;
                     cli::status(&settings, &connect(&settings)?, args).await?;
                 }
                 Command::Report(command) => {
@@ -57,20 +67,28 @@ fn main() -> ExitCode {
     }
 }
 
+/// Every command that reads or writes the ledger connects here, so all of them get the same TLS
+/// settings (`sslmode` in postgres.url, postgres.ca_file).
 fn connect(settings: &Settings) -> Result<Ledger, webhook_delivery::ledger::LedgerError> {
-    Ledger::connect_lazy(&settings.postgres.url, settings.postgres.pool_size)
+    Ledger::connect(&settings.postgres)
 }
 
 /// Prints the error with its whole `source` chain: the 2am reader needs the root cause.
 fn fail(context: &str, error: &dyn std::error::Error) -> ExitCode {
-    let mut message = format!("error: {context}: {error}");
+    eprintln!("error: {context}: {}", chain(error, "\n  caused by: "));
+    ExitCode::FAILURE
+}
+
+/// The error and its `source` chain, joined by `separator`.
+fn chain(error: &dyn std::error::Error, separator: &str) -> String {
+    let mut message = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {
-        message.push_str(&format!("\n  caused by: {cause}"));
+        message.push_str(separator);
+        message.push_str(&cause.to_string());
         source = cause.source();
     }
-    eprintln!("{message}");
-    ExitCode::FAILURE
+    message
 }
 
 async fn shutdown_signal() {

@@ -16,6 +16,7 @@ use crate::actors::partition_supervisor::{PartitionSupervisor, StopPartitions};
 use crate::admin::{self, AdminState, Health};
 use crate::config::Settings;
 use crate::kafka::{ConsumerError, KafkaConsumer};
+use crate::kafka_properties::{self, KafkaPropertyError};
 use crate::lease::LeaseBook;
 use crate::ledger::{Ledger, LedgerError};
 use crate::metrics::Metrics;
@@ -29,6 +30,8 @@ pub enum StartupError {
     Ledger(#[from] LedgerError),
     #[error("could not start consuming from Kafka")]
     Kafka(#[from] ConsumerError),
+    #[error(transparent)]
+    KafkaProperty(#[from] KafkaPropertyError),
     #[error("could not listen on admin.bind {address}")]
     AdminBind {
         address: std::net::SocketAddr,
@@ -45,11 +48,14 @@ pub struct Application {
 }
 
 impl Application {
-    /// Connects to Postgres, checks that the ledger schema is one this build can run on and
-    /// binds the admin port. It runs no DDL: migrations are `webhook-delivery migrate`, a separate
-    /// deploy step (src/ledger/migrations.rs).
+    /// Checks the Kafka client settings with librdkafka, connects to Postgres, checks that the
+    /// ledger schema is one this build can run on and binds the admin port. It runs no DDL:
+    /// migrations are `webhook-delivery migrate`, a separate deploy step (docs/migrations.md).
     pub async fn build(settings: Settings) -> Result<Application, StartupError> {
-        let ledger = Ledger::connect_lazy(&settings.postgres.url, settings.postgres.pool_size)?;
+        // First, while nothing else runs (it blocks for a moment): a refused property must stop
+        // start-up with its name, not fail later inside the consumer thread.
+        kafka_properties::check(&settings.kafka)?;
+        let ledger = Ledger::connect(&settings.postgres)?;
         let schema = ledger.check_schema().await?;
         if !schema.pending_optional.is_empty() {
             tracing::info!(
@@ -146,7 +152,15 @@ impl Application {
             leases.clone(),
             metrics.clone(),
         ));
-        let consumer = KafkaConsumer::start(&settings.kafka, partitions.clone(), health)?;
+        let consumer = match KafkaConsumer::start(&settings.kafka, partitions.clone(), health) {
+            Ok(consumer) => consumer,
+            Err(error) => {
+                // The actors above have not been polled yet; actix would start them while the
+                // System is dropped, outside the runtime, and panic. Let them start first.
+                tokio::task::yield_now().await;
+                return Err(error.into());
+            }
+        };
         tracing::info!(
             instance_id = %instance_id,
             topic = %settings.kafka.topic,

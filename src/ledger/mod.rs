@@ -4,22 +4,25 @@
 mod dead_letters;
 mod migrations;
 mod reports;
+mod tls;
 
 pub use dead_letters::{DeadLetter, ReplayOutcome, ReplaySelector};
 pub use migrations::{
     known_schema_versions, latest_schema_version, SchemaStatus, REQUIRED_SCHEMA_VERSION,
 };
 pub use reports::{AttemptStory, BrokerStatus, DeliveryStory, DuplicateDelivery, EventStory};
+pub use tls::{PostgresTlsError, SslMode};
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
-use tokio_postgres::NoTls;
 
+use crate::config::PostgresSettings;
 use crate::event::{IdempotencyKey, ShipmentEvent};
 
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +33,9 @@ pub enum LedgerError {
     PoolBuild(String),
     #[error("no database connection available")]
     Pool(#[source] deadpool_postgres::PoolError),
+    /// TLS settings that cannot work, or a server certificate that was refused.
+    #[error(transparent)]
+    Tls(#[from] PostgresTlsError),
     #[error("database query failed: {}", describe(.0))]
     Query(#[from] tokio_postgres::Error),
     #[error("migration {version} failed: {}", describe(.source))]
@@ -56,7 +62,8 @@ impl LedgerError {
     /// (never skip). Anything else is a bug or a broken schema and is worth a loud log.
     pub fn is_retryable(&self) -> bool {
         match self {
-            LedgerError::Pool(_) => true,
+            // A refused certificate too: it may be fixed on the server while we wait.
+            LedgerError::Pool(_) | LedgerError::Tls(_) => true,
             LedgerError::Query(e) => {
                 e.is_closed()
                     || e.as_db_error().is_none_or(|db| {
@@ -177,11 +184,34 @@ pub struct Ledger {
 }
 
 impl Ledger {
+    /// The connection every command uses: `postgres.url` (with its `sslmode`) and
+    /// `postgres.ca_file`. Connections are opened on first use.
+    pub fn connect(settings: &PostgresSettings) -> Result<Ledger, LedgerError> {
+        Ledger::connect_with_ca(&settings.url, settings.pool_size, settings.ca_file())
+    }
+
+    /// `connect` without a CA file (tools and tests).
     pub fn connect_lazy(url: &str, pool_size: usize) -> Result<Ledger, LedgerError> {
-        let config = tokio_postgres::Config::from_str(url).map_err(LedgerError::InvalidUrl)?;
+        Ledger::connect_with_ca(url, pool_size, None)
+    }
+
+    fn connect_with_ca(
+        url: &str,
+        pool_size: usize,
+        ca_file: Option<&Path>,
+    ) -> Result<Ledger, LedgerError> {
+        let tls_url = tls::TlsUrl::parse(url)?;
+        let ca_file = match (ca_file, tls_url.root_cert.as_deref()) {
+            (Some(_), Some(_)) => return Err(PostgresTlsError::CaSetTwice.into()),
+            (ca_file, root_cert) => ca_file.or(root_cert),
+        };
+        let tls = tls::PostgresTls::new(tls_url.mode, ca_file)?;
+        let mut config =
+            tokio_postgres::Config::from_str(&tls_url.url).map_err(LedgerError::InvalidUrl)?;
+        config.ssl_mode(tls_url.mode.wire_mode());
         let manager = Manager::from_config(
             config,
-            NoTls,
+            tls,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -198,7 +228,18 @@ impl Ledger {
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object, LedgerError> {
-        self.pool.get().await.map_err(LedgerError::Pool)
+        self.pool.get().await.map_err(|error| {
+            // Put a refused certificate first: its message names the setting to change.
+            let tls = match &error {
+                deadpool_postgres::PoolError::Backend(backend) => {
+                    std::error::Error::source(backend)
+                        .and_then(|source| source.downcast_ref::<PostgresTlsError>())
+                        .cloned()
+                }
+                _ => None,
+            };
+            tls.map_or(LedgerError::Pool(error), LedgerError::Tls)
+        })
     }
 
     pub async fn ping(&self) -> Result<(), LedgerError> {

@@ -17,3 +17,4 @@ mod runbook;
 mod ssrf;
 mod status;
 mod supervision;
+mod tls;

@@ -8,6 +8,7 @@ mod helpers;
 mod instances;
 mod isolation;
 mod ordering;
+mod outbound;
 mod poison;
 mod reports;
 mod restart;

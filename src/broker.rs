@@ -42,12 +42,27 @@ pub enum EndpointError {
     SecretTooLong(usize),
 }
 
-/// Where and how to send a broker's webhooks. Debug never prints the secrets, and the URL holds
-/// no credentials (refused in `from_row`).
-#[derive(Debug, Clone)]
+/// Where and how to send a broker's webhooks. The URL holds no user info (refused in
+/// `from_row`); Debug prints neither the secrets nor the URL's query, where some brokers put an
+/// access token.
+#[derive(Clone)]
 pub struct BrokerEndpoint {
     pub url: url::Url,
     pub secrets: Vec<SigningSecret>,
+}
+
+impl std::fmt::Debug for BrokerEndpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut shown = self.url.clone();
+        if shown.query().is_some() {
+            shown.set_query(Some("<redacted>"));
+        }
+        shown.set_fragment(None);
+        f.debug_struct("BrokerEndpoint")
+            .field("url", &shown.as_str())
+            .field("secrets", &self.secrets)
+            .finish()
+    }
 }
 
 impl BrokerEndpoint {
@@ -152,6 +167,18 @@ mod tests {
         .unwrap();
         assert_eq!(endpoint.secrets.len(), 2);
         assert!(!format!("{endpoint:?}").contains("MfKQ"));
+        let with_token = BrokerEndpoint::from_row(Some(&row(
+            "https://tms.example.com/hooks?key=abc123#frag",
+            SECRET,
+            true,
+        )))
+        .unwrap();
+        let shown = format!("{with_token:?}");
+        assert!(shown.contains("https://tms.example.com/hooks?"), "{shown}");
+        assert!(
+            !shown.contains("abc123") && !shown.contains("frag"),
+            "{shown}"
+        );
     }
 
     #[test]

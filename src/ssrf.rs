@@ -268,6 +268,21 @@ mod tests {
     }
 
     #[test]
+    fn odd_spellings_of_an_internal_address_are_still_refused() {
+        // The URL parser normalises these to the IPv4 address they mean before we look.
+        for text in [
+            "https://2130706433/",
+            "https://0x7f.1/",
+            "https://0177.0.0.1/",
+            "https://127.1/",
+            "https://[0:0:0:0:0:ffff:7f00:1]/",
+            "https://[::FFFF:A9FE:A9FE]/",
+        ] {
+            assert!(refused_kind(text).is_some(), "{text}");
+        }
+    }
+
+    #[test]
     fn public_addresses_next_to_the_ranges_pass() {
         for text in [
             "https://93.184.216.34/",

@@ -75,6 +75,43 @@ fn the_gzip_bomb_is_a_valid_gzip_stream() {
     assert!(inflated.iter().all(|b| *b == 0));
 }
 
+/// The client on its own: it asks for `identity`, and a body compressed anyway is not read.
+#[actix_rt::test]
+async fn the_client_asks_for_identity_and_leaves_a_compressed_body_unread() {
+    use webhook_delivery::ssrf::NetworkPolicy;
+    use webhook_delivery::webhook_client::{build_client, send, WebhookRequest};
+
+    let server = receiver(
+        ResponseTemplate::new(200)
+            .insert_header("content-encoding", "gzip")
+            .set_body_bytes(gzip_bomb(64)),
+    )
+    .await;
+    let policy = NetworkPolicy {
+        allow_http: true,
+        allowed_networks: vec!["127.0.0.0/8".parse().unwrap()],
+    };
+    let timeout = Duration::from_secs(5);
+    let client = build_client("outbound-test", timeout, std::sync::Arc::new(policy));
+    let request = WebhookRequest {
+        url: server.uri().parse().unwrap(),
+        webhook_id: "msg_test".into(),
+        timestamp: 0,
+        signature: "v1,test".into(),
+        sequence: 1,
+        body: bytes::Bytes::from_static(b"{}"),
+    };
+    let (result, _) = send(&client, &request, timeout, 4096).await;
+    let response = result.expect("an answer");
+    assert_eq!(response.status, 200);
+    assert_eq!(
+        response.body_excerpt,
+        "[gzip-encoded response body, not decoded]"
+    );
+    let requests = received(&server).await;
+    assert_eq!(header(&requests[0], "accept-encoding"), "identity");
+}
+
 /// VmHWM (peak resident set) and VmRSS of a process, in KiB.
 fn memory_kib(pid: u32) -> (u64, u64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();

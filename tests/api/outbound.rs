@@ -193,10 +193,10 @@ async fn a_gzip_bomb_answer_is_never_inflated_and_memory_stays_bounded() {
     );
     assert!(instance.sigterm().success());
 
-    // Inflating even one network read of this body costs tens of MiB; not reading it costs
-    // nothing.
+    // Inflating even one network read of this body raised the peak by about 16 MiB (measured
+    // with decompression on); not reading it costs well under 1 MiB.
     assert!(
-        peak_after.saturating_sub(peak_before) < 24 * 1024,
+        peak_after.saturating_sub(peak_before) < 8 * 1024,
         "peak RSS grew from {peak_before} to {peak_after} KiB"
     );
     for request in received(&bomber).await {

@@ -381,6 +381,13 @@ async fn an_invalid_broker_row_costs_only_that_brokers_deliveries() {
         400,
         "a control character is not a broker id"
     );
+    let metrics = app.admin_get("/metrics").await.text().await.unwrap();
+    for line in metrics.lines().filter(|l| !l.is_empty()) {
+        assert!(
+            line.starts_with('#') || line.starts_with("webhook_delivery_"),
+            "a label value broke the exposition format: {line:.120}"
+        );
+    }
     app.stop().await;
     let lines = log_lines_containing("forged");
     assert!(!lines.is_empty());

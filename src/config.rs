@@ -32,7 +32,7 @@ pub struct Settings {
     pub shutdown: ShutdownSettings,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KafkaSettings {
     pub brokers: String,
@@ -49,7 +49,7 @@ pub struct KafkaSettings {
     pub client: BTreeMap<String, String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PostgresSettings {
     pub url: String,
@@ -60,6 +60,93 @@ pub struct PostgresSettings {
     /// roots. How it is used depends on `sslmode` in the URL (src/ledger/tls.rs).
     #[serde(default)]
     pub ca_file: String,
+}
+
+/// Never prints a secret: `kafka.client` values whose key names a password, secret or key
+/// (`sasl.password`, `ssl.key.pem`, ...) are redacted. Settings are logged and end up in panic
+/// messages; credentials must not.
+impl std::fmt::Debug for KafkaSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let client: BTreeMap<&str, &str> = self
+            .client
+            .iter()
+            .map(|(key, value)| {
+                let shown = if is_secret_kafka_property(key) {
+                    REDACTED
+                } else {
+                    value.as_str()
+                };
+                (key.as_str(), shown)
+            })
+            .collect();
+        f.debug_struct("KafkaSettings")
+            .field("brokers", &self.brokers)
+            .field("topic", &self.topic)
+            .field("group_id", &self.group_id)
+            .field("session_timeout_ms", &self.session_timeout_ms)
+            .field("max_poll_interval_ms", &self.max_poll_interval_ms)
+            .field("max_batch_messages", &self.max_batch_messages)
+            .field("revoke_drain_timeout_ms", &self.revoke_drain_timeout_ms)
+            .field("client", &client)
+            .finish_non_exhaustive()
+    }
+}
+
+const REDACTED: &str = "<redacted>";
+
+/// librdkafka properties that hold credentials or key material (or a path to it, harmless to
+/// hide): `sasl.password`, `ssl.key.password`, `ssl.keystore.password`, `ssl.key.pem`,
+/// `sasl.oauthbearer.client.secret`, `sasl.oauthbearer.config`, `sasl.kerberos.keytab`, ...
+pub(crate) fn is_secret_kafka_property(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    [
+        "password",
+        "secret",
+        "key",
+        "pem",
+        "oauthbearer.config",
+        "jaas",
+    ]
+    .iter()
+    .any(|word| key.contains(word))
+}
+
+/// Never prints the database password: the URL is shown with its password (in the user info or
+/// a `password=` query parameter) replaced.
+impl std::fmt::Debug for PostgresSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresSettings")
+            .field("url", &redact_postgres_url(&self.url))
+            .field("pool_size", &self.pool_size)
+            .field("lease_ms", &self.lease_ms)
+            .field("ca_file", &self.ca_file)
+            .finish_non_exhaustive()
+    }
+}
+
+fn redact_postgres_url(text: &str) -> String {
+    let Ok(mut url) = url::Url::parse(text) else {
+        return "<unparseable url, redacted>".to_owned();
+    };
+    if url.password().is_some() {
+        // Cannot fail: a URL that has a password has a host.
+        let _ = url.set_password(Some(REDACTED));
+    }
+    if url.query().is_some() {
+        let pairs: Vec<(String, String)> = url
+            .query_pairs()
+            .map(|(key, value)| {
+                let value = if key.to_ascii_lowercase().contains("password") {
+                    REDACTED.to_owned()
+                } else {
+                    value.into_owned()
+                };
+                (key.into_owned(), value)
+            })
+            .collect();
+        url.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    url.to_string()
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -119,7 +206,7 @@ impl std::fmt::Debug for AdminSettings {
                 &if self.token.is_empty() {
                     "<unset>"
                 } else {
-                    "<redacted>"
+                    REDACTED
                 },
             )
             .finish()
@@ -509,6 +596,37 @@ mod tests {
         assert_eq!(client.len(), 2);
         assert_eq!(rest["APP__KAFKA__BROKERS"], "b:9093");
         assert!(rest.contains_key("PATH"));
+    }
+
+    #[test]
+    fn debug_hides_the_database_password_and_kafka_credentials() {
+        for (url, shown) in [
+            (
+                "postgres://svc:s3cret@db:5432/ledger",
+                "postgres://svc:%3Credacted%3E@db:5432/ledger",
+            ),
+            (
+                "postgres://svc@db/ledger?sslmode=require&password=s3cret",
+                "postgres://svc@db/ledger?sslmode=require&password=%3Credacted%3E",
+            ),
+            ("postgres://svc@db/ledger", "postgres://svc@db/ledger"),
+            ("postgres://svc:s3cret@[::1", "<unparseable url, redacted>"),
+        ] {
+            assert_eq!(redact_postgres_url(url), shown);
+        }
+        for key in [
+            "sasl.password",
+            "ssl.key.password",
+            "ssl.keystore.password",
+            "ssl.key.pem",
+            "sasl.oauthbearer.client.secret",
+            "sasl.oauthbearer.config",
+        ] {
+            assert!(is_secret_kafka_property(key), "{key}");
+        }
+        for key in ["security.protocol", "sasl.mechanism", "sasl.username"] {
+            assert!(!is_secret_kafka_property(key), "{key}");
+        }
     }
 
     #[test]

@@ -10,7 +10,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::BaseConsumer;
 use rdkafka::error::KafkaError;
 
-use crate::config::KafkaSettings;
+use crate::config::{is_secret_kafka_property, KafkaSettings};
 
 /// No `#[source]`: librdkafka's reason is the whole story, and rdkafka's error type would print
 /// the refused value, which may be a secret.
@@ -73,14 +73,6 @@ pub fn builtin_features() -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// Property names whose values are credentials or key material.
-pub fn is_secret(key: &str) -> bool {
-    let key = key.to_ascii_lowercase();
-    ["password", "secret", "pem", "jaas", "oauthbearer.config"]
-        .iter()
-        .any(|word| key.contains(word))
-}
-
 /// librdkafka's own words, without rdkafka's wrapper (which appends the refused value).
 fn librdkafka_reason(error: &KafkaError) -> String {
     match error {
@@ -94,7 +86,7 @@ fn scrub_secrets(text: &str, settings: &KafkaSettings) -> String {
     settings
         .client
         .iter()
-        .filter(|(key, value)| is_secret(key) && !value.is_empty())
+        .filter(|(key, value)| is_secret_kafka_property(key) && !value.is_empty())
         .fold(text.to_owned(), |text, (_, value)| {
             text.replace(value.as_str(), "<redacted>")
         })
@@ -178,7 +170,8 @@ mod tests {
             scrub_secrets("bad value \"s3cr3t-value\" here", &settings),
             "bad value \"<redacted>\" here"
         );
-        assert!(is_secret("ssl.key.password") && is_secret("ssl.key.pem"));
-        assert!(!is_secret("ssl.ca.location") && !is_secret("sasl.username"));
+        assert!(is_secret_kafka_property("ssl.key.password"));
+        assert!(!is_secret_kafka_property("ssl.ca.location"));
+        assert!(!is_secret_kafka_property("sasl.username"));
     }
 }

@@ -9,6 +9,8 @@
 //! | any other 4xx, any 3xx (redirects are not followed)   | dead on the first attempt        |
 //! | 1xx or other non-standard codes                       | retry                            |
 //! | timed out, connection refused/reset, DNS, TLS errors  | retry                            |
+//! | (DNS includes an answer with no address at all)       |                                  |
+//! | the SSRF guard refuses the URL or every address       | dead                             |
 //! | our own request could not be built (bad URL, secret)  | dead                             |
 //!
 //! A retry is scheduled `base_delay * 2^(attempt-1)`, capped at `max_delay`, with ±20 % jitter;

@@ -148,8 +148,15 @@ pub async fn send(
 ) -> (Result<WebhookResponse, SendError>, Duration) {
     let started = Instant::now();
     let call = async {
+        // No compression, by design: awc would inflate each gzip/deflate network chunk whole
+        // into memory before we see it, so a 1 MB gzip of zeros becomes a 1 GB allocation and
+        // `max_response_bytes` would bound nothing. We keep only a few KB of the body for
+        // diagnosis, so decoding buys nothing: we ask for `identity`, never decode, and do not
+        // read a body sent compressed anyway (docs/webhook-contract.md 5).
         let mut response = client
             .post(request.url.as_str())
+            .no_decompress()
+            .insert_header((awc::http::header::ACCEPT_ENCODING, "identity"))
             .insert_header(("content-type", "application/json"))
             .insert_header(("webhook-id", request.webhook_id.as_str()))
             .insert_header(("webhook-timestamp", request.timestamp.to_string()))
@@ -164,6 +171,13 @@ pub async fn send(
             .get(awc::http::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
+        if let Some(note) = undecoded_body_note(response.headers()) {
+            return Ok(WebhookResponse {
+                status,
+                retry_after,
+                body_excerpt: note,
+            });
+        }
         // Read at most max_response_bytes; a broker that streams forever cannot hold us.
         let mut excerpt = Vec::new();
         while excerpt.len() < max_response_bytes {
@@ -184,4 +198,75 @@ pub async fn send(
         Err(_) => Err(SendError::TimedOut(timeout)),
     };
     (result, started.elapsed())
+}
+
+/// What we record instead of a body the broker compressed although we asked for `identity`:
+/// its raw bytes would tell on-call nothing. The header value is the broker's text, so only a
+/// short run of token characters is echoed.
+fn undecoded_body_note(headers: &awc::http::header::HeaderMap) -> Option<String> {
+    let value = headers.get(awc::http::header::CONTENT_ENCODING)?;
+    let encoding = value.to_str().unwrap_or("unreadable").trim();
+    if encoding.is_empty() || encoding.eq_ignore_ascii_case("identity") {
+        return None;
+    }
+    let shown: String = encoding
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | ',' | ' '))
+        .take(32)
+        .collect();
+    Some(format!("[{shown}-encoded response body, not decoded]"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use awc::http::header::{HeaderMap, HeaderValue, CONTENT_ENCODING};
+
+    fn encoded(value: &'static [u8]) -> Option<String> {
+        let mut headers = HeaderMap::new();
+        headers.insert(CONTENT_ENCODING, HeaderValue::from_bytes(value).unwrap());
+        undecoded_body_note(&headers)
+    }
+
+    #[test]
+    fn compressed_bodies_are_noted_not_read() {
+        assert_eq!(undecoded_body_note(&HeaderMap::new()), None);
+        assert_eq!(encoded(b"identity"), None);
+        assert_eq!(encoded(b" Identity "), None);
+        assert_eq!(
+            encoded(b"gzip").as_deref(),
+            Some("[gzip-encoded response body, not decoded]")
+        );
+        assert_eq!(
+            encoded(b"br\xff").as_deref(),
+            Some("[unreadable-encoded response body, not decoded]")
+        );
+        assert_eq!(
+            encoded(b"gzip\"; <script>").as_deref(),
+            Some("[gzip script-encoded response body, not decoded]")
+        );
+    }
+
+    fn resolver_error(error: Box<dyn std::error::Error>) -> SendError {
+        SendError::from_awc(
+            SendRequestError::Connect(ConnectError::Resolver(error)),
+            Duration::from_secs(1),
+        )
+    }
+
+    #[test]
+    fn dns_failures_are_transport_errors_and_refusals_are_not() {
+        let empty = resolver_error(Box::new(crate::ssrf::NoAddresses("tms.example.com".into())));
+        assert_eq!(empty.class(), "dns", "{empty}");
+        let refused = resolver_error(Box::new(crate::ssrf::Refusal::ForbiddenAddress(
+            "10.0.0.1".parse().unwrap(),
+            "private",
+        )));
+        assert_eq!(refused.class(), "ssrf_refused", "{refused}");
+        for error in [ConnectError::NoRecords, ConnectError::Unresolved] {
+            let error =
+                SendError::from_awc(SendRequestError::Connect(error), Duration::from_secs(1));
+            assert_eq!(error.class(), "dns", "{error}");
+        }
+    }
 }

@@ -9,6 +9,11 @@
 //! | `GET /brokers`                | per broker: circuit, in flight, pending, dead, last error |
 //! | `GET /dead-letters`           | like `dead-letters list` (`?broker=&since=&limit=`)     |
 //! | `POST /dead-letters/replay`   | like `dead-letters replay`; needs `Authorization: Bearer` |
+//!
+//! `/brokers` and `/dead-letters` show event ids, load ids and broker response bodies: when
+//! `admin.token` is set they need the bearer token too. The probes and `/metrics` stay open.
+//! Bad query parameters get a 400 with a JSON `error`; database errors are logged and answered
+//! with a generic message, never echoed.
 
 mod routes;
 
@@ -60,7 +65,8 @@ pub struct AdminState {
     pub deliveries: Addr<DeliverySupervisor>,
     pub metrics: Arc<Metrics>,
     pub health: Health,
-    /// None: mutating routes are off.
+    /// None: mutating routes are off and the read routes are open. Some: every route but the
+    /// probes and `/metrics` needs it.
     pub token: Option<String>,
 }
 

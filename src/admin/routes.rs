@@ -8,7 +8,7 @@ use serde_json::json;
 
 use super::AdminState;
 use crate::actors::delivery_supervisor::BrokerSnapshots;
-use crate::ledger::{ReplayOutcome, ReplaySelector};
+use crate::ledger::{LedgerError, ReplayOutcome, ReplaySelector};
 
 pub async fn healthz(state: web::Data<AdminState>) -> HttpResponse {
     match state.health.broken() {
@@ -46,7 +46,10 @@ pub async fn metrics(state: web::Data<AdminState>) -> HttpResponse {
         .body(state.metrics.render())
 }
 
-pub async fn brokers(state: web::Data<AdminState>) -> HttpResponse {
+pub async fn brokers(state: web::Data<AdminState>, request: HttpRequest) -> HttpResponse {
+    if let Some(refusal) = authorize_read(&state, &request) {
+        return refusal;
+    }
     let live = state
         .deliveries
         .send(BrokerSnapshots)
@@ -85,24 +88,76 @@ pub async fn brokers(state: web::Data<AdminState>) -> HttpResponse {
     HttpResponse::Ok().json(brokers)
 }
 
+/// Most dead letters one `GET /dead-letters` returns (each carries up to a few KB of error text).
+pub const MAX_DEAD_LETTER_LIMIT: i64 = 1000;
+
+/// The query string as sent: every value is text until `DeadLetterQuery::parse` checks it.
 #[derive(Deserialize)]
-pub struct DeadLetterQuery {
+#[serde(deny_unknown_fields)]
+struct DeadLetterQuery {
     broker: Option<String>,
-    since: Option<DateTime<Utc>>,
-    limit: Option<i64>,
+    since: Option<String>,
+    limit: Option<String>,
 }
 
-pub async fn dead_letters(
-    state: web::Data<AdminState>,
-    query: web::Query<DeadLetterQuery>,
-) -> HttpResponse {
+struct DeadLetterFilter {
+    broker: Option<String>,
+    since: Option<DateTime<Utc>>,
+    limit: i64,
+}
+
+impl DeadLetterQuery {
+    fn parse(self) -> Result<DeadLetterFilter, String> {
+        let limit = match self.limit.as_deref() {
+            None => MAX_DEAD_LETTER_LIMIT,
+            Some(text) => text
+                .parse::<i64>()
+                .ok()
+                .filter(|n| (1..=MAX_DEAD_LETTER_LIMIT).contains(n))
+                .ok_or_else(|| {
+                    format!("`limit` must be an integer from 1 to {MAX_DEAD_LETTER_LIMIT}")
+                })?,
+        };
+        Ok(DeadLetterFilter {
+            broker: self.broker.map(checked_broker).transpose()?,
+            since: self.since.as_deref().map(parse_since).transpose()?,
+            limit,
+        })
+    }
+}
+
+fn checked_broker(broker: String) -> Result<String, String> {
+    match crate::broker::broker_id_problem(&broker) {
+        Some(why) => Err(format!("`broker` is not a broker id: {why}")),
+        None => Ok(broker),
+    }
+}
+
+fn parse_since(text: &str) -> Result<DateTime<Utc>, String> {
+    DateTime::parse_from_rfc3339(text)
+        .map(|at| at.with_timezone(&Utc))
+        .map_err(|_| {
+            "`since` must be an RFC 3339 time such as 2026-11-25T02:00:00Z (a `+` offset must be \
+             sent as %2B)"
+                .to_owned()
+        })
+}
+
+pub async fn dead_letters(state: web::Data<AdminState>, request: HttpRequest) -> HttpResponse {
+    if let Some(refusal) = authorize_read(&state, &request) {
+        return refusal;
+    }
+    let filter = match web::Query::<DeadLetterQuery>::from_query(request.query_string()) {
+        Ok(query) => query.into_inner().parse(),
+        Err(error) => Err(format!("invalid query string: {error}")),
+    };
+    let filter = match filter {
+        Ok(filter) => filter,
+        Err(message) => return bad_request(message),
+    };
     match state
         .ledger
-        .dead_letters(
-            query.broker.as_deref(),
-            query.since,
-            query.limit.unwrap_or(1000),
-        )
+        .dead_letters(filter.broker.as_deref(), filter.since, filter.limit)
         .await
     {
         Ok(letters) => HttpResponse::Ok().json(letters),
@@ -111,31 +166,43 @@ pub async fn dead_letters(
 }
 
 #[derive(Deserialize)]
-pub struct ReplayRequest {
+#[serde(deny_unknown_fields)]
+struct ReplayRequest {
     id: Option<i64>,
     broker: Option<String>,
-    since: Option<DateTime<Utc>>,
+    since: Option<String>,
 }
 
+impl ReplayRequest {
+    fn parse(self) -> Result<ReplaySelector, String> {
+        match (self.id, self.broker, self.since) {
+            (Some(id), None, None) => Ok(ReplaySelector::Delivery(id)),
+            (None, Some(broker), since) => Ok(ReplaySelector::Broker {
+                broker_id: checked_broker(broker)?,
+                since: since.as_deref().map(parse_since).transpose()?,
+            }),
+            _ => Err("give exactly one of `id` or `broker` (with optional `since`)".to_owned()),
+        }
+    }
+}
+
+/// The body is read as bytes and parsed only after the token check, so an unauthenticated
+/// caller learns nothing about what the route accepts.
 pub async fn replay(
     state: web::Data<AdminState>,
     request: HttpRequest,
-    body: web::Json<ReplayRequest>,
+    body: web::Bytes,
 ) -> HttpResponse {
     if let Some(refusal) = authorize(&state, &request) {
         return refusal;
     }
-    let selector =
-        match (body.id, body.broker.clone()) {
-            (Some(id), None) => ReplaySelector::Delivery(id),
-            (None, Some(broker_id)) => ReplaySelector::Broker {
-                broker_id,
-                since: body.since,
-            },
-            _ => return HttpResponse::BadRequest().json(
-                json!({"error": "give exactly one of `id` or `broker` (with optional `since`)"}),
-            ),
-        };
+    let selector = serde_json::from_slice::<ReplayRequest>(&body)
+        .map_err(|error| format!("invalid JSON body: {error}"))
+        .and_then(ReplayRequest::parse);
+    let selector = match selector {
+        Ok(selector) => selector,
+        Err(message) => return bad_request(message),
+    };
     match state.ledger.replay(&selector).await {
         Ok(ReplayOutcome::Requeued(ids)) => {
             tracing::info!(replayed = ids.len(), "dead letters replayed through the admin API");
@@ -161,26 +228,53 @@ fn authorize(state: &AdminState, request: &HttpRequest) -> Option<HttpResponse> 
             json!({"error": "mutating admin routes are off: set admin.token to enable them"}),
         ));
     };
+    (!bearer_matches(expected, request)).then(unauthorized)
+}
+
+/// Routes that show event ids, load ids or broker response bodies (`/brokers`,
+/// `/dead-letters`) need the token too when one is configured. With none they stay open, as
+/// the probes and `/metrics` always are: the admin port is then the only protection.
+fn authorize_read(state: &AdminState, request: &HttpRequest) -> Option<HttpResponse> {
+    let expected = state.token.as_ref()?;
+    (!bearer_matches(expected, request)).then(unauthorized)
+}
+
+fn bearer_matches(expected: &str, request: &HttpRequest) -> bool {
     let presented = request
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or_default();
-    let matches = presented.len() == expected.len()
+    presented.len() == expected.len()
         && presented
             .bytes()
             .zip(expected.bytes())
             .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0;
-    (!matches).then(|| {
-        HttpResponse::Unauthorized()
-            .insert_header((header::WWW_AUTHENTICATE, "Bearer"))
-            .json(json!({"error": "missing or wrong bearer token"}))
-    })
+            == 0
 }
 
-fn server_error(error: impl std::fmt::Display) -> HttpResponse {
+fn unauthorized() -> HttpResponse {
+    HttpResponse::Unauthorized()
+        .insert_header((header::WWW_AUTHENTICATE, "Bearer"))
+        .json(json!({"error": "missing or wrong bearer token"}))
+}
+
+fn bad_request(message: String) -> HttpResponse {
+    HttpResponse::BadRequest().json(json!({ "error": message }))
+}
+
+/// The detail (SQL, SQLSTATE, host names) goes to the log only; the caller gets a generic
+/// message, 503 when the database is away or busy (try again), 500 otherwise.
+fn server_error(error: LedgerError) -> HttpResponse {
     tracing::error!(error.message = %error, "admin API request failed");
-    HttpResponse::InternalServerError().json(json!({"error": error.to_string()}))
+    if error.is_retryable() {
+        HttpResponse::ServiceUnavailable().json(json!({
+            "error": "the database is unavailable; try again shortly"
+        }))
+    } else {
+        HttpResponse::InternalServerError().json(json!({
+            "error": "internal error; the details are in this instance's log (\"admin API request failed\")"
+        }))
+    }
 }

@@ -19,9 +19,12 @@ impl Table {
         }
     }
 
+    /// Control characters in a cell (a hostile broker id, say) are shown escaped: they must not
+    /// move the cursor or recolour the on-call engineer's terminal.
     pub fn row(&mut self, cells: Vec<String>) {
         debug_assert_eq!(cells.len(), self.headers.len());
-        self.rows.push(cells);
+        self.rows
+            .push(cells.into_iter().map(escape_controls).collect());
     }
 
     /// Columns separated by two spaces, each as wide as its widest cell, one line per row.
@@ -52,6 +55,21 @@ impl Table {
         }
         out
     }
+}
+
+fn escape_controls(cell: String) -> String {
+    if !cell.chars().any(char::is_control) {
+        return cell;
+    }
+    let mut escaped = String::with_capacity(cell.len() + 8);
+    for c in cell.chars() {
+        if c.is_control() {
+            escaped.extend(c.escape_default());
+        } else {
+            escaped.push(c);
+        }
+    }
+    escaped
 }
 
 /// RFC 3339 in UTC with milliseconds: sortable, unambiguous, short enough for a table.
@@ -107,6 +125,13 @@ mod tests {
              acme-freight        7\n\
              b2               1200  x\n"
         );
+    }
+
+    #[test]
+    fn control_characters_in_cells_are_escaped() {
+        let mut table = Table::new(&[("broker_id", false)]);
+        table.row(vec!["evil\u{1b}[2J\nnext".into()]);
+        assert_eq!(table.render(), "broker_id\nevil\\u{1b}[2J\\nnext\n");
     }
 
     #[test]

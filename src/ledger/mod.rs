@@ -127,12 +127,26 @@ pub struct ClaimedDelivery {
     pub pending_predecessor_offset: Option<i64>,
 }
 
-#[derive(Debug, Clone)]
+/// A `brokers` row as another system wrote it: unchecked text. `broker::BrokerEndpoint::from_row`
+/// is the one place it is validated.
+#[derive(Clone)]
 pub struct BrokerRow {
     pub broker_id: String,
     pub webhook_url: String,
     pub signing_secret: String,
     pub enabled: bool,
+}
+
+/// Never prints the signing secret (nor the URL, which may carry credentials).
+impl std::fmt::Debug for BrokerRow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BrokerRow")
+            .field("broker_id", &self.broker_id)
+            .field("webhook_url", &"<redacted>")
+            .field("signing_secret", &"<redacted>")
+            .field("enabled", &self.enabled)
+            .finish()
+    }
 }
 
 /// What happened to one attempt, ready to be written.

@@ -73,7 +73,12 @@ async fn the_admin_api_reports_health_metrics_brokers_and_replays_with_a_token()
         "lag (per held partition) and ledger gauges are published"
     );
 
-    let brokers: Vec<serde_json::Value> = app.admin_get("/brokers").await.json().await.unwrap();
+    let brokers: Vec<serde_json::Value> = app
+        .admin_get_with_token("/brokers", TOKEN)
+        .await
+        .json()
+        .await
+        .unwrap();
     let failing_row = brokers
         .iter()
         .find(|b| b["broker_id"] == "failing")
@@ -87,7 +92,7 @@ async fn the_admin_api_reports_health_metrics_brokers_and_replays_with_a_token()
     assert_eq!(failing_row["enabled"], true);
 
     let letters: Vec<serde_json::Value> = app
-        .admin_get("/dead-letters?broker=failing")
+        .admin_get_with_token("/dead-letters?broker=failing", TOKEN)
         .await
         .json()
         .await
@@ -168,4 +173,152 @@ async fn readyz_says_why_it_is_not_ready() {
         "{body}"
     );
     app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_token_the_read_routes_need_it_and_the_probes_do_not() {
+    let env = TestEnv::new(1).await;
+    let mut settings = env.settings();
+    settings.admin.token = TOKEN.into();
+    let app = spawn_app(settings);
+    for open in ["/healthz", "/readyz", "/metrics"] {
+        let status = app.admin_get(open).await.status();
+        assert_ne!(status, 401, "{open} stays open");
+    }
+    for guarded in ["/brokers", "/dead-letters", "/dead-letters?limit=5"] {
+        let response = app.admin_get(guarded).await;
+        assert_eq!(response.status(), 401, "{guarded} without a token");
+        assert_eq!(response.headers()["www-authenticate"], "Bearer");
+        assert_eq!(
+            app.admin_get_with_token(guarded, "wrong-token-0123456789")
+                .await
+                .status(),
+            401,
+            "{guarded} with a wrong token"
+        );
+        assert_eq!(
+            app.admin_get_with_token(guarded, TOKEN).await.status(),
+            200,
+            "{guarded} with the token"
+        );
+    }
+    assert_eq!(
+        app.admin_get("/dead-letters?limit=nonsense").await.status(),
+        401,
+        "the token is checked before anything is said about the query"
+    );
+    app.stop().await;
+}
+
+async fn error_of(response: reqwest::Response) -> (u16, String) {
+    let status = response.status().as_u16();
+    let body: serde_json::Value = response.json().await.expect("a JSON body");
+    (
+        status,
+        body["error"].as_str().unwrap_or_default().to_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_query_parameters_and_bodies_get_a_clear_400_and_database_errors_are_not_echoed() {
+    let env = TestEnv::new(1).await;
+    let mut settings = env.settings();
+    settings.admin.token = TOKEN.into();
+    let app = spawn_app(settings);
+    let long_broker = "b".repeat(201);
+    let cases = [
+        ("limit=-1", "`limit` must be an integer from 1 to 1000"),
+        ("limit=0", "`limit` must be an integer from 1 to 1000"),
+        ("limit=1001", "`limit` must be an integer from 1 to 1000"),
+        ("limit=abc", "`limit` must be an integer from 1 to 1000"),
+        ("limit=99999999999999999999", "`limit` must be an integer"),
+        ("since=yesterday", "`since` must be an RFC 3339 time"),
+        (
+            "since=2026-13-01T00:00:00Z",
+            "`since` must be an RFC 3339 time",
+        ),
+        (
+            "broker=%00",
+            "`broker` is not a broker id: it contains control characters",
+        ),
+        ("broker=", "`broker` is not a broker id: it is empty"),
+        (
+            &format!("broker={long_broker}")[..],
+            "longer than 200 bytes",
+        ),
+        ("bogus=1", "invalid query string"),
+        ("limit=1&limit=2", "invalid query string"),
+    ];
+    for (query, expected) in cases {
+        let (status, error) = error_of(
+            app.admin_get_with_token(&format!("/dead-letters?{query}"), TOKEN)
+                .await,
+        )
+        .await;
+        assert_eq!(status, 400, "{query}: {error}");
+        assert!(error.contains(expected), "{query}: {error}");
+    }
+    let fine = app
+        .admin_get_with_token(
+            "/dead-letters?limit=1&since=2026-01-01T00:00:00Z&broker=acme",
+            TOKEN,
+        )
+        .await;
+    assert_eq!(fine.status(), 200);
+    assert_eq!(
+        fine.json::<Vec<serde_json::Value>>().await.unwrap().len(),
+        0
+    );
+
+    let http = reqwest::Client::new();
+    let replay = |body: &'static str| {
+        http.post(app.admin_url("/dead-letters/replay"))
+            .bearer_auth(TOKEN)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    for (body, expected) in [
+        ("not json", "invalid JSON body"),
+        (r#"{"id": "seven"}"#, "invalid JSON body"),
+        (r#"{"bogus": 1}"#, "invalid JSON body"),
+        (r#"{"broker": "a\u0000b"}"#, "contains control characters"),
+        (r#"{"broker": "acme", "since": "soon"}"#, "`since` must be"),
+        (r#"{"id": 1, "broker": "acme"}"#, "exactly one of"),
+        (
+            r#"{"id": 1, "since": "2026-01-01T00:00:00Z"}"#,
+            "exactly one of",
+        ),
+        ("{}", "exactly one of"),
+    ] {
+        let (status, error) = error_of(replay(body).await.unwrap()).await;
+        assert_eq!(status, 400, "{body}: {error}");
+        assert!(error.contains(expected), "{body}: {error}");
+    }
+
+    // A real database error: the caller gets a generic message, the log gets the detail.
+    env.db
+        .batch_execute("ALTER TABLE deliveries RENAME TO deliveries_hidden")
+        .await
+        .unwrap();
+    let (status, error) = error_of(app.admin_get_with_token("/dead-letters", TOKEN).await).await;
+    env.db
+        .batch_execute("ALTER TABLE deliveries_hidden RENAME TO deliveries")
+        .await
+        .unwrap();
+    assert_eq!(status, 500, "{error}");
+    assert!(error.starts_with("internal error"), "{error}");
+    for leaked in [
+        "deliveries",
+        "relation",
+        "SQLSTATE",
+        "database query failed",
+    ] {
+        assert!(!error.contains(leaked), "{leaked} echoed: {error}");
+    }
+    app.stop().await;
+    assert!(
+        !logged("admin API request failed", "deliveries").is_empty(),
+        "the detail is logged"
+    );
 }

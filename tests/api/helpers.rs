@@ -387,6 +387,16 @@ impl TestApp {
             .expect("admin API answers")
     }
 
+    /// `GET` on the admin API with `Authorization: Bearer <token>`.
+    pub async fn admin_get_with_token(&self, path: &str, token: &str) -> reqwest::Response {
+        reqwest::Client::new()
+            .get(self.admin_url(path))
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("admin API answers")
+    }
+
     /// Graceful stop, as on SIGTERM.
     pub async fn stop(mut self) {
         if let Some(stop) = self.stop.take() {

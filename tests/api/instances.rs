@@ -25,6 +25,10 @@ impl Instance {
         Instance(child)
     }
 
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
     pub fn sigkill(mut self) {
         self.0.kill().unwrap();
         self.0.wait().unwrap();

@@ -9,6 +9,7 @@ mod instances;
 mod isolation;
 mod migrations;
 mod ordering;
+mod outbound;
 mod poison;
 mod reports;
 mod restart;

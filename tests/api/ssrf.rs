@@ -87,3 +87,47 @@ async fn a_host_name_resolving_to_a_forbidden_address_is_refused_at_connect_time
         "refused once, not retried"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_ipv4_and_other_special_purpose_ranges_are_refused_too() {
+    let env = TestEnv::new(1).await;
+    let brokers = [
+        ("a-benchmarking", "https://198.18.0.1/", "benchmarking"),
+        (
+            "b-ipv4-compatible",
+            "https://[::10.0.0.1]/",
+            "IPv4-compatible",
+        ),
+        ("c-nat64", "https://[64:ff9b::a00:1]/", "NAT64"),
+        ("d-6to4", "https://[2002:a00:1::1]/", "6to4"),
+        ("e-teredo", "https://[2001::a00:1]/", "Teredo"),
+        ("f-site-local", "https://[fec0::1]/", "site-local"),
+        (
+            "g-cgnat",
+            "https://100.64.0.1/",
+            "shared (carrier-grade NAT)",
+        ),
+        (
+            "h-mapped",
+            "https://[::ffff:169.254.169.254]/",
+            "link-local",
+        ),
+    ];
+    for (broker, url, _) in &brokers {
+        env.add_broker(broker, url).await;
+        env.subscribe(broker, "L1").await;
+    }
+    env.produce_event(Some("e1"), "L1", "matched").await;
+    let mut settings = env.settings();
+    settings.delivery.allowed_networks = Vec::new();
+    run_until_settled(&env, settings, brokers.len() as i64).await;
+
+    let reasons = dead_reasons(&env).await;
+    for ((broker, _, kind), (dead_broker, reason)) in brokers.iter().zip(&reasons) {
+        assert_eq!(broker, dead_broker);
+        assert!(
+            reason.starts_with("refused by the SSRF guard") && reason.contains(kind),
+            "{broker}: {reason}"
+        );
+    }
+}

@@ -9,6 +9,7 @@
 //! | `GET /brokers`                | per broker: circuit, in flight, pending, dead, last error |
 //! | `GET /dead-letters`           | like `dead-letters list` (`?broker=&since=&limit=`)     |
 //! | `POST /dead-letters/replay`   | like `dead-letters replay`; needs `Authorization: Bearer` |
+//! | `POST /brokers/{id}/backfill` | like `backfill` (`{"since", "until"?, "load"?, "dry_run"?}`); needs the bearer token |
 
 mod routes;
 
@@ -75,6 +76,10 @@ pub fn serve(listener: TcpListener, state: AdminState) -> std::io::Result<actix_
             .route("/brokers", web::get().to(routes::brokers))
             .route("/dead-letters", web::get().to(routes::dead_letters))
             .route("/dead-letters/replay", web::post().to(routes::replay))
+            .route(
+                "/brokers/{broker_id}/backfill",
+                web::post().to(routes::backfill),
+            )
     })
     .workers(1)
     .disable_signals()

@@ -8,7 +8,7 @@ use serde_json::json;
 
 use super::AdminState;
 use crate::actors::delivery_supervisor::BrokerSnapshots;
-use crate::ledger::{ReplayOutcome, ReplaySelector};
+use crate::ledger::{BackfillOutcome, BackfillRequest, ReplayOutcome, ReplaySelector};
 
 pub async fn healthz(state: web::Data<AdminState>) -> HttpResponse {
     match state.health.broken() {
@@ -149,6 +149,52 @@ pub async fn replay(
         ),
         Ok(ReplayOutcome::StillPending) => HttpResponse::Conflict()
             .json(json!({"error": "this delivery is still pending; it will be attempted without a replay"})),
+        Err(error) => server_error(error),
+    }
+}
+
+#[derive(Deserialize)]
+pub struct BackfillBody {
+    since: DateTime<Utc>,
+    until: Option<DateTime<Utc>>,
+    load: Option<String>,
+    #[serde(default)]
+    dry_run: bool,
+}
+
+/// Runs the whole backfill before answering. Each batch commits on its own, so a client that
+/// gives up early leaves a partial backfill that running it again completes; for windows of
+/// millions of events prefer the CLI.
+pub async fn backfill(
+    state: web::Data<AdminState>,
+    request: HttpRequest,
+    broker_id: web::Path<String>,
+    body: web::Json<BackfillBody>,
+) -> HttpResponse {
+    if let Some(refusal) = authorize(&state, &request) {
+        return refusal;
+    }
+    let body = body.into_inner();
+    if body.until.is_some_and(|until| until <= body.since) {
+        return HttpResponse::BadRequest()
+            .json(json!({"error": "`until` must be later than `since`"}));
+    }
+    let request = BackfillRequest {
+        broker_id: broker_id.into_inner(),
+        since: body.since,
+        until: body.until,
+        load_id: body.load,
+        dry_run: body.dry_run,
+    };
+    match state.ledger.backfill(&request).await {
+        Ok(BackfillOutcome::Done(summary)) => HttpResponse::Ok().json(summary),
+        Ok(BackfillOutcome::UnknownBroker) => {
+            HttpResponse::NotFound().json(json!({"error": "no such broker"}))
+        }
+        Ok(BackfillOutcome::BrokerDisabled { reason }) => HttpResponse::Conflict().json(json!({
+            "error": "the broker is disabled: re-enable it first, or its backfilled deliveries would only be dead-lettered",
+            "disabled_reason": reason,
+        })),
         Err(error) => server_error(error),
     }
 }

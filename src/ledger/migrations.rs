@@ -26,6 +26,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "attempt_indexes",
         include_str!("../../sql/0005_attempt_indexes.sql"),
     ),
+    (
+        8,
+        "events_by_consumed_at",
+        include_str!("../../sql/0008_events_by_consumed_at.sql"),
+    ),
 ];
 
 /// Arbitrary but fixed: the key of the advisory lock that serializes migrations.

@@ -1,10 +1,12 @@
 //! The Postgres ledger: the only module that speaks SQL. Every statement is parameterized; batch
 //! statements pass arrays through `unnest` so one poll batch is one round trip (docs/design.md 6).
 
+mod backfill;
 mod dead_letters;
 mod migrations;
 mod reports;
 
+pub use backfill::{BackfillOutcome, BackfillRequest, BackfillSummary, BACKFILL_SCAN_ROWS};
 pub use dead_letters::{DeadLetter, ReplayOutcome, ReplaySelector};
 pub use reports::{AttemptStory, BrokerStatus, DeliveryStory, DuplicateDelivery, EventStory};
 

@@ -89,18 +89,22 @@ async fn every_runbook_command_prints_what_the_runbook_says_against_a_running_in
             "the instance has something to talk about: {what}"
         );
     }
-    // The lag gauge is refreshed every 5 s.
+    // The polled gauges (lag, ledger totals, readiness) are refreshed every few seconds: wait
+    // for a refresh that saw the dead letters and the joined group.
     assert!(
-        eventually(Duration::from_secs(15), || async {
-            reqwest::get(format!("http://127.0.0.1:{admin_port}/metrics"))
+        eventually(Duration::from_secs(20), || async {
+            let metrics = reqwest::get(format!("http://127.0.0.1:{admin_port}/metrics"))
                 .await
                 .unwrap()
                 .text()
                 .await
-                .unwrap()
-                .contains("webhook_delivery_consumer_lag_messages{")
+                .unwrap();
+            metrics.contains("webhook_delivery_consumer_lag_messages{")
+                && metrics.contains("webhook_delivery_ready 1")
+                && !metrics.contains("webhook_delivery_dead_deliveries 0")
         })
-        .await
+        .await,
+        "the gauges were refreshed"
     );
 
     let binary_dir = std::path::Path::new(env!("CARGO_BIN_EXE_webhook-delivery"))

@@ -215,6 +215,28 @@ async fn the_admin_backfill_route_needs_the_token_and_backfills_a_late_subscript
         .await
         .unwrap();
     assert_eq!(unknown.status(), 404);
+    env.db
+        .execute(
+            "UPDATE brokers SET enabled = false WHERE broker_id = 'b1'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let disabled = http
+        .post(app.admin_url("/brokers/b1/backfill"))
+        .bearer_auth(TOKEN)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(disabled.status(), 409, "a disabled broker is refused");
+    env.db
+        .execute(
+            "UPDATE brokers SET enabled = true WHERE broker_id = 'b1'",
+            &[],
+        )
+        .await
+        .unwrap();
     let backfilled = http
         .post(app.admin_url("/brokers/b1/backfill"))
         .bearer_auth(TOKEN)
@@ -234,4 +256,84 @@ async fn the_admin_backfill_route_needs_the_token_and_backfills_a_late_subscript
         "both events of the late subscription arrive"
     );
     app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_window_is_walked_in_bounded_batches_within_since_and_until() {
+    let env = TestEnv::new(1).await;
+    env.add_broker("b1", "https://b1.example/hooks").await;
+    env.subscribe("b1", "L0").await;
+    env.subscribe("b1", "L1").await;
+    // 12,000 events consumed a second apart over the last few hours, a third of them of a load
+    // b1 does not subscribe to: three batches of BACKFILL_SCAN_ROWS.
+    env.db
+        .batch_execute(
+            "INSERT INTO events (idempotency_key, event_id, load_id, status, topic, kafka_partition,
+                                 kafka_offset, payload, consumed_at)
+             SELECT 'key-' || i, 'e' || i, 'L' || (i % 3), 'matched', 't', i % 2, i, '{}'::bytea,
+                    now() - interval '5 hours' + i * interval '1 second'
+             FROM generate_series(1, 12000) i",
+        )
+        .await
+        .unwrap();
+    let since = (Utc::now() - chrono::Duration::hours(6)).to_rfc3339();
+
+    let dry = json_output(&run_cli(
+        &env,
+        &[
+            "backfill",
+            "--broker",
+            "b1",
+            "--since",
+            &since,
+            "--dry-run",
+            "--json",
+        ],
+    ));
+    assert_eq!(dry["events_scanned"], 12_000, "{dry}");
+    assert_eq!(dry["deliveries_created"], 8_000, "{dry}");
+    assert_eq!(dry["batches"], 3, "{dry}");
+
+    // The first hour of events only: consumed_at in [since, until).
+    let first: chrono::DateTime<Utc> = env
+        .db
+        .query_one("SELECT min(consumed_at) FROM events", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let until = (first + chrono::Duration::hours(1)).to_rfc3339();
+    let first_hour = json_output(&run_cli(
+        &env,
+        &[
+            "backfill", "--broker", "b1", "--since", &since, "--until", &until, "--json",
+        ],
+    ));
+    assert_eq!(first_hour["events_scanned"], 3_600, "{first_hour}");
+    assert_eq!(first_hour["deliveries_created"], 2_400, "{first_hour}");
+
+    let all = json_output(&run_cli(
+        &env,
+        &["backfill", "--broker", "b1", "--since", &since, "--json"],
+    ));
+    assert_eq!(all["deliveries_created"], 5_600, "the rest, once: {all}");
+    assert_eq!(
+        env.count("SELECT count(*) FROM deliveries WHERE broker_id = 'b1' AND state = 'pending'")
+            .await,
+        8_000
+    );
+    assert_eq!(
+        env.count(
+            "SELECT count(*) FROM deliveries d JOIN events e USING (idempotency_key)
+             WHERE d.kafka_partition <> e.kafka_partition OR d.kafka_offset <> e.kafka_offset
+                OR d.load_id <> e.load_id"
+        )
+        .await,
+        0,
+        "each delivery has its event's partition, offset and load"
+    );
+    let again = json_output(&run_cli(
+        &env,
+        &["backfill", "--broker", "b1", "--since", &since, "--json"],
+    ));
+    assert_eq!(again["deliveries_created"], 0, "{again}");
 }

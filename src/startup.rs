@@ -188,18 +188,21 @@ async fn refresh_gauges(
     health: Health,
 ) {
     loop {
-        let database_answers = match ledger.delivery_totals().await {
+        match ledger.delivery_totals().await {
             Ok((pending, dead, oldest_pending_age_seconds)) => {
                 metrics.pending_deliveries.set(pending);
                 metrics.dead_deliveries.set(dead);
                 metrics.oldest_pending_age.set(oldest_pending_age_seconds);
-                true
             }
             Err(error) => {
-                tracing::warn!(error.message = %error, "could not refresh the pending/dead gauges");
-                false
+                tracing::warn!(error.message = %error, "could not refresh the pending/dead gauges")
             }
-        };
+        }
+        // The same test as /readyz, with the same bound on the database.
+        let database_answers = matches!(
+            tokio::time::timeout(admin::READY_DATABASE_TIMEOUT, ledger.ping()).await,
+            Ok(Ok(()))
+        );
         let ready = database_answers && health.joined() && health.broken().is_none();
         metrics.ready.set(i64::from(ready));
         let settings = kafka.clone();

@@ -24,6 +24,9 @@ use crate::actors::delivery_supervisor::DeliverySupervisor;
 use crate::ledger::Ledger;
 use crate::metrics::Metrics;
 
+/// How long Postgres may take to answer before `/readyz` (and the `ready` gauge) says not ready.
+pub const READY_DATABASE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// What `/readyz` and `/healthz` report: whether the consumer has joined its group, and whether
 /// something broke that only a restart mends (then both answer 503 and Kubernetes restarts the
 /// pod; nothing is lost, the ledger and the committed offsets carry over).

@@ -1,5 +1,3 @@
-use std::time::Duration;
-
 use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
 use chrono::{DateTime, Utc};
@@ -20,7 +18,7 @@ pub async fn healthz(state: web::Data<AdminState>) -> HttpResponse {
 }
 
 pub async fn readyz(state: web::Data<AdminState>) -> HttpResponse {
-    let database = tokio::time::timeout(Duration::from_secs(2), state.ledger.ping()).await;
+    let database = tokio::time::timeout(super::READY_DATABASE_TIMEOUT, state.ledger.ping()).await;
     if let Some(reason) = state.health.broken() {
         return HttpResponse::ServiceUnavailable()
             .json(json!({"status": "not ready", "reason": reason}));

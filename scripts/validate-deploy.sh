@@ -3,7 +3,8 @@
 #   - Kubernetes manifests against the API schemas (kubernetes-validate, strict: unknown fields
 #     fail), the ServiceMonitor against a schema of its CRD, and the cross-checks of
 #     scripts/check-deploy.py (ConfigMap = config/base.toml, shutdown timings, runbook links);
-#   - Prometheus rules: `promtool check rules`, then the unit tests `promtool test rules`.
+#   - Prometheus rules: `promtool check rules`, then the unit tests `promtool test rules`;
+#   - the Grafana dashboard's queries: parsed by `promtool check rules` as recording rules.
 # Tools: a Python venv under $WD_CACHE_DIR (default ~/.cache/webhook-delivery), promtool from
 # Debian's `prometheus` package.
 set -euo pipefail
@@ -30,5 +31,10 @@ manifests=(deploy/kubernetes/{deployment,service,configmap,secret,poddisruptionb
 "$VENV/bin/kubernetes-validate" --strict --quiet "${manifests[@]}"
 "$VENV/bin/python" scripts/check-deploy.py
 promtool check rules deploy/prometheus/alerts.yml
+# The dashboard's queries, as recording rules, so their PromQL is checked too.
+dashboard_rules=$(mktemp --suffix=.yml)
+trap 'rm -f "$dashboard_rules"' EXIT
+scripts/dashboard-rules.py >"$dashboard_rules"
+promtool check rules "$dashboard_rules"
 promtool test rules deploy/prometheus/alerts.test.yml
 echo "deploy/ is valid"

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh machine: bring up Postgres and Kafka, check formatting and
-# lints, run every unit and integration test against the real services, then a smoke run of the
-# benchmark harness (correctness only: nothing lost, nothing duplicated; no timing asserts).
+# lints, validate deploy/ (Kubernetes schemas, promtool rule tests), run every unit and integration
+# test against the real services (including the runbook checker and the check that every metric
+# the alerts and the dashboard use is exported), then a smoke run of the benchmark harness
+# (correctness only: nothing lost, nothing duplicated; no timing asserts).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/services.sh
@@ -14,6 +16,7 @@ psql -h 127.0.0.1 -U postgres -d test -Atc \
 cargo fmt --all -- --check
 cargo clippy --all-targets --features fault-injection --quiet -- -D warnings
 cargo clippy -p webhook-delivery-bench --all-targets --quiet -- -D warnings
+scripts/validate-deploy.sh
 cargo test --all-targets --features fault-injection
 cargo test -p webhook-delivery-bench --quiet
 scripts/bench.sh --smoke

@@ -1,4 +1,4 @@
-//! Command line: `serve`, `migrate`, `dead-letters`, `status` and `report`.
+//! Command line: `serve`, `migrate`, `dead-letters`, `backfill`, `status` and `report`.
 
 mod report;
 mod status;
@@ -10,7 +10,10 @@ use std::path::PathBuf;
 use chrono::{DateTime, Utc};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::ledger::{DeadLetter, Ledger, LedgerError, ReplayOutcome, ReplaySelector};
+use crate::ledger::{
+    BackfillOutcome, BackfillRequest, DeadLetter, Ledger, LedgerError, ReplayOutcome,
+    ReplaySelector,
+};
 
 pub use report::report;
 pub use status::status;
@@ -39,6 +42,17 @@ pub enum Command {
     /// Inspect and replay deliveries that were given up on.
     #[command(subcommand)]
     DeadLetters(DeadLettersCommand),
+    /// Create the deliveries a broker missed while it was disabled or not yet subscribed.
+    ///
+    /// For every event consumed in the window (from the ledger's `events` table) of a load the
+    /// broker subscribes to now, creates the missing delivery: same webhook-id and
+    /// webhook-sequence as a normal claim would have given it. Existing deliveries (delivered,
+    /// dead or pending) are left alone, so running it twice creates nothing the second time.
+    /// The new deliveries are sent within a few seconds by the running service, in offset order
+    /// per load; a load's later events that were already delivered are not held back, so the
+    /// broker can receive a lower webhook-sequence than the last one (webhook contract §4).
+    /// Only events the ledger still holds can be backfilled. The broker must be enabled.
+    Backfill(BackfillArgs),
     /// Where are we: consumer lag per partition, backlog and circuit state per broker.
     ///
     /// Reads Kafka and the ledger directly, so it works whether or not this instance is running.
@@ -53,6 +67,28 @@ pub struct MigrateArgs {
     /// Stop after this migration version (staged rollouts; tests). Default: apply all.
     #[arg(long)]
     pub to: Option<i32>,
+}
+
+#[derive(Debug, Args)]
+pub struct BackfillArgs {
+    /// The broker that missed deliveries (brokers.broker_id).
+    #[arg(long)]
+    pub broker: String,
+    /// Events consumed at or after this time (RFC 3339, e.g. 2026-11-25T02:00:00Z).
+    #[arg(long)]
+    pub since: DateTime<Utc>,
+    /// Events consumed before this time (RFC 3339). Default: when the backfill starts.
+    #[arg(long)]
+    pub until: Option<DateTime<Utc>>,
+    /// Only the events of this load.
+    #[arg(long)]
+    pub load: Option<String>,
+    /// Count the deliveries that would be created; create nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// One JSON object instead of a sentence.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -151,6 +187,13 @@ pub enum CliError {
          yet, or it was not a valid event (see the rejected_messages table)"
     )]
     UnknownEvent(String),
+    #[error("broker `{0}` does not exist (no row in the brokers table)")]
+    UnknownBroker(String),
+    #[error(
+        "broker `{broker}` is disabled ({reason}): re-enable it first, or its backfilled \
+         deliveries would only be dead-lettered"
+    )]
+    BrokerDisabled { broker: String, reason: String },
     #[error("could not write the output")]
     Output(#[source] std::io::Error),
 }
@@ -219,6 +262,49 @@ pub async fn dead_letters(ledger: &Ledger, command: DeadLettersCommand) -> Resul
         }
     }
     Ok(())
+}
+
+pub async fn backfill(ledger: &Ledger, args: BackfillArgs) -> Result<(), CliError> {
+    if let Some(until) = args.until.filter(|until| *until <= args.since) {
+        return Err(CliError::EmptyWindow {
+            since: args.since,
+            until,
+        });
+    }
+    let request = BackfillRequest {
+        broker_id: args.broker.clone(),
+        since: args.since,
+        until: args.until,
+        load_id: args.load,
+        dry_run: args.dry_run,
+    };
+    let summary = match ledger.backfill(&request).await? {
+        BackfillOutcome::Done(summary) => summary,
+        BackfillOutcome::UnknownBroker => return Err(CliError::UnknownBroker(args.broker)),
+        BackfillOutcome::BrokerDisabled { reason } => {
+            return Err(CliError::BrokerDisabled {
+                broker: args.broker,
+                reason: reason.unwrap_or_else(|| "no reason recorded".to_owned()),
+            })
+        }
+    };
+    let text = if args.json {
+        format!(
+            "{}\n",
+            serde_json::to_string(&summary).expect("a summary serializes")
+        )
+    } else if summary.dry_run {
+        format!(
+            "dry run: {} deliveries would be created for broker {} ({} events scanned, {} of subscribed loads); nothing was written\n",
+            summary.deliveries_created, summary.broker_id, summary.events_scanned, summary.events_subscribed
+        )
+    } else {
+        format!(
+            "created {} deliveries for broker {} ({} events scanned, {} of subscribed loads); a running service sends them within a few seconds\n",
+            summary.deliveries_created, summary.broker_id, summary.events_scanned, summary.events_subscribed
+        )
+    };
+    emit(&text)
 }
 
 fn print_table(letters: &[DeadLetter]) {

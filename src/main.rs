@@ -51,6 +51,9 @@ fn main() -> ExitCode {
                 Command::DeadLetters(command) => {
                     cli::dead_letters(&connect(&settings)?, command).await?;
                 }
+                Command::Backfill(args) => {
+                    cli::backfill(&connect(&settings)?, args).await?;
+                }
                 Command::Status(args) => {
                     kafka_properties::check(&settings.kafka)?;
                     cli::status(&settings, &connect(&settings)?, args).await?;

@@ -2,8 +2,8 @@
 //! Names follow Prometheus conventions: `_total` counters, base units (`_seconds`).
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Gauge, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 pub struct Metrics {
@@ -20,6 +20,8 @@ pub struct Metrics {
     pub pending_deliveries: IntGauge,
     pub dead_deliveries: IntGauge,
     pub actor_restarts: IntCounterVec,
+    pub oldest_pending_age: Gauge,
+    pub ready: IntGauge,
 }
 
 impl Metrics {
@@ -50,8 +52,25 @@ impl Metrics {
             "Dead-lettered deliveries (whole ledger).",
         )
         .expect("valid metric");
+        let oldest_pending_age = Gauge::new(
+            "oldest_pending_age_seconds",
+            "Age of the oldest pending delivery (whole ledger; 0 when none). Retries make it grow \
+             up to the retry schedule's length on their own.",
+        )
+        .expect("valid metric");
+        let ready = IntGauge::new(
+            "ready",
+            "1 when this instance is ready as /readyz judges it (Postgres answers, group joined, \
+             nothing broken), else 0.",
+        )
+        .expect("valid metric");
+        for metric in [&pending_deliveries, &ready] {
+            registry
+                .register(Box::new(metric.clone()))
+                .expect("registered once");
+        }
         registry
-            .register(Box::new(pending_deliveries.clone()))
+            .register(Box::new(oldest_pending_age.clone()))
             .expect("registered once");
         registry
             .register(Box::new(dead_deliveries.clone()))
@@ -70,7 +89,7 @@ impl Metrics {
         registry
             .register(Box::new(attempt_duration.clone()))
             .expect("registered once");
-        Metrics {
+        let metrics = Metrics {
             messages_consumed: counter(
                 &registry,
                 "messages_consumed_total",
@@ -128,8 +147,17 @@ impl Metrics {
                 "Actors restarted by their supervisor after a contained panic.",
                 &["actor"],
             ),
+            oldest_pending_age,
+            ready,
             registry,
+        };
+        // Series that exist from the start read 0 rather than absent, so an alert on
+        // `increase(...)` also fires on the very first delivery gone dead or actor restart.
+        for outcome in ["delivered", "retry", "dead"] {
+            metrics.deliveries.with_label_values(&[outcome]);
         }
+        metrics.actor_restarts.with_label_values(&["delivery"]);
+        metrics
     }
 
     /// The Prometheus text exposition of every metric.

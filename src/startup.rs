@@ -151,6 +151,7 @@ impl Application {
             settings.kafka.clone(),
             leases.clone(),
             metrics.clone(),
+            health.clone(),
         ));
         let consumer = match KafkaConsumer::start(&settings.kafka, partitions.clone(), health) {
             Ok(consumer) => consumer,
@@ -195,24 +196,34 @@ impl Application {
     }
 }
 
-/// Keeps the polled gauges current: pending and dead deliveries (both counts use partial
-/// indexes) and the consumer lag of the partitions this instance holds.
+/// Keeps the polled gauges current: pending and dead deliveries and the oldest pending age
+/// (one query over partial indexes), the consumer lag of the partitions this instance holds,
+/// and readiness as `/readyz` judges it (so an alert sees a pod that is up but not ready).
 async fn refresh_gauges(
     ledger: Ledger,
     kafka: crate::config::KafkaSettings,
     leases: LeaseBook,
     metrics: Arc<Metrics>,
+    health: Health,
 ) {
     loop {
         match ledger.delivery_totals().await {
-            Ok((pending, dead)) => {
+            Ok((pending, dead, oldest_pending_age_seconds)) => {
                 metrics.pending_deliveries.set(pending);
                 metrics.dead_deliveries.set(dead);
+                metrics.oldest_pending_age.set(oldest_pending_age_seconds);
             }
             Err(error) => {
                 tracing::warn!(error.message = %error, "could not refresh the pending/dead gauges")
             }
         }
+        // The same test as /readyz, with the same bound on the database.
+        let database_answers = matches!(
+            tokio::time::timeout(admin::READY_DATABASE_TIMEOUT, ledger.ping()).await,
+            Ok(Ok(()))
+        );
+        let ready = database_answers && health.joined() && health.broken().is_none();
+        metrics.ready.set(i64::from(ready));
         let settings = kafka.clone();
         let offsets = actix_rt::task::spawn_blocking(move || {
             crate::offsets::partition_offsets(&settings, Duration::from_secs(5))

@@ -9,6 +9,7 @@
 //! | `GET /brokers`                | per broker: circuit, in flight, pending, dead, last error |
 //! | `GET /dead-letters`           | like `dead-letters list` (`?broker=&since=&limit=`)     |
 //! | `POST /dead-letters/replay`   | like `dead-letters replay`; needs `Authorization: Bearer` |
+//! | `POST /brokers/{id}/backfill` | like `backfill` (`{"since", "until"?, "load"?, "dry_run"?}`); needs the bearer token |
 //!
 //! `/brokers` and `/dead-letters` show event ids, load ids and broker response bodies: when
 //! `admin.token` is set they need the bearer token too. The probes and `/metrics` stay open.
@@ -27,6 +28,9 @@ use actix_web::{web, App, HttpServer};
 use crate::actors::delivery_supervisor::DeliverySupervisor;
 use crate::ledger::Ledger;
 use crate::metrics::Metrics;
+
+/// How long Postgres may take to answer before `/readyz` (and the `ready` gauge) says not ready.
+pub const READY_DATABASE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// What `/readyz` and `/healthz` report: whether the consumer has joined its group, and whether
 /// something broke that only a restart mends (then both answer 503 and Kubernetes restarts the
@@ -81,6 +85,10 @@ pub fn serve(listener: TcpListener, state: AdminState) -> std::io::Result<actix_
             .route("/brokers", web::get().to(routes::brokers))
             .route("/dead-letters", web::get().to(routes::dead_letters))
             .route("/dead-letters/replay", web::post().to(routes::replay))
+            .route(
+                "/brokers/{broker_id}/backfill",
+                web::post().to(routes::backfill),
+            )
     })
     .workers(1)
     .disable_signals()

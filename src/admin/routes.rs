@@ -1,5 +1,3 @@
-use std::time::Duration;
-
 use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
 use chrono::{DateTime, Utc};
@@ -8,7 +6,9 @@ use serde_json::json;
 
 use super::AdminState;
 use crate::actors::delivery_supervisor::BrokerSnapshots;
-use crate::ledger::{LedgerError, ReplayOutcome, ReplaySelector};
+use crate::ledger::{
+    BackfillOutcome, BackfillRequest, LedgerError, ReplayOutcome, ReplaySelector,
+};
 
 pub async fn healthz(state: web::Data<AdminState>) -> HttpResponse {
     match state.health.broken() {
@@ -20,7 +20,7 @@ pub async fn healthz(state: web::Data<AdminState>) -> HttpResponse {
 }
 
 pub async fn readyz(state: web::Data<AdminState>) -> HttpResponse {
-    let database = tokio::time::timeout(Duration::from_secs(2), state.ledger.ping()).await;
+    let database = tokio::time::timeout(super::READY_DATABASE_TIMEOUT, state.ledger.ping()).await;
     if let Some(reason) = state.health.broken() {
         return HttpResponse::ServiceUnavailable()
             .json(json!({"status": "not ready", "reason": reason}));
@@ -216,6 +216,63 @@ pub async fn replay(
         ),
         Ok(ReplayOutcome::StillPending) => HttpResponse::Conflict()
             .json(json!({"error": "this delivery is still pending; it will be attempted without a replay"})),
+        Err(error) => server_error(error),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BackfillBody {
+    since: DateTime<Utc>,
+    until: Option<DateTime<Utc>>,
+    load: Option<String>,
+    #[serde(default)]
+    dry_run: bool,
+}
+
+impl BackfillBody {
+    fn parse(self, broker_id: String) -> Result<BackfillRequest, String> {
+        if self.until.is_some_and(|until| until <= self.since) {
+            return Err("`until` must be later than `since`".to_owned());
+        }
+        Ok(BackfillRequest {
+            broker_id: checked_broker(broker_id)?,
+            since: self.since,
+            until: self.until,
+            load_id: self.load,
+            dry_run: self.dry_run,
+        })
+    }
+}
+
+/// Runs the whole backfill before answering. Each batch commits on its own, so a client that
+/// gives up early leaves a partial backfill that running it again completes; for windows of
+/// millions of events prefer the CLI. Like replay, the body is parsed only after the token check.
+pub async fn backfill(
+    state: web::Data<AdminState>,
+    request: HttpRequest,
+    broker_id: web::Path<String>,
+    body: web::Bytes,
+) -> HttpResponse {
+    if let Some(refusal) = authorize(&state, &request) {
+        return refusal;
+    }
+    let request = serde_json::from_slice::<BackfillBody>(&body)
+        .map_err(|error| format!("invalid JSON body: {error}"))
+        .and_then(|body| body.parse(broker_id.into_inner()));
+    let request = match request {
+        Ok(request) => request,
+        Err(message) => return bad_request(message),
+    };
+    match state.ledger.backfill(&request).await {
+        Ok(BackfillOutcome::Done(summary)) => HttpResponse::Ok().json(summary),
+        Ok(BackfillOutcome::UnknownBroker) => {
+            HttpResponse::NotFound().json(json!({"error": "no such broker"}))
+        }
+        Ok(BackfillOutcome::BrokerDisabled { reason }) => HttpResponse::Conflict().json(json!({
+            "error": "the broker is disabled: re-enable it first, or its backfilled deliveries would only be dead-lettered",
+            "disabled_reason": reason,
+        })),
         Err(error) => server_error(error),
     }
 }

@@ -165,7 +165,8 @@ fn render_story(story: &EventStory) -> String {
     );
     if story.deliveries.is_empty() {
         out.push_str(
-            "\nno deliveries: no enabled broker was subscribed to this load when the event was consumed\n",
+            "\nno deliveries: no enabled broker was subscribed to this load when the event was consumed \
+             (`webhook-delivery backfill` creates a broker's missed deliveries)\n",
         );
     }
     for delivery in &story.deliveries {

@@ -66,6 +66,12 @@ const MIGRATIONS: &[Migration] = &[
         mode: Mode::Transactional,
     },
     Migration {
+        version: 8,
+        name: "events_by_consumed_at",
+        sql: include_str!("../../sql/0008_events_by_consumed_at.sql"),
+        mode: Mode::Online,
+    },
+    Migration {
         version: 12,
         name: "dead_letters_by_time",
         sql: include_str!("../../sql/0012_dead_letters_by_time.sql"),

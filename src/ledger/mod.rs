@@ -1,11 +1,13 @@
 //! The Postgres ledger: the only module that speaks SQL. Every statement is parameterized; batch
 //! statements pass arrays through `unnest` so one poll batch is one round trip (docs/design.md 6).
 
+mod backfill;
 mod dead_letters;
 mod migrations;
 mod reports;
 mod tls;
 
+pub use backfill::{BackfillOutcome, BackfillRequest, BackfillSummary, BACKFILL_SCAN_ROWS};
 pub use dead_letters::{DeadLetter, ReplayOutcome, ReplaySelector};
 pub use migrations::{
     known_schema_versions, latest_schema_version, SchemaStatus, REQUIRED_SCHEMA_VERSION,

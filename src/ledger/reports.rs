@@ -86,18 +86,20 @@ pub struct AttemptStory {
 }
 
 impl Ledger {
-    /// Pending and dead deliveries in the whole ledger (gauges).
-    pub async fn delivery_totals(&self) -> Result<(i64, i64), LedgerError> {
+    /// Pending and dead deliveries in the whole ledger, and the age in seconds of the oldest
+    /// pending one (0 when none): gauges.
+    pub async fn delivery_totals(&self) -> Result<(i64, i64, f64), LedgerError> {
         let row = self
             .client()
             .await?
             .query_one(
-                "SELECT count(*) FILTER (WHERE state = 'pending'), count(*) FILTER (WHERE state = 'dead')
+                "SELECT count(*) FILTER (WHERE state = 'pending'), count(*) FILTER (WHERE state = 'dead'),
+                        COALESCE(EXTRACT(EPOCH FROM now() - min(created_at) FILTER (WHERE state = 'pending')), 0)::float8
                  FROM deliveries WHERE state IN ('pending', 'dead')",
                 &[],
             )
             .await?;
-        Ok((row.get(0), row.get(1)))
+        Ok((row.get(0), row.get(1), row.get(2)))
     }
 
     /// Every broker, in id order, with its breaker state and backlog. Brokers that still have

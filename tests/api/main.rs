@@ -1,9 +1,11 @@
 mod admin;
+mod backfill;
 mod circuit_breaker;
 mod classification;
 mod cli;
 mod dead_letters;
 mod delivery;
+mod deploy;
 mod helpers;
 mod instances;
 mod isolation;

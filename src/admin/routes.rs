@@ -6,9 +6,7 @@ use serde_json::json;
 
 use super::AdminState;
 use crate::actors::delivery_supervisor::BrokerSnapshots;
-use crate::ledger::{
-    BackfillOutcome, BackfillRequest, LedgerError, ReplayOutcome, ReplaySelector,
-};
+use crate::ledger::{BackfillOutcome, BackfillRequest, LedgerError, ReplayOutcome, ReplaySelector};
 
 pub async fn healthz(state: web::Data<AdminState>) -> HttpResponse {
     match state.health.broken() {

@@ -232,7 +232,7 @@ async fn apply_pending(
             }
             Mode::Online => {
                 for statement in online_statements(migration.sql) {
-                    client.batch_execute(statement).await.map_err(failed)?;
+                    client.batch_execute(&statement).await.map_err(failed)?;
                 }
                 client
                     .execute(
@@ -254,15 +254,17 @@ async fn apply_pending(
 
 /// The statements of an online migration, each sent on its own: several statements in one
 /// query string would run as one implicit transaction, where `CONCURRENTLY` is not allowed.
-/// Online migrations hold plain DDL statements only, one per `;`-terminated line group.
-fn online_statements(sql: &str) -> Vec<&str> {
-    sql.split(';')
-        .map(str::trim)
-        .filter(|statement| {
-            statement
-                .lines()
-                .any(|line| !line.trim().is_empty() && !line.trim_start().starts_with("--"))
-        })
+/// Online migrations hold plain DDL only: `--` comments are dropped first (they may contain
+/// `;`), then the text is split at each `;`.
+fn online_statements(sql: &str) -> Vec<String> {
+    let code: String = sql
+        .lines()
+        .map(|line| line.split("--").next().unwrap_or_default())
+        .collect::<Vec<_>>()
+        .join("\n");
+    code.split(';')
+        .map(|statement| statement.trim().to_owned())
+        .filter(|statement| !statement.is_empty())
         .collect()
 }
 
@@ -285,14 +287,9 @@ mod tests {
     fn online_migrations_only_use_concurrent_index_statements() {
         for migration in MIGRATIONS.iter().filter(|m| m.mode == Mode::Online) {
             for statement in online_statements(migration.sql) {
-                let code: String = statement
-                    .lines()
-                    .filter(|line| !line.trim_start().starts_with("--"))
-                    .collect::<Vec<_>>()
-                    .join(" ");
                 assert!(
-                    code.contains("INDEX CONCURRENTLY") && code.contains("EXISTS"),
-                    "migration {} statement is not a repeatable concurrent index change: {code}",
+                    statement.contains("INDEX CONCURRENTLY") && statement.contains("EXISTS"),
+                    "migration {} statement is not a repeatable concurrent index change: {statement}",
                     migration.version
                 );
             }
@@ -300,13 +297,13 @@ mod tests {
     }
 
     #[test]
-    fn online_statements_skip_comments_and_blank_tails() {
-        let sql = "-- why\nDROP INDEX CONCURRENTLY IF EXISTS a;\n-- build\nCREATE INDEX CONCURRENTLY IF NOT EXISTS a ON t (x);\n";
+    fn online_statements_drop_comments_before_splitting() {
+        let sql = "-- why; with a semicolon\nDROP INDEX CONCURRENTLY IF EXISTS a;\n-- build\nCREATE INDEX CONCURRENTLY IF NOT EXISTS a\n    ON t (x); -- trailing\n";
         assert_eq!(
             online_statements(sql),
             vec![
-                "-- why\nDROP INDEX CONCURRENTLY IF EXISTS a",
-                "-- build\nCREATE INDEX CONCURRENTLY IF NOT EXISTS a ON t (x)"
+                "DROP INDEX CONCURRENTLY IF EXISTS a",
+                "CREATE INDEX CONCURRENTLY IF NOT EXISTS a\n    ON t (x)"
             ]
         );
     }

@@ -58,7 +58,11 @@ fn main() -> ExitCode {
 }
 
 fn connect(settings: &Settings) -> Result<Ledger, webhook_delivery::ledger::LedgerError> {
-    Ledger::connect_lazy(&settings.postgres.url, settings.postgres.pool_size)
+    Ledger::connect_lazy_bounded(
+        &settings.postgres.url,
+        settings.postgres.pool_size,
+        settings.postgres.time_bounds(),
+    )
 }
 
 /// Prints the error with its whole `source` chain: the 2am reader needs the root cause.

@@ -20,6 +20,9 @@ pub struct Metrics {
     pub pending_deliveries: IntGauge,
     pub dead_deliveries: IntGauge,
     pub actor_restarts: IntCounterVec,
+    pub partition_stalled: IntGaugeVec,
+    pub outcome_write_stalled: IntGaugeVec,
+    pub ledger_errors: IntCounterVec,
 }
 
 impl Metrics {
@@ -127,6 +130,24 @@ impl Metrics {
                 "actor_restarts_total",
                 "Actors restarted by their supervisor after a contained panic.",
                 &["actor"],
+            ),
+            partition_stalled: gauge(
+                &registry,
+                "partition_stalled",
+                "1 while a partition has lag and its committed offset has not moved for kafka.stall_after_ms.",
+                &["partition"],
+            ),
+            outcome_write_stalled: gauge(
+                &registry,
+                "outcome_write_stalled",
+                "1 while a broker's attempt outcomes could not be written for kafka.stall_after_ms.",
+                &["broker_id"],
+            ),
+            ledger_errors: counter(
+                &registry,
+                "ledger_errors_total",
+                "Failed ledger calls by operation and kind: retryable (retried), data (rows set aside), other.",
+                &["operation", "kind"],
             ),
             registry,
         }

@@ -10,7 +10,7 @@ use actix::Actor;
 
 use crate::actors::delivery::DeliveryDeps;
 use crate::actors::delivery_supervisor::{DeliverySupervisor, DrainDeliveries};
-use crate::actors::idempotency::IdempotencyActor;
+use crate::actors::idempotency::{IdempotencyActor, LedgerWatch};
 use crate::actors::partition::PartitionDeps;
 use crate::actors::partition_supervisor::{PartitionSupervisor, StopPartitions};
 use crate::admin::{self, AdminState, Health};
@@ -19,6 +19,7 @@ use crate::kafka::{ConsumerError, KafkaConsumer};
 use crate::lease::LeaseBook;
 use crate::ledger::{Ledger, LedgerError};
 use crate::metrics::Metrics;
+use crate::stall::{PartitionStalls, StallBook};
 
 /// How often the ledger-wide gauges (pending, dead) are refreshed.
 const GAUGE_REFRESH: Duration = Duration::from_secs(5);
@@ -47,7 +48,11 @@ pub struct Application {
 impl Application {
     /// Connects to Postgres, applies pending migrations and binds the admin port.
     pub async fn build(settings: Settings) -> Result<Application, StartupError> {
-        let ledger = Ledger::connect_lazy(&settings.postgres.url, settings.postgres.pool_size)?;
+        let ledger = Ledger::connect_lazy_bounded(
+            &settings.postgres.url,
+            settings.postgres.pool_size,
+            settings.postgres.time_bounds(),
+        )?;
         let applied = ledger.migrate().await?;
         if !applied.is_empty() {
             tracing::info!(versions = ?applied, "ledger migrations applied");
@@ -94,7 +99,17 @@ impl Application {
         let metrics = Arc::new(Metrics::new());
         let health = Health::default();
         let leases = LeaseBook::default();
-        let ledger_actor = IdempotencyActor::new(ledger.clone()).start();
+        let stalls = StallBook::default();
+        let ledger_actor = IdempotencyActor::new(
+            ledger.clone(),
+            LedgerWatch {
+                metrics: metrics.clone(),
+                health: health.clone(),
+                stalls: stalls.clone(),
+                stall_after: settings.kafka.stall_after(),
+            },
+        )
+        .start();
         let deliveries = DeliverySupervisor::new(DeliveryDeps {
             ledger: ledger_actor.clone(),
             leases: leases.clone(),
@@ -113,7 +128,7 @@ impl Application {
             instance_id: instance_id.clone(),
             lease: settings.postgres.lease(),
             request_timeout: settings.delivery.request_timeout(),
-            max_message_bytes: settings.delivery.max_message_bytes,
+            event_limits: settings.delivery.event_limits(),
             max_batch_messages: settings.kafka.max_batch_messages,
             metrics: metrics.clone(),
             health: health.clone(),
@@ -140,6 +155,7 @@ impl Application {
             settings.kafka.clone(),
             leases.clone(),
             metrics.clone(),
+            PartitionStalls::new(stalls, health.clone(), settings.kafka.stall_after()),
         ));
         let consumer = KafkaConsumer::start(&settings.kafka, partitions.clone(), health)?;
         tracing::info!(
@@ -177,12 +193,14 @@ impl Application {
 }
 
 /// Keeps the polled gauges current: pending and dead deliveries (both counts use partial
-/// indexes) and the consumer lag of the partitions this instance holds.
+/// indexes) and the consumer lag of the partitions this instance holds, and watches those
+/// partitions for stalls.
 async fn refresh_gauges(
     ledger: Ledger,
     kafka: crate::config::KafkaSettings,
     leases: LeaseBook,
     metrics: Arc<Metrics>,
+    mut stalls: PartitionStalls,
 ) {
     loop {
         match ledger.delivery_totals().await {
@@ -209,6 +227,7 @@ async fn refresh_gauges(
                         .with_label_values(&[partition.partition.to_string()])
                         .set(partition.lag);
                 }
+                stalls.observe(&offsets, &held, &metrics);
             }
             Ok(Err(error)) => {
                 tracing::warn!(error.message = %error, "could not read partition offsets for the lag gauge")

@@ -29,6 +29,11 @@ pub enum LedgerError {
     Pool(#[source] deadpool_postgres::PoolError),
     #[error("database query failed: {}", describe(.0))]
     Query(#[from] tokio_postgres::Error),
+    #[error("the database did not answer `{operation}` within {after:?}")]
+    TimedOut {
+        operation: &'static str,
+        after: Duration,
+    },
     #[error("migration {version} failed")]
     Migration {
         version: i32,
@@ -37,27 +42,109 @@ pub enum LedgerError {
     },
 }
 
-impl LedgerError {
-    /// Retryable errors are the database being away or busy; callers back off and try again
-    /// (never skip). Anything else is a bug or a broken schema and is worth a loud log.
-    pub fn is_retryable(&self) -> bool {
+/// What a ledger error means for the caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The database is away, busy or was interrupted: back off and try the same thing again.
+    Retryable,
+    /// The database refused these values (SQLSTATE classes 22, 23, 54): trying again fails the
+    /// same way. Split the batch and set the offending rows aside.
+    Data,
+    /// Anything else: a bug or a broken schema. Retried with backoff (skipping could lose
+    /// events), and loud in the log.
+    Other,
+}
+
+impl ErrorKind {
+    /// The `kind` label of `webhook_delivery_ledger_errors_total`.
+    pub fn as_str(self) -> &'static str {
         match self {
-            LedgerError::Pool(_) => true,
-            LedgerError::Query(e) => {
-                e.is_closed()
-                    || e.as_db_error().is_none_or(|db| {
-                        let code = db.code().code();
-                        // 08: connection exception, 40: transaction rollback (serialization, deadlock),
-                        // 53: insufficient resources, 57P: operator intervention (e.g. shutdown).
-                        code.starts_with("08")
-                            || code.starts_with("40")
-                            || code.starts_with("53")
-                            || code.starts_with("57P")
-                    })
-            }
-            _ => false,
+            ErrorKind::Retryable => "retryable",
+            ErrorKind::Data => "data",
+            ErrorKind::Other => "other",
         }
     }
+}
+
+/// Unique constraints that a claim races on by design: two claims of the same event resolve
+/// through `ON CONFLICT`, so a violation of one of these is a race to retry, not bad data.
+const IDEMPOTENCY_CONSTRAINTS: &[&str] =
+    &["events_pkey", "deliveries_idempotency_key_broker_id_key"];
+
+/// Classifies a SQLSTATE (and the constraint it names, if any). Pure, for unit tests.
+pub fn classify_sqlstate(code: &str, constraint: Option<&str>) -> ErrorKind {
+    let class = code.get(..2).unwrap_or("");
+    match class {
+        // 08 connection, 40 serialization/deadlock, 53 insufficient resources, 57 operator
+        // intervention (admin shutdown, crash shutdown, statement_timeout/cancel), 55P03 lock
+        // not available, 58 system error (I/O).
+        "08" | "40" | "53" | "57" | "58" => ErrorKind::Retryable,
+        "55" if code == "55P03" => ErrorKind::Retryable,
+        "23" if code == "23505"
+            && constraint.is_some_and(|c| IDEMPOTENCY_CONSTRAINTS.contains(&c)) =>
+        {
+            ErrorKind::Retryable
+        }
+        // 22 data exception (NUL in text, bad encoding, out of range), 23 integrity constraint,
+        // 54 program limit exceeded (index row too large).
+        "22" | "23" | "54" => ErrorKind::Data,
+        _ => ErrorKind::Other,
+    }
+}
+
+impl LedgerError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            LedgerError::Pool(_) | LedgerError::TimedOut { .. } => ErrorKind::Retryable,
+            LedgerError::Query(e) => match e.as_db_error() {
+                Some(db) => classify_sqlstate(db.code().code(), db.constraint()),
+                // No server error: the connection broke or the client could not encode a
+                // value. A closed connection is retryable; an encoding error is data.
+                None if e.is_closed() => ErrorKind::Retryable,
+                None if std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>()) => {
+                    ErrorKind::Retryable
+                }
+                None => ErrorKind::Other,
+            },
+            LedgerError::InvalidUrl(_)
+            | LedgerError::PoolBuild(_)
+            | LedgerError::Migration { .. } => ErrorKind::Other,
+        }
+    }
+
+    /// Retryable errors are the database being away or busy; callers back off and try again
+    /// (never skip). Anything else is a bug, a broken schema or bad data and is worth a loud log.
+    pub fn is_retryable(&self) -> bool {
+        self.kind() == ErrorKind::Retryable
+    }
+}
+
+/// Time bounds on every database call (config `[postgres]`).
+#[derive(Debug, Clone, Copy)]
+pub struct TimeBounds {
+    /// Sent as the session's `statement_timeout`.
+    pub statement_timeout: Duration,
+    /// Client-side bound on each call, waiting for a connection included.
+    pub call_timeout: Duration,
+    /// TCP keepalive idle time.
+    pub keepalive_idle: Duration,
+}
+
+impl TimeBounds {
+    /// The defaults of config/base.toml, for tools and tests without settings.
+    pub const DEFAULT: TimeBounds = TimeBounds {
+        statement_timeout: Duration::from_secs(15),
+        call_timeout: Duration::from_secs(20),
+        keepalive_idle: Duration::from_secs(30),
+    };
+}
+
+/// Text columns get what is stored here: storable (no NUL, no control characters) and capped,
+/// whatever the caller passed. The cap keeps one bad answer from bloating the ledger.
+const STORED_TEXT_CAP: usize = 8 * 1024;
+
+fn stored(text: &str) -> std::borrow::Cow<'_, str> {
+    crate::storable::storable(text, STORED_TEXT_CAP)
 }
 
 /// tokio-postgres says only "db error" at the top; the server's message and SQLSTATE are what
@@ -77,6 +164,7 @@ pub struct RejectedMessage {
     /// Already capped by the caller.
     pub raw_value: Option<Vec<u8>>,
     pub value_bytes: i32,
+    /// Made storable when written.
     pub error: String,
 }
 
@@ -160,11 +248,37 @@ pub struct CircuitRecord {
 #[derive(Clone)]
 pub struct Ledger {
     pool: Pool,
+    call_timeout: Duration,
 }
 
 impl Ledger {
+    /// With the default time bounds (tools and tests).
     pub fn connect_lazy(url: &str, pool_size: usize) -> Result<Ledger, LedgerError> {
-        let config = tokio_postgres::Config::from_str(url).map_err(LedgerError::InvalidUrl)?;
+        Ledger::connect_lazy_bounded(url, pool_size, TimeBounds::DEFAULT)
+    }
+
+    pub fn connect_lazy_bounded(
+        url: &str,
+        pool_size: usize,
+        bounds: TimeBounds,
+    ) -> Result<Ledger, LedgerError> {
+        let mut config = tokio_postgres::Config::from_str(url).map_err(LedgerError::InvalidUrl)?;
+        // A hung statement becomes an error (57014, retryable), a dead peer a closed connection.
+        let statement_timeout = format!(
+            "-c statement_timeout={}",
+            bounds.statement_timeout.as_millis()
+        );
+        let options = match config.get_options() {
+            Some(existing) => format!("{existing} {statement_timeout}"),
+            None => statement_timeout,
+        };
+        config
+            .options(options)
+            .keepalives(true)
+            .keepalives_idle(bounds.keepalive_idle)
+            .keepalives_interval(Duration::from_secs(5))
+            .keepalives_retries(3)
+            .connect_timeout(Duration::from_secs(5));
         let manager = Manager::from_config(
             config,
             NoTls,
@@ -180,7 +294,24 @@ impl Ledger {
             .recycle_timeout(Some(Duration::from_secs(5)))
             .build()
             .map_err(|e| LedgerError::PoolBuild(e.to_string()))?;
-        Ok(Ledger { pool })
+        Ok(Ledger {
+            pool,
+            call_timeout: bounds.call_timeout,
+        })
+    }
+
+    /// Runs one ledger call within the client-side time bound.
+    async fn bounded<T>(
+        &self,
+        operation: &'static str,
+        call: impl std::future::Future<Output = Result<T, LedgerError>>,
+    ) -> Result<T, LedgerError> {
+        tokio::time::timeout(self.call_timeout, call)
+            .await
+            .unwrap_or(Err(LedgerError::TimedOut {
+                operation,
+                after: self.call_timeout,
+            }))
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object, LedgerError> {
@@ -188,8 +319,11 @@ impl Ledger {
     }
 
     pub async fn ping(&self) -> Result<(), LedgerError> {
-        self.client().await?.simple_query("SELECT 1").await?;
-        Ok(())
+        self.bounded("ping", async {
+            self.client().await?.simple_query("SELECT 1").await?;
+            Ok(())
+        })
+        .await
     }
 
     /// Records the events of one poll batch and creates a pending delivery for every enabled
@@ -201,86 +335,89 @@ impl Ledger {
         partition: i32,
         events: &[(i64, ShipmentEvent)],
     ) -> Result<Vec<ClaimedDelivery>, LedgerError> {
-        if events.is_empty() {
-            return Ok(Vec::new());
-        }
-        let keys: Vec<&str> = events.iter().map(|(_, e)| e.key.as_str()).collect();
-        let event_ids: Vec<Option<&str>> =
-            events.iter().map(|(_, e)| e.event_id.as_deref()).collect();
-        let load_ids: Vec<&str> = events.iter().map(|(_, e)| e.load_id.as_str()).collect();
-        let statuses: Vec<&str> = events.iter().map(|(_, e)| e.status.as_str()).collect();
-        let offsets: Vec<i64> = events.iter().map(|(offset, _)| *offset).collect();
-        let payloads: Vec<&[u8]> = events.iter().map(|(_, e)| &e.payload[..]).collect();
-        let client = self.client().await?;
-        let statement = client
-            .prepare_cached(
-                "WITH input AS (
-                     SELECT * FROM unnest($3::text[], $4::text[], $5::text[], $6::text[], $7::int8[], $8::bytea[])
-                         AS t(idempotency_key, event_id, load_id, status, kafka_offset, payload)
-                 ),
-                 new_events AS (
-                     INSERT INTO events (idempotency_key, event_id, load_id, status, topic, kafka_partition, kafka_offset, payload)
-                     SELECT DISTINCT ON (idempotency_key)
-                            idempotency_key, event_id, load_id, status, $1, $2, kafka_offset, payload
-                     FROM input ORDER BY idempotency_key, kafka_offset
-                     ON CONFLICT (idempotency_key) DO NOTHING
-                 ),
-                 targets AS (
-                     SELECT DISTINCT ON (i.idempotency_key, s.broker_id)
-                            i.idempotency_key, s.broker_id, i.load_id, i.kafka_offset
-                     FROM input i
-                     JOIN broker_subscriptions s ON s.load_id = i.load_id
-                     JOIN brokers b ON b.broker_id = s.broker_id AND b.enabled
-                     ORDER BY i.idempotency_key, s.broker_id, i.kafka_offset
-                 ),
-                 inserted AS (
-                     INSERT INTO deliveries (idempotency_key, broker_id, load_id, kafka_partition, kafka_offset)
-                     SELECT idempotency_key, broker_id, load_id, $2, kafka_offset FROM targets
-                     ON CONFLICT (idempotency_key, broker_id) DO NOTHING
-                     RETURNING delivery_id, idempotency_key, broker_id, load_id, kafka_offset
-                 )
-                 -- The subquery sees the ledger as it was before this statement: earlier rows only.
-                 SELECT n.delivery_id, n.idempotency_key, n.broker_id, n.load_id, n.kafka_offset,
-                        (SELECT max(p.kafka_offset) FROM deliveries p
-                         WHERE p.broker_id = n.broker_id AND p.load_id = n.load_id
-                           AND p.state = 'pending') AS pending_predecessor_offset
-                 FROM inserted n
-                 ORDER BY n.kafka_offset, n.broker_id",
-            )
-            .await?;
-        let rows = client
-            .query(
-                &statement,
-                &[
-                    &topic, &partition, &keys, &event_ids, &load_ids, &statuses, &offsets,
-                    &payloads,
-                ],
-            )
-            .await?;
-        let by_key: HashMap<&str, &ShipmentEvent> =
-            events.iter().map(|(_, e)| (e.key.as_str(), e)).collect();
-        Ok(rows
-            .iter()
-            .map(|row| {
-                let key: String = row.get(1);
-                let event = by_key[key.as_str()];
-                ClaimedDelivery {
-                    delivery: PendingDelivery {
-                        delivery_id: row.get(0),
-                        key: event.key.clone(),
-                        broker_id: row.get(2),
-                        load_id: row.get(3),
-                        event_id: event.event_id.clone(),
-                        partition,
-                        offset: row.get(4),
-                        attempts: 0,
-                        due_in: Duration::ZERO,
-                        payload: event.payload.clone(),
-                    },
-                    pending_predecessor_offset: row.get(5),
-                }
-            })
-            .collect())
+        self.bounded("claim_batch", async {
+            if events.is_empty() {
+                return Ok(Vec::new());
+            }
+            let keys: Vec<&str> = events.iter().map(|(_, e)| e.key.as_str()).collect();
+            let event_ids: Vec<Option<&str>> =
+                events.iter().map(|(_, e)| e.event_id.as_deref()).collect();
+            let load_ids: Vec<&str> = events.iter().map(|(_, e)| e.load_id.as_str()).collect();
+            let statuses: Vec<&str> = events.iter().map(|(_, e)| e.status.as_str()).collect();
+            let offsets: Vec<i64> = events.iter().map(|(offset, _)| *offset).collect();
+            let payloads: Vec<&[u8]> = events.iter().map(|(_, e)| &e.payload[..]).collect();
+            let client = self.client().await?;
+            let statement = client
+                .prepare_cached(
+                    "WITH input AS (
+                         SELECT * FROM unnest($3::text[], $4::text[], $5::text[], $6::text[], $7::int8[], $8::bytea[])
+                             AS t(idempotency_key, event_id, load_id, status, kafka_offset, payload)
+                     ),
+                     new_events AS (
+                         INSERT INTO events (idempotency_key, event_id, load_id, status, topic, kafka_partition, kafka_offset, payload)
+                         SELECT DISTINCT ON (idempotency_key)
+                                idempotency_key, event_id, load_id, status, $1, $2, kafka_offset, payload
+                         FROM input ORDER BY idempotency_key, kafka_offset
+                         ON CONFLICT (idempotency_key) DO NOTHING
+                     ),
+                     targets AS (
+                         SELECT DISTINCT ON (i.idempotency_key, s.broker_id)
+                                i.idempotency_key, s.broker_id, i.load_id, i.kafka_offset
+                         FROM input i
+                         JOIN broker_subscriptions s ON s.load_id = i.load_id
+                         JOIN brokers b ON b.broker_id = s.broker_id AND b.enabled
+                         ORDER BY i.idempotency_key, s.broker_id, i.kafka_offset
+                     ),
+                     inserted AS (
+                         INSERT INTO deliveries (idempotency_key, broker_id, load_id, kafka_partition, kafka_offset)
+                         SELECT idempotency_key, broker_id, load_id, $2, kafka_offset FROM targets
+                         ON CONFLICT (idempotency_key, broker_id) DO NOTHING
+                         RETURNING delivery_id, idempotency_key, broker_id, load_id, kafka_offset
+                     )
+                     -- The subquery sees the ledger as it was before this statement: earlier rows only.
+                     SELECT n.delivery_id, n.idempotency_key, n.broker_id, n.load_id, n.kafka_offset,
+                            (SELECT max(p.kafka_offset) FROM deliveries p
+                             WHERE p.broker_id = n.broker_id AND p.load_id = n.load_id
+                               AND p.state = 'pending') AS pending_predecessor_offset
+                     FROM inserted n
+                     ORDER BY n.kafka_offset, n.broker_id",
+                )
+                .await?;
+            let rows = client
+                .query(
+                    &statement,
+                    &[
+                        &topic, &partition, &keys, &event_ids, &load_ids, &statuses, &offsets,
+                        &payloads,
+                    ],
+                )
+                .await?;
+            let by_key: HashMap<&str, &ShipmentEvent> =
+                events.iter().map(|(_, e)| (e.key.as_str(), e)).collect();
+            Ok(rows
+                .iter()
+                .map(|row| {
+                    let key: String = row.get(1);
+                    let event = by_key[key.as_str()];
+                    ClaimedDelivery {
+                        delivery: PendingDelivery {
+                            delivery_id: row.get(0),
+                            key: event.key.clone(),
+                            broker_id: row.get(2),
+                            load_id: row.get(3),
+                            event_id: event.event_id.as_deref().map(str::to_owned),
+                            partition,
+                            offset: row.get(4),
+                            attempts: 0,
+                            due_in: Duration::ZERO,
+                            payload: event.payload.clone(),
+                        },
+                        pending_predecessor_offset: row.get(5),
+                    }
+                })
+                .collect())
+    })
+        .await
     }
 
     /// Keeps messages that are not valid events. Idempotent per (topic, partition, offset).
@@ -290,24 +427,27 @@ impl Ledger {
         partition: i32,
         rejected: &[RejectedMessage],
     ) -> Result<(), LedgerError> {
-        if rejected.is_empty() {
-            return Ok(());
-        }
-        let offsets: Vec<i64> = rejected.iter().map(|r| r.offset).collect();
-        let keys: Vec<Option<&[u8]>> = rejected.iter().map(|r| r.key.as_deref()).collect();
-        let values: Vec<Option<&[u8]>> = rejected.iter().map(|r| r.raw_value.as_deref()).collect();
-        let sizes: Vec<i32> = rejected.iter().map(|r| r.value_bytes).collect();
-        let errors: Vec<&str> = rejected.iter().map(|r| r.error.as_str()).collect();
-        self.client()
-            .await?
-            .execute(
-                "INSERT INTO rejected_messages (topic, kafka_partition, kafka_offset, message_key, raw_value, value_bytes, error)
-                 SELECT $1, $2, * FROM unnest($3::int8[], $4::bytea[], $5::bytea[], $6::int4[], $7::text[])
-                 ON CONFLICT DO NOTHING",
-                &[&topic, &partition, &offsets, &keys, &values, &sizes, &errors],
-            )
-            .await?;
-        Ok(())
+        self.bounded("record_rejected", async {
+            if rejected.is_empty() {
+                return Ok(());
+            }
+            let offsets: Vec<i64> = rejected.iter().map(|r| r.offset).collect();
+            let keys: Vec<Option<&[u8]>> = rejected.iter().map(|r| r.key.as_deref()).collect();
+            let values: Vec<Option<&[u8]>> = rejected.iter().map(|r| r.raw_value.as_deref()).collect();
+            let sizes: Vec<i32> = rejected.iter().map(|r| r.value_bytes).collect();
+            let errors: Vec<std::borrow::Cow<'_, str>> = rejected.iter().map(|r| stored(&r.error)).collect();
+            self.client()
+                .await?
+                .execute(
+                    "INSERT INTO rejected_messages (topic, kafka_partition, kafka_offset, message_key, raw_value, value_bytes, error)
+                     SELECT $1, $2, * FROM unnest($3::int8[], $4::bytea[], $5::bytea[], $6::int4[], $7::text[])
+                     ON CONFLICT DO NOTHING",
+                    &[&topic, &partition, &offsets, &keys, &values, &sizes, &errors],
+                )
+                .await?;
+            Ok(())
+    })
+        .await
     }
 
     /// The oldest pending deliveries of one broker in the given partitions, in offset order,
@@ -323,44 +463,47 @@ impl Ledger {
         exclude: &[i64],
         limit: usize,
     ) -> Result<Vec<PendingDelivery>, LedgerError> {
-        // The held rows are skipped here rather than in SQL: `NOT (id = ANY(...))` with a full
-        // mailbox's worth of ids turns the ordered index walk into a scan and sort of the whole
-        // backlog. Of the first `limit + held` rows in offset order at most `held` are held, so
-        // what remains is still every unheld row below one offset: a per-load prefix.
-        let held: std::collections::HashSet<i64> = exclude.iter().copied().collect();
-        let fetch = i64::try_from(limit + held.len()).unwrap_or(i64::MAX);
-        let client = self.client().await?;
-        let statement = client
-            .prepare_cached(
-                "SELECT d.delivery_id, d.idempotency_key, d.load_id, d.kafka_partition, d.kafka_offset,
-                        d.attempts, GREATEST(0, (EXTRACT(EPOCH FROM (d.next_attempt_at - now())) * 1000))::int8,
-                        e.payload, e.event_id
-                 FROM deliveries d JOIN events e ON e.idempotency_key = d.idempotency_key
-                 WHERE d.broker_id = $1 AND d.state = 'pending' AND d.kafka_partition = ANY($2)
-                 ORDER BY d.kafka_offset
-                 LIMIT $3",
-            )
-            .await?;
-        let rows = client
-            .query(&statement, &[&broker_id, &partitions, &fetch])
-            .await?;
-        Ok(rows
-            .iter()
-            .filter(|row| !held.contains(&row.get::<_, i64>(0)))
-            .take(limit)
-            .map(|row| PendingDelivery {
-                delivery_id: row.get(0),
-                key: IdempotencyKey::from_stored(row.get(1)),
-                broker_id: broker_id.to_owned(),
-                load_id: row.get(2),
-                partition: row.get(3),
-                offset: row.get(4),
-                attempts: u32::try_from(row.get::<_, i32>(5)).unwrap_or(0),
-                due_in: Duration::from_millis(u64::try_from(row.get::<_, i64>(6)).unwrap_or(0)),
-                payload: Bytes::from(row.get::<_, Vec<u8>>(7)),
-                event_id: row.get(8),
-            })
-            .collect())
+        self.bounded("pending_for_broker", async {
+            // The held rows are skipped here rather than in SQL: `NOT (id = ANY(...))` with a full
+            // mailbox's worth of ids turns the ordered index walk into a scan and sort of the whole
+            // backlog. Of the first `limit + held` rows in offset order at most `held` are held, so
+            // what remains is still every unheld row below one offset: a per-load prefix.
+            let held: std::collections::HashSet<i64> = exclude.iter().copied().collect();
+            let fetch = i64::try_from(limit + held.len()).unwrap_or(i64::MAX);
+            let client = self.client().await?;
+            let statement = client
+                .prepare_cached(
+                    "SELECT d.delivery_id, d.idempotency_key, d.load_id, d.kafka_partition, d.kafka_offset,
+                            d.attempts, GREATEST(0, (EXTRACT(EPOCH FROM (d.next_attempt_at - now())) * 1000))::int8,
+                            e.payload, e.event_id
+                     FROM deliveries d JOIN events e ON e.idempotency_key = d.idempotency_key
+                     WHERE d.broker_id = $1 AND d.state = 'pending' AND d.kafka_partition = ANY($2)
+                     ORDER BY d.kafka_offset
+                     LIMIT $3",
+                )
+                .await?;
+            let rows = client
+                .query(&statement, &[&broker_id, &partitions, &fetch])
+                .await?;
+            Ok(rows
+                .iter()
+                .filter(|row| !held.contains(&row.get::<_, i64>(0)))
+                .take(limit)
+                .map(|row| PendingDelivery {
+                    delivery_id: row.get(0),
+                    key: IdempotencyKey::from_stored(row.get(1)),
+                    broker_id: broker_id.to_owned(),
+                    load_id: row.get(2),
+                    partition: row.get(3),
+                    offset: row.get(4),
+                    attempts: u32::try_from(row.get::<_, i32>(5)).unwrap_or(0),
+                    due_in: Duration::from_millis(u64::try_from(row.get::<_, i64>(6)).unwrap_or(0)),
+                    payload: Bytes::from(row.get::<_, Vec<u8>>(7)),
+                    event_id: row.get(8),
+                })
+                .collect())
+    })
+        .await
     }
 
     /// Brokers with pending deliveries in the given partitions that have been due for longer
@@ -372,166 +515,197 @@ impl Ledger {
         partitions: &[i32],
         overdue_for: Duration,
     ) -> Result<Vec<String>, LedgerError> {
-        let overdue_ms = i64::try_from(overdue_for.as_millis()).unwrap_or(i64::MAX);
-        let rows = self
-            .client()
-            .await?
-            .query(
-                "SELECT DISTINCT broker_id FROM deliveries
-                 WHERE state = 'pending' AND kafka_partition = ANY($1)
-                   AND next_attempt_at <= now() - $2::int8 * interval '1 millisecond'",
-                &[&partitions, &overdue_ms],
-            )
-            .await?;
-        Ok(rows.iter().map(|row| row.get(0)).collect())
+        self.bounded("brokers_with_overdue_work", async {
+            let overdue_ms = i64::try_from(overdue_for.as_millis()).unwrap_or(i64::MAX);
+            let rows = self
+                .client()
+                .await?
+                .query(
+                    "SELECT DISTINCT broker_id FROM deliveries
+                     WHERE state = 'pending' AND kafka_partition = ANY($1)
+                       AND next_attempt_at <= now() - $2::int8 * interval '1 millisecond'",
+                    &[&partitions, &overdue_ms],
+                )
+                .await?;
+            Ok(rows.iter().map(|row| row.get(0)).collect())
+        })
+        .await
     }
 
     pub async fn broker(&self, broker_id: &str) -> Result<Option<BrokerRow>, LedgerError> {
-        let row = self
-            .client()
-            .await?
-            .query_opt(
-                "SELECT broker_id, webhook_url, signing_secret, enabled FROM brokers WHERE broker_id = $1",
-                &[&broker_id],
-            )
-            .await?;
-        Ok(row.map(|row| BrokerRow {
-            broker_id: row.get(0),
-            webhook_url: row.get(1),
-            signing_secret: row.get(2),
-            enabled: row.get(3),
-        }))
+        self.bounded("broker", async {
+            let row = self
+                .client()
+                .await?
+                .query_opt(
+                    "SELECT broker_id, webhook_url, signing_secret, enabled FROM brokers WHERE broker_id = $1",
+                    &[&broker_id],
+                )
+                .await?;
+            Ok(row.map(|row| BrokerRow {
+                broker_id: row.get(0),
+                webhook_url: row.get(1),
+                signing_secret: row.get(2),
+                enabled: row.get(3),
+            }))
+    })
+        .await
     }
 
     /// Writes a batch of attempt outcomes in one statement: the attempts history and the new
     /// state of each delivery. A delivery that is no longer pending is left as it is.
     pub async fn record_attempts(&self, records: &[AttemptRecord]) -> Result<(), LedgerError> {
-        if records.is_empty() {
-            return Ok(());
-        }
-        let ids: Vec<i64> = records.iter().map(|r| r.delivery_id).collect();
-        let brokers: Vec<&str> = records.iter().map(|r| r.broker_id.as_str()).collect();
-        let attempts: Vec<i32> = records
-            .iter()
-            .map(|r| i32::try_from(r.attempt).unwrap_or(i32::MAX))
-            .collect();
-        let started: Vec<DateTime<Utc>> = records.iter().map(|r| r.started_at).collect();
-        let latencies: Vec<i32> = records
-            .iter()
-            .map(|r| i32::try_from(r.latency.as_millis()).unwrap_or(i32::MAX))
-            .collect();
-        let codes: Vec<Option<i32>> = records
-            .iter()
-            .map(|r| r.status_code.map(i32::from))
-            .collect();
-        let classes: Vec<Option<&str>> = records.iter().map(|r| r.error_class).collect();
-        let messages: Vec<Option<&str>> =
-            records.iter().map(|r| r.error_message.as_deref()).collect();
-        let outcomes: Vec<&str> = records.iter().map(|r| r.outcome.as_str()).collect();
-        let retry_in: Vec<Option<i64>> = records
-            .iter()
-            .map(|r| match r.outcome {
-                AttemptOutcome::RetryIn(delay) => {
-                    Some(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX))
-                }
-                _ => None,
-            })
-            .collect();
-        let dead_reasons: Vec<Option<&str>> = records
-            .iter()
-            .map(|r| match &r.outcome {
-                AttemptOutcome::Dead { reason } => Some(reason.as_str()),
-                _ => None,
-            })
-            .collect();
-        let client = self.client().await?;
-        let statement = client
-            .prepare_cached(
-                "WITH input AS (
-                     SELECT * FROM unnest($1::int8[], $2::text[], $3::int4[], $4::timestamptz[], $5::int4[],
-                                          $6::int4[], $7::text[], $8::text[], $9::text[], $10::int8[], $11::text[])
-                         AS t(delivery_id, broker_id, attempt, started_at, latency_ms, status_code,
-                              error_class, error_message, outcome, retry_in_ms, dead_reason)
-                 ),
-                 history AS (
-                     INSERT INTO delivery_attempts (delivery_id, broker_id, attempt, started_at, latency_ms,
-                                                    status_code, error_class, error_message, outcome)
-                     SELECT delivery_id, broker_id, attempt, started_at, latency_ms, status_code,
-                            error_class, error_message, outcome
-                     FROM input
-                 )
-                 UPDATE deliveries d SET
-                     state = CASE i.outcome WHEN 'retry' THEN 'pending' ELSE i.outcome END,
-                     attempts = i.attempt,
-                     next_attempt_at = CASE WHEN i.outcome = 'retry'
-                                            THEN now() + i.retry_in_ms * interval '1 millisecond'
-                                            ELSE d.next_attempt_at END,
-                     last_status_code = i.status_code,
-                     last_error = i.error_message,
-                     dead_reason = i.dead_reason,
-                     delivered_at = CASE WHEN i.outcome = 'delivered' THEN now() END,
-                     updated_at = now()
-                 FROM input i
-                 WHERE d.delivery_id = i.delivery_id AND d.state = 'pending'",
-            )
-            .await?;
-        client
-            .execute(
-                &statement,
-                &[
-                    &ids,
-                    &brokers,
-                    &attempts,
-                    &started,
-                    &latencies,
-                    &codes,
-                    &classes,
-                    &messages,
-                    &outcomes,
-                    &retry_in,
-                    &dead_reasons,
-                ],
-            )
-            .await?;
-        Ok(())
+        self.bounded("record_attempts", async {
+            if records.is_empty() {
+                return Ok(());
+            }
+            let ids: Vec<i64> = records.iter().map(|r| r.delivery_id).collect();
+            let brokers: Vec<&str> = records.iter().map(|r| r.broker_id.as_str()).collect();
+            let attempts: Vec<i32> = records
+                .iter()
+                .map(|r| i32::try_from(r.attempt).unwrap_or(i32::MAX))
+                .collect();
+            let started: Vec<DateTime<Utc>> = records.iter().map(|r| r.started_at).collect();
+            let latencies: Vec<i32> = records
+                .iter()
+                .map(|r| i32::try_from(r.latency.as_millis()).unwrap_or(i32::MAX))
+                .collect();
+            let codes: Vec<Option<i32>> = records
+                .iter()
+                .map(|r| r.status_code.map(i32::from))
+                .collect();
+            let classes: Vec<Option<&str>> = records.iter().map(|r| r.error_class).collect();
+            let messages: Vec<Option<std::borrow::Cow<'_, str>>> = records.iter().map(|r| r.error_message.as_deref().map(stored)).collect();
+            let outcomes: Vec<&str> = records.iter().map(|r| r.outcome.as_str()).collect();
+            let retry_in: Vec<Option<i64>> = records
+                .iter()
+                .map(|r| match r.outcome {
+                    AttemptOutcome::RetryIn(delay) => {
+                        Some(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX))
+                    }
+                    _ => None,
+                })
+                .collect();
+            let dead_reasons: Vec<Option<std::borrow::Cow<'_, str>>> = records
+                .iter()
+                .map(|r| match &r.outcome {
+                    AttemptOutcome::Dead { reason } => Some(stored(reason)),
+                    _ => None,
+                })
+                .collect();
+            let client = self.client().await?;
+            let statement = client
+                .prepare_cached(
+                    "WITH input AS (
+                         SELECT * FROM unnest($1::int8[], $2::text[], $3::int4[], $4::timestamptz[], $5::int4[],
+                                              $6::int4[], $7::text[], $8::text[], $9::text[], $10::int8[], $11::text[])
+                             AS t(delivery_id, broker_id, attempt, started_at, latency_ms, status_code,
+                                  error_class, error_message, outcome, retry_in_ms, dead_reason)
+                     ),
+                     history AS (
+                         INSERT INTO delivery_attempts (delivery_id, broker_id, attempt, started_at, latency_ms,
+                                                        status_code, error_class, error_message, outcome)
+                         SELECT delivery_id, broker_id, attempt, started_at, latency_ms, status_code,
+                                error_class, error_message, outcome
+                         FROM input
+                     )
+                     UPDATE deliveries d SET
+                         state = CASE i.outcome WHEN 'retry' THEN 'pending' ELSE i.outcome END,
+                         attempts = i.attempt,
+                         next_attempt_at = CASE WHEN i.outcome = 'retry'
+                                                THEN now() + i.retry_in_ms * interval '1 millisecond'
+                                                ELSE d.next_attempt_at END,
+                         last_status_code = i.status_code,
+                         last_error = i.error_message,
+                         dead_reason = i.dead_reason,
+                         delivered_at = CASE WHEN i.outcome = 'delivered' THEN now() END,
+                         updated_at = now()
+                     FROM input i
+                     WHERE d.delivery_id = i.delivery_id AND d.state = 'pending'",
+                )
+                .await?;
+            client
+                .execute(
+                    &statement,
+                    &[
+                        &ids,
+                        &brokers,
+                        &attempts,
+                        &started,
+                        &latencies,
+                        &codes,
+                        &classes,
+                        &messages,
+                        &outcomes,
+                        &retry_in,
+                        &dead_reasons,
+                    ],
+                )
+                .await?;
+            Ok(())
+    })
+        .await
+    }
+
+    /// Last resort for a delivery whose attempt outcome the database refuses even without its
+    /// text: dead-letter it with the reason, so it is never attempted again unrecorded.
+    pub async fn dead_letter(&self, delivery_id: i64, reason: &str) -> Result<(), LedgerError> {
+        self.bounded("dead_letter", async {
+            self.client()
+                .await?
+                .execute(
+                    "UPDATE deliveries SET state = 'dead', dead_reason = $2, updated_at = now()
+                     WHERE delivery_id = $1 AND state = 'pending'",
+                    &[&delivery_id, &stored(reason)],
+                )
+                .await?;
+            Ok(())
+        })
+        .await
     }
 
     /// Records a breaker transition (the latest one per broker wins).
     pub async fn record_circuit(&self, circuit: &CircuitRecord) -> Result<(), LedgerError> {
-        self.client()
-            .await?
-            .execute(
-                "INSERT INTO broker_circuits (broker_id, state, since, consecutive_failures, open_until, reason, instance_id)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7)
-                 ON CONFLICT (broker_id) DO UPDATE SET
-                     state = EXCLUDED.state, since = EXCLUDED.since,
-                     consecutive_failures = EXCLUDED.consecutive_failures,
-                     open_until = EXCLUDED.open_until, reason = EXCLUDED.reason,
-                     instance_id = EXCLUDED.instance_id",
-                &[
-                    &circuit.broker_id,
-                    &circuit.state,
-                    &circuit.since,
-                    &i32::try_from(circuit.consecutive_failures).unwrap_or(i32::MAX),
-                    &circuit.open_until,
-                    &circuit.reason,
-                    &circuit.instance_id,
-                ],
-            )
-            .await?;
-        Ok(())
+        self.bounded("record_circuit", async {
+            self.client()
+                .await?
+                .execute(
+                    "INSERT INTO broker_circuits (broker_id, state, since, consecutive_failures, open_until, reason, instance_id)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7)
+                     ON CONFLICT (broker_id) DO UPDATE SET
+                         state = EXCLUDED.state, since = EXCLUDED.since,
+                         consecutive_failures = EXCLUDED.consecutive_failures,
+                         open_until = EXCLUDED.open_until, reason = EXCLUDED.reason,
+                         instance_id = EXCLUDED.instance_id",
+                    &[
+                        &circuit.broker_id,
+                        &circuit.state,
+                        &circuit.since,
+                        &i32::try_from(circuit.consecutive_failures).unwrap_or(i32::MAX),
+                        &circuit.open_until,
+                        &stored(&circuit.reason),
+                        &circuit.instance_id,
+                    ],
+                )
+                .await?;
+            Ok(())
+    })
+        .await
     }
 
     /// A broker answered 410 Gone: stop sending to it until someone re-enables it.
     pub async fn disable_broker(&self, broker_id: &str, reason: &str) -> Result<(), LedgerError> {
-        self.client()
-            .await?
-            .execute(
-                "UPDATE brokers SET enabled = false, disabled_reason = $2 WHERE broker_id = $1",
-                &[&broker_id, &reason],
-            )
-            .await?;
-        Ok(())
+        self.bounded("disable_broker", async {
+            self.client()
+                .await?
+                .execute(
+                    "UPDATE brokers SET enabled = false, disabled_reason = $2 WHERE broker_id = $1",
+                    &[&broker_id, &stored(reason)],
+                )
+                .await?;
+            Ok(())
+        })
+        .await
     }
 
     /// Takes or renews the lease on a partition. Returns false while another live instance holds it.
@@ -542,22 +716,25 @@ impl Ledger {
         owner: &str,
         lease: Duration,
     ) -> Result<bool, LedgerError> {
-        let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
-        let row = self
-            .client()
-            .await?
-            .query_opt(
-                "INSERT INTO partition_leases (topic, kafka_partition, owner_id, expires_at)
-                 VALUES ($1, $2, $3, now() + $4::int8 * interval '1 millisecond')
-                 ON CONFLICT (topic, kafka_partition) DO UPDATE
-                     SET owner_id = EXCLUDED.owner_id, expires_at = EXCLUDED.expires_at
-                     WHERE partition_leases.owner_id = EXCLUDED.owner_id
-                        OR partition_leases.expires_at < now()
-                 RETURNING owner_id",
-                &[&topic, &partition, &owner, &lease_ms],
-            )
-            .await?;
-        Ok(row.is_some())
+        self.bounded("acquire_lease", async {
+            let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
+            let row = self
+                .client()
+                .await?
+                .query_opt(
+                    "INSERT INTO partition_leases (topic, kafka_partition, owner_id, expires_at)
+                     VALUES ($1, $2, $3, now() + $4::int8 * interval '1 millisecond')
+                     ON CONFLICT (topic, kafka_partition) DO UPDATE
+                         SET owner_id = EXCLUDED.owner_id, expires_at = EXCLUDED.expires_at
+                         WHERE partition_leases.owner_id = EXCLUDED.owner_id
+                            OR partition_leases.expires_at < now()
+                     RETURNING owner_id",
+                    &[&topic, &partition, &owner, &lease_ms],
+                )
+                .await?;
+            Ok(row.is_some())
+        })
+        .await
     }
 
     /// Gives a lease up early: it ends `linger` from now, long enough for requests already in
@@ -569,16 +746,66 @@ impl Ledger {
         owner: &str,
         linger: Duration,
     ) -> Result<(), LedgerError> {
-        let linger_ms = i64::try_from(linger.as_millis()).unwrap_or(i64::MAX);
-        self.client()
-            .await?
-            .execute(
-                "UPDATE partition_leases
-                 SET expires_at = LEAST(expires_at, now() + $4::int8 * interval '1 millisecond')
-                 WHERE topic = $1 AND kafka_partition = $2 AND owner_id = $3",
-                &[&topic, &partition, &owner, &linger_ms],
-            )
-            .await?;
-        Ok(())
+        self.bounded("release_lease", async {
+            let linger_ms = i64::try_from(linger.as_millis()).unwrap_or(i64::MAX);
+            self.client()
+                .await?
+                .execute(
+                    "UPDATE partition_leases
+                     SET expires_at = LEAST(expires_at, now() + $4::int8 * interval '1 millisecond')
+                     WHERE topic = $1 AND kafka_partition = $2 AND owner_id = $3",
+                    &[&topic, &partition, &owner, &linger_ms],
+                )
+                .await?;
+            Ok(())
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{classify_sqlstate, ErrorKind};
+
+    #[test]
+    fn sqlstates_are_classified() {
+        let cases = [
+            // The database away, busy or interrupted.
+            ("08006", None, ErrorKind::Retryable), // connection failure
+            ("40001", None, ErrorKind::Retryable), // serialization failure
+            ("40P01", None, ErrorKind::Retryable), // deadlock
+            ("53300", None, ErrorKind::Retryable), // too many connections
+            ("57P01", None, ErrorKind::Retryable), // admin shutdown
+            ("57014", None, ErrorKind::Retryable), // statement_timeout
+            ("55P03", None, ErrorKind::Retryable), // lock not available
+            ("58030", None, ErrorKind::Retryable), // I/O error
+            // The values themselves.
+            ("22021", None, ErrorKind::Data), // NUL / bad encoding in text
+            ("22001", None, ErrorKind::Data), // string too long
+            ("22003", None, ErrorKind::Data), // numeric out of range
+            ("23502", None, ErrorKind::Data), // not null
+            ("23514", Some("deliveries_state_check"), ErrorKind::Data),
+            ("23505", Some("rejected_messages_pkey"), ErrorKind::Data),
+            ("54000", None, ErrorKind::Data), // index row too large
+            // The idempotency conflict is a race, not bad data.
+            ("23505", Some("events_pkey"), ErrorKind::Retryable),
+            (
+                "23505",
+                Some("deliveries_idempotency_key_broker_id_key"),
+                ErrorKind::Retryable,
+            ),
+            // Bugs and broken schemas.
+            ("42P01", None, ErrorKind::Other), // undefined table
+            ("42703", None, ErrorKind::Other), // undefined column
+            ("55000", None, ErrorKind::Other),
+            ("", None, ErrorKind::Other),
+        ];
+        for (code, constraint, kind) in cases {
+            assert_eq!(
+                classify_sqlstate(code, constraint),
+                kind,
+                "{code} {constraint:?}"
+            );
+        }
     }
 }

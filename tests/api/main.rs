@@ -5,6 +5,7 @@ mod cli;
 mod dead_letters;
 mod delivery;
 mod helpers;
+mod hostile_input;
 mod instances;
 mod isolation;
 mod ordering;

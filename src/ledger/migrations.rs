@@ -36,6 +36,9 @@ impl Ledger {
     pub async fn migrate(&self) -> Result<Vec<i32>, LedgerError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
+        // Building an index on a large ledger, or waiting for another instance's migration,
+        // may take longer than the statement_timeout meant for the hot path.
+        tx.batch_execute("SET LOCAL statement_timeout = 0").await?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK_KEY])
             .await?;
         tx.batch_execute(

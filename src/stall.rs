@@ -120,6 +120,7 @@ impl StallBook {
 /// The partition side of the alarm, fed by the lag gauge's refresh loop with the committed
 /// offsets of the partitions this instance holds.
 pub struct PartitionStalls {
+    topic: String,
     book: StallBook,
     health: crate::admin::Health,
     stall_after: Duration,
@@ -128,11 +129,13 @@ pub struct PartitionStalls {
 
 impl PartitionStalls {
     pub fn new(
+        topic: String,
         book: StallBook,
         health: crate::admin::Health,
         stall_after: Duration,
     ) -> PartitionStalls {
         PartitionStalls {
+            topic,
             book,
             health,
             stall_after,
@@ -172,6 +175,7 @@ impl PartitionStalls {
                         "no ledger error recorded (a batch may still be in flight)".to_owned()
                     });
                     tracing::error!(
+                        topic = %self.topic,
                         partition,
                         offset = offsets.committed,
                         lag = offsets.lag,
@@ -195,6 +199,7 @@ impl PartitionStalls {
                 }
                 Some(Change::Recovered) => {
                     tracing::info!(
+                        topic = %self.topic,
                         partition,
                         offset = offsets.committed,
                         "partition moves again; stall cleared"

@@ -155,7 +155,12 @@ impl Application {
             settings.kafka.clone(),
             leases.clone(),
             metrics.clone(),
-            PartitionStalls::new(stalls, health.clone(), settings.kafka.stall_after()),
+            PartitionStalls::new(
+                settings.kafka.topic.clone(),
+                stalls,
+                health.clone(),
+                settings.kafka.stall_after(),
+            ),
         ));
         let consumer = KafkaConsumer::start(&settings.kafka, partitions.clone(), health)?;
         tracing::info!(

@@ -465,6 +465,21 @@ async fn a_table_lock_held_for_30_s_is_reported_and_then_recovered_from() {
         5,
         "nothing new is sent while the lock holds"
     );
+    // The claim has been stuck for longer than the lease (8 s): the lease is renewed anyway.
+    tokio::time::sleep(Duration::from_secs(10).saturating_sub(locked_at.elapsed())).await;
+    let lease_left: f64 = env
+        .db
+        .query_one(
+            "SELECT EXTRACT(EPOCH FROM (expires_at - now()))::float8 FROM partition_leases",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        lease_left > 3.0,
+        "the lease is renewed while a claim waits ({lease_left} s left)"
+    );
 
     // Hold it for 30 s in all, then let go.
     tokio::time::sleep(Duration::from_secs(30).saturating_sub(locked_at.elapsed())).await;

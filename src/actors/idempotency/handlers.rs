@@ -74,9 +74,12 @@ impl Handler<RecordRejected> for IdempotencyActor {
             let result = ledger
                 .record_rejected(&msg.topic, msg.partition, &msg.rejected)
                 .await;
-            if let Err(error) = &result {
-                watch.count("record_rejected", error);
-                watch.stalls.claim_failed(msg.partition, error.to_string());
+            match &result {
+                Ok(()) => watch.stalls.claim_succeeded(msg.partition),
+                Err(error) => {
+                    watch.count("record_rejected", error);
+                    watch.stalls.claim_failed(msg.partition, error.to_string());
+                }
             }
             result
         })

@@ -278,6 +278,8 @@ impl Ledger {
             .keepalives_idle(bounds.keepalive_idle)
             .keepalives_interval(Duration::from_secs(5))
             .keepalives_retries(3)
+            // Keepalives probe idle connections; this bounds a request the peer never acks.
+            .tcp_user_timeout(bounds.call_timeout)
             .connect_timeout(Duration::from_secs(5));
         let manager = Manager::from_config(
             config,

@@ -773,3 +773,51 @@ fn storable_values_round_trip_through_a_real_insert() {
         "the generator produces storable events too ({stored})"
     );
 }
+
+/// The classification holds against the real server: what the boundary types keep out would be
+/// data errors (split out of a batch), and a statement timeout is retryable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_postgres_errors_are_classified() {
+    use webhook_delivery::ledger::{ErrorKind, LedgerError};
+    let (_url, db) = database_only().await;
+    let kind = |error: tokio_postgres::Error| LedgerError::Query(error).kind();
+
+    let nul = db.execute("SELECT $1::text", &[&"a\0b"]).await.unwrap_err();
+    assert_eq!(kind(nul), ErrorKind::Data, "NUL in text");
+
+    db.batch_execute("CREATE TABLE wide (v text); CREATE INDEX wide_v ON wide (v)")
+        .await
+        .unwrap();
+    // Random text does not compress below the btree limit (about 2.7 kB).
+    let wide: String = uuid_noise(8_000).collect();
+    let too_wide = db
+        .execute("INSERT INTO wide VALUES ($1)", &[&wide])
+        .await
+        .unwrap_err();
+    assert_eq!(kind(too_wide), ErrorKind::Data, "index row too large");
+
+    let timeout = db
+        .batch_execute("SET statement_timeout = 100; SELECT pg_sleep(2)")
+        .await
+        .unwrap_err();
+    assert_eq!(kind(timeout), ErrorKind::Retryable, "statement timeout");
+
+    let missing = db
+        .execute("SELECT * FROM no_such_table", &[])
+        .await
+        .unwrap_err();
+    assert_eq!(kind(missing), ErrorKind::Other, "undefined table");
+}
+
+/// Incompressible text: hex of random UUIDs.
+fn uuid_noise(chars: usize) -> impl Iterator<Item = char> {
+    (0..chars / 32 + 1)
+        .flat_map(|_| {
+            uuid::Uuid::new_v4()
+                .simple()
+                .to_string()
+                .chars()
+                .collect::<Vec<_>>()
+        })
+        .take(chars)
+}

@@ -15,7 +15,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
-use tokio_postgres::NoTls;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{NoTls, Row, Statement, ToStatement};
 
 use crate::event::{IdempotencyKey, ShipmentEvent};
 
@@ -29,11 +30,8 @@ pub enum LedgerError {
     Pool(#[source] deadpool_postgres::PoolError),
     #[error("database query failed: {}", describe(.0))]
     Query(#[from] tokio_postgres::Error),
-    #[error("the database did not answer `{operation}` within {after:?}")]
-    TimedOut {
-        operation: &'static str,
-        after: Duration,
-    },
+    #[error("the database did not answer within {after:?}")]
+    TimedOut { after: Duration },
     #[error("migration {version} failed")]
     Migration {
         version: i32,
@@ -137,6 +135,84 @@ impl TimeBounds {
         call_timeout: Duration::from_secs(20),
         keepalive_idle: Duration::from_secs(30),
     };
+}
+
+/// A pooled connection whose every round trip is bounded by a client-side timeout: its methods
+/// shadow the client's, so ledger code reads as plain tokio-postgres. (A transaction, used only by
+/// migrations, is not bounded.)
+struct BoundedClient {
+    client: deadpool_postgres::Object,
+    timeout: Duration,
+}
+
+impl BoundedClient {
+    async fn within<T>(
+        &self,
+        call: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+    ) -> Result<T, LedgerError> {
+        match tokio::time::timeout(self.timeout, call).await {
+            Ok(result) => result.map_err(LedgerError::from),
+            Err(_) => Err(LedgerError::TimedOut {
+                after: self.timeout,
+            }),
+        }
+    }
+
+    async fn prepare_cached(&self, query: &str) -> Result<Statement, LedgerError> {
+        self.within(self.client.prepare_cached(query)).await
+    }
+
+    async fn query<T: ?Sized + ToStatement>(
+        &self,
+        statement: &T,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, LedgerError> {
+        self.within(self.client.query(statement, params)).await
+    }
+
+    async fn query_one<T: ?Sized + ToStatement>(
+        &self,
+        statement: &T,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Row, LedgerError> {
+        self.within(self.client.query_one(statement, params)).await
+    }
+
+    async fn query_opt<T: ?Sized + ToStatement>(
+        &self,
+        statement: &T,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<Row>, LedgerError> {
+        self.within(self.client.query_opt(statement, params)).await
+    }
+
+    async fn execute<T: ?Sized + ToStatement>(
+        &self,
+        statement: &T,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<u64, LedgerError> {
+        self.within(self.client.execute(statement, params)).await
+    }
+
+    async fn simple_query(
+        &self,
+        query: &str,
+    ) -> Result<Vec<tokio_postgres::SimpleQueryMessage>, LedgerError> {
+        self.within(self.client.simple_query(query)).await
+    }
+}
+
+impl std::ops::Deref for BoundedClient {
+    type Target = deadpool_postgres::Object;
+    fn deref(&self) -> &Self::Target {
+        &self.client
+    }
+}
+
+impl std::ops::DerefMut for BoundedClient {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.client
+    }
 }
 
 /// Text columns get what is stored here: storable (no NUL, no control characters) and capped,
@@ -302,30 +378,23 @@ impl Ledger {
         })
     }
 
-    /// Runs one ledger call within the client-side time bound.
-    async fn bounded<T>(
-        &self,
-        operation: &'static str,
-        call: impl std::future::Future<Output = Result<T, LedgerError>>,
-    ) -> Result<T, LedgerError> {
-        tokio::time::timeout(self.call_timeout, call)
+    /// A pooled connection whose round trips are each bounded by `call_timeout`.
+    async fn client(&self) -> Result<BoundedClient, LedgerError> {
+        let client = tokio::time::timeout(self.call_timeout, self.pool.get())
             .await
-            .unwrap_or(Err(LedgerError::TimedOut {
-                operation,
+            .map_err(|_| LedgerError::TimedOut {
                 after: self.call_timeout,
-            }))
-    }
-
-    async fn client(&self) -> Result<deadpool_postgres::Object, LedgerError> {
-        self.pool.get().await.map_err(LedgerError::Pool)
+            })?
+            .map_err(LedgerError::Pool)?;
+        Ok(BoundedClient {
+            client,
+            timeout: self.call_timeout,
+        })
     }
 
     pub async fn ping(&self) -> Result<(), LedgerError> {
-        self.bounded("ping", async {
-            self.client().await?.simple_query("SELECT 1").await?;
-            Ok(())
-        })
-        .await
+        self.client().await?.simple_query("SELECT 1").await?;
+        Ok(())
     }
 
     /// Records the events of one poll batch and creates a pending delivery for every enabled
@@ -337,89 +406,86 @@ impl Ledger {
         partition: i32,
         events: &[(i64, ShipmentEvent)],
     ) -> Result<Vec<ClaimedDelivery>, LedgerError> {
-        self.bounded("claim_batch", async {
-            if events.is_empty() {
-                return Ok(Vec::new());
-            }
-            let keys: Vec<&str> = events.iter().map(|(_, e)| e.key.as_str()).collect();
-            let event_ids: Vec<Option<&str>> =
-                events.iter().map(|(_, e)| e.event_id.as_deref()).collect();
-            let load_ids: Vec<&str> = events.iter().map(|(_, e)| e.load_id.as_str()).collect();
-            let statuses: Vec<&str> = events.iter().map(|(_, e)| e.status.as_str()).collect();
-            let offsets: Vec<i64> = events.iter().map(|(offset, _)| *offset).collect();
-            let payloads: Vec<&[u8]> = events.iter().map(|(_, e)| &e.payload[..]).collect();
-            let client = self.client().await?;
-            let statement = client
-                .prepare_cached(
-                    "WITH input AS (
-                         SELECT * FROM unnest($3::text[], $4::text[], $5::text[], $6::text[], $7::int8[], $8::bytea[])
-                             AS t(idempotency_key, event_id, load_id, status, kafka_offset, payload)
-                     ),
-                     new_events AS (
-                         INSERT INTO events (idempotency_key, event_id, load_id, status, topic, kafka_partition, kafka_offset, payload)
-                         SELECT DISTINCT ON (idempotency_key)
-                                idempotency_key, event_id, load_id, status, $1, $2, kafka_offset, payload
-                         FROM input ORDER BY idempotency_key, kafka_offset
-                         ON CONFLICT (idempotency_key) DO NOTHING
-                     ),
-                     targets AS (
-                         SELECT DISTINCT ON (i.idempotency_key, s.broker_id)
-                                i.idempotency_key, s.broker_id, i.load_id, i.kafka_offset
-                         FROM input i
-                         JOIN broker_subscriptions s ON s.load_id = i.load_id
-                         JOIN brokers b ON b.broker_id = s.broker_id AND b.enabled
-                         ORDER BY i.idempotency_key, s.broker_id, i.kafka_offset
-                     ),
-                     inserted AS (
-                         INSERT INTO deliveries (idempotency_key, broker_id, load_id, kafka_partition, kafka_offset)
-                         SELECT idempotency_key, broker_id, load_id, $2, kafka_offset FROM targets
-                         ON CONFLICT (idempotency_key, broker_id) DO NOTHING
-                         RETURNING delivery_id, idempotency_key, broker_id, load_id, kafka_offset
-                     )
-                     -- The subquery sees the ledger as it was before this statement: earlier rows only.
-                     SELECT n.delivery_id, n.idempotency_key, n.broker_id, n.load_id, n.kafka_offset,
-                            (SELECT max(p.kafka_offset) FROM deliveries p
-                             WHERE p.broker_id = n.broker_id AND p.load_id = n.load_id
-                               AND p.state = 'pending') AS pending_predecessor_offset
-                     FROM inserted n
-                     ORDER BY n.kafka_offset, n.broker_id",
-                )
-                .await?;
-            let rows = client
-                .query(
-                    &statement,
-                    &[
-                        &topic, &partition, &keys, &event_ids, &load_ids, &statuses, &offsets,
-                        &payloads,
-                    ],
-                )
-                .await?;
-            let by_key: HashMap<&str, &ShipmentEvent> =
-                events.iter().map(|(_, e)| (e.key.as_str(), e)).collect();
-            Ok(rows
-                .iter()
-                .map(|row| {
-                    let key: String = row.get(1);
-                    let event = by_key[key.as_str()];
-                    ClaimedDelivery {
-                        delivery: PendingDelivery {
-                            delivery_id: row.get(0),
-                            key: event.key.clone(),
-                            broker_id: row.get(2),
-                            load_id: row.get(3),
-                            event_id: event.event_id.as_deref().map(str::to_owned),
-                            partition,
-                            offset: row.get(4),
-                            attempts: 0,
-                            due_in: Duration::ZERO,
-                            payload: event.payload.clone(),
-                        },
-                        pending_predecessor_offset: row.get(5),
-                    }
-                })
-                .collect())
-    })
-        .await
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<&str> = events.iter().map(|(_, e)| e.key.as_str()).collect();
+        let event_ids: Vec<Option<&str>> =
+            events.iter().map(|(_, e)| e.event_id.as_deref()).collect();
+        let load_ids: Vec<&str> = events.iter().map(|(_, e)| e.load_id.as_str()).collect();
+        let statuses: Vec<&str> = events.iter().map(|(_, e)| e.status.as_str()).collect();
+        let offsets: Vec<i64> = events.iter().map(|(offset, _)| *offset).collect();
+        let payloads: Vec<&[u8]> = events.iter().map(|(_, e)| &e.payload[..]).collect();
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(
+                "WITH input AS (
+                     SELECT * FROM unnest($3::text[], $4::text[], $5::text[], $6::text[], $7::int8[], $8::bytea[])
+                         AS t(idempotency_key, event_id, load_id, status, kafka_offset, payload)
+                 ),
+                 new_events AS (
+                     INSERT INTO events (idempotency_key, event_id, load_id, status, topic, kafka_partition, kafka_offset, payload)
+                     SELECT DISTINCT ON (idempotency_key)
+                            idempotency_key, event_id, load_id, status, $1, $2, kafka_offset, payload
+                     FROM input ORDER BY idempotency_key, kafka_offset
+                     ON CONFLICT (idempotency_key) DO NOTHING
+                 ),
+                 targets AS (
+                     SELECT DISTINCT ON (i.idempotency_key, s.broker_id)
+                            i.idempotency_key, s.broker_id, i.load_id, i.kafka_offset
+                     FROM input i
+                     JOIN broker_subscriptions s ON s.load_id = i.load_id
+                     JOIN brokers b ON b.broker_id = s.broker_id AND b.enabled
+                     ORDER BY i.idempotency_key, s.broker_id, i.kafka_offset
+                 ),
+                 inserted AS (
+                     INSERT INTO deliveries (idempotency_key, broker_id, load_id, kafka_partition, kafka_offset)
+                     SELECT idempotency_key, broker_id, load_id, $2, kafka_offset FROM targets
+                     ON CONFLICT (idempotency_key, broker_id) DO NOTHING
+                     RETURNING delivery_id, idempotency_key, broker_id, load_id, kafka_offset
+                 )
+                 -- The subquery sees the ledger as it was before this statement: earlier rows only.
+                 SELECT n.delivery_id, n.idempotency_key, n.broker_id, n.load_id, n.kafka_offset,
+                        (SELECT max(p.kafka_offset) FROM deliveries p
+                         WHERE p.broker_id = n.broker_id AND p.load_id = n.load_id
+                           AND p.state = 'pending') AS pending_predecessor_offset
+                 FROM inserted n
+                 ORDER BY n.kafka_offset, n.broker_id",
+            )
+            .await?;
+        let rows = client
+            .query(
+                &statement,
+                &[
+                    &topic, &partition, &keys, &event_ids, &load_ids, &statuses, &offsets,
+                    &payloads,
+                ],
+            )
+            .await?;
+        let by_key: HashMap<&str, &ShipmentEvent> =
+            events.iter().map(|(_, e)| (e.key.as_str(), e)).collect();
+        Ok(rows
+            .iter()
+            .map(|row| {
+                let key: String = row.get(1);
+                let event = by_key[key.as_str()];
+                ClaimedDelivery {
+                    delivery: PendingDelivery {
+                        delivery_id: row.get(0),
+                        key: event.key.clone(),
+                        broker_id: row.get(2),
+                        load_id: row.get(3),
+                        event_id: event.event_id.as_deref().map(str::to_owned),
+                        partition,
+                        offset: row.get(4),
+                        attempts: 0,
+                        due_in: Duration::ZERO,
+                        payload: event.payload.clone(),
+                    },
+                    pending_predecessor_offset: row.get(5),
+                }
+            })
+            .collect())
     }
 
     /// Keeps messages that are not valid events. Idempotent per (topic, partition, offset).
@@ -429,27 +495,25 @@ impl Ledger {
         partition: i32,
         rejected: &[RejectedMessage],
     ) -> Result<(), LedgerError> {
-        self.bounded("record_rejected", async {
-            if rejected.is_empty() {
-                return Ok(());
-            }
-            let offsets: Vec<i64> = rejected.iter().map(|r| r.offset).collect();
-            let keys: Vec<Option<&[u8]>> = rejected.iter().map(|r| r.key.as_deref()).collect();
-            let values: Vec<Option<&[u8]>> = rejected.iter().map(|r| r.raw_value.as_deref()).collect();
-            let sizes: Vec<i32> = rejected.iter().map(|r| r.value_bytes).collect();
-            let errors: Vec<std::borrow::Cow<'_, str>> = rejected.iter().map(|r| stored(&r.error)).collect();
-            self.client()
-                .await?
-                .execute(
-                    "INSERT INTO rejected_messages (topic, kafka_partition, kafka_offset, message_key, raw_value, value_bytes, error)
-                     SELECT $1, $2, * FROM unnest($3::int8[], $4::bytea[], $5::bytea[], $6::int4[], $7::text[])
-                     ON CONFLICT DO NOTHING",
-                    &[&topic, &partition, &offsets, &keys, &values, &sizes, &errors],
-                )
-                .await?;
-            Ok(())
-    })
-        .await
+        if rejected.is_empty() {
+            return Ok(());
+        }
+        let offsets: Vec<i64> = rejected.iter().map(|r| r.offset).collect();
+        let keys: Vec<Option<&[u8]>> = rejected.iter().map(|r| r.key.as_deref()).collect();
+        let values: Vec<Option<&[u8]>> = rejected.iter().map(|r| r.raw_value.as_deref()).collect();
+        let sizes: Vec<i32> = rejected.iter().map(|r| r.value_bytes).collect();
+        let errors: Vec<std::borrow::Cow<'_, str>> =
+            rejected.iter().map(|r| stored(&r.error)).collect();
+        self.client()
+            .await?
+            .execute(
+                "INSERT INTO rejected_messages (topic, kafka_partition, kafka_offset, message_key, raw_value, value_bytes, error)
+                 SELECT $1, $2, * FROM unnest($3::int8[], $4::bytea[], $5::bytea[], $6::int4[], $7::text[])
+                 ON CONFLICT DO NOTHING",
+                &[&topic, &partition, &offsets, &keys, &values, &sizes, &errors],
+            )
+            .await?;
+        Ok(())
     }
 
     /// The oldest pending deliveries of one broker in the given partitions, in offset order,
@@ -465,47 +529,44 @@ impl Ledger {
         exclude: &[i64],
         limit: usize,
     ) -> Result<Vec<PendingDelivery>, LedgerError> {
-        self.bounded("pending_for_broker", async {
-            // The held rows are skipped here rather than in SQL: `NOT (id = ANY(...))` with a full
-            // mailbox's worth of ids turns the ordered index walk into a scan and sort of the whole
-            // backlog. Of the first `limit + held` rows in offset order at most `held` are held, so
-            // what remains is still every unheld row below one offset: a per-load prefix.
-            let held: std::collections::HashSet<i64> = exclude.iter().copied().collect();
-            let fetch = i64::try_from(limit + held.len()).unwrap_or(i64::MAX);
-            let client = self.client().await?;
-            let statement = client
-                .prepare_cached(
-                    "SELECT d.delivery_id, d.idempotency_key, d.load_id, d.kafka_partition, d.kafka_offset,
-                            d.attempts, GREATEST(0, (EXTRACT(EPOCH FROM (d.next_attempt_at - now())) * 1000))::int8,
-                            e.payload, e.event_id
-                     FROM deliveries d JOIN events e ON e.idempotency_key = d.idempotency_key
-                     WHERE d.broker_id = $1 AND d.state = 'pending' AND d.kafka_partition = ANY($2)
-                     ORDER BY d.kafka_offset
-                     LIMIT $3",
-                )
-                .await?;
-            let rows = client
-                .query(&statement, &[&broker_id, &partitions, &fetch])
-                .await?;
-            Ok(rows
-                .iter()
-                .filter(|row| !held.contains(&row.get::<_, i64>(0)))
-                .take(limit)
-                .map(|row| PendingDelivery {
-                    delivery_id: row.get(0),
-                    key: IdempotencyKey::from_stored(row.get(1)),
-                    broker_id: broker_id.to_owned(),
-                    load_id: row.get(2),
-                    partition: row.get(3),
-                    offset: row.get(4),
-                    attempts: u32::try_from(row.get::<_, i32>(5)).unwrap_or(0),
-                    due_in: Duration::from_millis(u64::try_from(row.get::<_, i64>(6)).unwrap_or(0)),
-                    payload: Bytes::from(row.get::<_, Vec<u8>>(7)),
-                    event_id: row.get(8),
-                })
-                .collect())
-    })
-        .await
+        // The held rows are skipped here rather than in SQL: `NOT (id = ANY(...))` with a full
+        // mailbox's worth of ids turns the ordered index walk into a scan and sort of the whole
+        // backlog. Of the first `limit + held` rows in offset order at most `held` are held, so
+        // what remains is still every unheld row below one offset: a per-load prefix.
+        let held: std::collections::HashSet<i64> = exclude.iter().copied().collect();
+        let fetch = i64::try_from(limit + held.len()).unwrap_or(i64::MAX);
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(
+                "SELECT d.delivery_id, d.idempotency_key, d.load_id, d.kafka_partition, d.kafka_offset,
+                        d.attempts, GREATEST(0, (EXTRACT(EPOCH FROM (d.next_attempt_at - now())) * 1000))::int8,
+                        e.payload, e.event_id
+                 FROM deliveries d JOIN events e ON e.idempotency_key = d.idempotency_key
+                 WHERE d.broker_id = $1 AND d.state = 'pending' AND d.kafka_partition = ANY($2)
+                 ORDER BY d.kafka_offset
+                 LIMIT $3",
+            )
+            .await?;
+        let rows = client
+            .query(&statement, &[&broker_id, &partitions, &fetch])
+            .await?;
+        Ok(rows
+            .iter()
+            .filter(|row| !held.contains(&row.get::<_, i64>(0)))
+            .take(limit)
+            .map(|row| PendingDelivery {
+                delivery_id: row.get(0),
+                key: IdempotencyKey::from_stored(row.get(1)),
+                broker_id: broker_id.to_owned(),
+                load_id: row.get(2),
+                partition: row.get(3),
+                offset: row.get(4),
+                attempts: u32::try_from(row.get::<_, i32>(5)).unwrap_or(0),
+                due_in: Duration::from_millis(u64::try_from(row.get::<_, i64>(6)).unwrap_or(0)),
+                payload: Bytes::from(row.get::<_, Vec<u8>>(7)),
+                event_id: row.get(8),
+            })
+            .collect())
     }
 
     /// Brokers with pending deliveries in the given partitions that have been due for longer
@@ -517,197 +578,182 @@ impl Ledger {
         partitions: &[i32],
         overdue_for: Duration,
     ) -> Result<Vec<String>, LedgerError> {
-        self.bounded("brokers_with_overdue_work", async {
-            let overdue_ms = i64::try_from(overdue_for.as_millis()).unwrap_or(i64::MAX);
-            let rows = self
-                .client()
-                .await?
-                .query(
-                    "SELECT DISTINCT broker_id FROM deliveries
-                     WHERE state = 'pending' AND kafka_partition = ANY($1)
-                       AND next_attempt_at <= now() - $2::int8 * interval '1 millisecond'",
-                    &[&partitions, &overdue_ms],
-                )
-                .await?;
-            Ok(rows.iter().map(|row| row.get(0)).collect())
-        })
-        .await
+        let overdue_ms = i64::try_from(overdue_for.as_millis()).unwrap_or(i64::MAX);
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT DISTINCT broker_id FROM deliveries
+                 WHERE state = 'pending' AND kafka_partition = ANY($1)
+                   AND next_attempt_at <= now() - $2::int8 * interval '1 millisecond'",
+                &[&partitions, &overdue_ms],
+            )
+            .await?;
+        Ok(rows.iter().map(|row| row.get(0)).collect())
     }
 
     pub async fn broker(&self, broker_id: &str) -> Result<Option<BrokerRow>, LedgerError> {
-        self.bounded("broker", async {
-            let row = self
-                .client()
-                .await?
-                .query_opt(
-                    "SELECT broker_id, webhook_url, signing_secret, enabled FROM brokers WHERE broker_id = $1",
-                    &[&broker_id],
-                )
-                .await?;
-            Ok(row.map(|row| BrokerRow {
-                broker_id: row.get(0),
-                webhook_url: row.get(1),
-                signing_secret: row.get(2),
-                enabled: row.get(3),
-            }))
-    })
-        .await
+        let row = self
+            .client()
+            .await?
+            .query_opt(
+                "SELECT broker_id, webhook_url, signing_secret, enabled FROM brokers WHERE broker_id = $1",
+                &[&broker_id],
+            )
+            .await?;
+        Ok(row.map(|row| BrokerRow {
+            broker_id: row.get(0),
+            webhook_url: row.get(1),
+            signing_secret: row.get(2),
+            enabled: row.get(3),
+        }))
     }
 
     /// Writes a batch of attempt outcomes in one statement: the attempts history and the new
     /// state of each delivery. A delivery that is no longer pending is left as it is.
     pub async fn record_attempts(&self, records: &[AttemptRecord]) -> Result<(), LedgerError> {
-        self.bounded("record_attempts", async {
-            if records.is_empty() {
-                return Ok(());
-            }
-            let ids: Vec<i64> = records.iter().map(|r| r.delivery_id).collect();
-            let brokers: Vec<&str> = records.iter().map(|r| r.broker_id.as_str()).collect();
-            let attempts: Vec<i32> = records
-                .iter()
-                .map(|r| i32::try_from(r.attempt).unwrap_or(i32::MAX))
-                .collect();
-            let started: Vec<DateTime<Utc>> = records.iter().map(|r| r.started_at).collect();
-            let latencies: Vec<i32> = records
-                .iter()
-                .map(|r| i32::try_from(r.latency.as_millis()).unwrap_or(i32::MAX))
-                .collect();
-            let codes: Vec<Option<i32>> = records
-                .iter()
-                .map(|r| r.status_code.map(i32::from))
-                .collect();
-            let classes: Vec<Option<&str>> = records.iter().map(|r| r.error_class).collect();
-            let messages: Vec<Option<std::borrow::Cow<'_, str>>> = records.iter().map(|r| r.error_message.as_deref().map(stored)).collect();
-            let outcomes: Vec<&str> = records.iter().map(|r| r.outcome.as_str()).collect();
-            let retry_in: Vec<Option<i64>> = records
-                .iter()
-                .map(|r| match r.outcome {
-                    AttemptOutcome::RetryIn(delay) => {
-                        Some(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX))
-                    }
-                    _ => None,
-                })
-                .collect();
-            let dead_reasons: Vec<Option<std::borrow::Cow<'_, str>>> = records
-                .iter()
-                .map(|r| match &r.outcome {
-                    AttemptOutcome::Dead { reason } => Some(stored(reason)),
-                    _ => None,
-                })
-                .collect();
-            let client = self.client().await?;
-            let statement = client
-                .prepare_cached(
-                    "WITH input AS (
-                         SELECT * FROM unnest($1::int8[], $2::text[], $3::int4[], $4::timestamptz[], $5::int4[],
-                                              $6::int4[], $7::text[], $8::text[], $9::text[], $10::int8[], $11::text[])
-                             AS t(delivery_id, broker_id, attempt, started_at, latency_ms, status_code,
-                                  error_class, error_message, outcome, retry_in_ms, dead_reason)
-                     ),
-                     history AS (
-                         INSERT INTO delivery_attempts (delivery_id, broker_id, attempt, started_at, latency_ms,
-                                                        status_code, error_class, error_message, outcome)
-                         SELECT delivery_id, broker_id, attempt, started_at, latency_ms, status_code,
-                                error_class, error_message, outcome
-                         FROM input
-                     )
-                     UPDATE deliveries d SET
-                         state = CASE i.outcome WHEN 'retry' THEN 'pending' ELSE i.outcome END,
-                         attempts = i.attempt,
-                         next_attempt_at = CASE WHEN i.outcome = 'retry'
-                                                THEN now() + i.retry_in_ms * interval '1 millisecond'
-                                                ELSE d.next_attempt_at END,
-                         last_status_code = i.status_code,
-                         last_error = i.error_message,
-                         dead_reason = i.dead_reason,
-                         delivered_at = CASE WHEN i.outcome = 'delivered' THEN now() END,
-                         updated_at = now()
-                     FROM input i
-                     WHERE d.delivery_id = i.delivery_id AND d.state = 'pending'",
-                )
-                .await?;
-            client
-                .execute(
-                    &statement,
-                    &[
-                        &ids,
-                        &brokers,
-                        &attempts,
-                        &started,
-                        &latencies,
-                        &codes,
-                        &classes,
-                        &messages,
-                        &outcomes,
-                        &retry_in,
-                        &dead_reasons,
-                    ],
-                )
-                .await?;
-            Ok(())
-    })
-        .await
+        if records.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<i64> = records.iter().map(|r| r.delivery_id).collect();
+        let brokers: Vec<&str> = records.iter().map(|r| r.broker_id.as_str()).collect();
+        let attempts: Vec<i32> = records
+            .iter()
+            .map(|r| i32::try_from(r.attempt).unwrap_or(i32::MAX))
+            .collect();
+        let started: Vec<DateTime<Utc>> = records.iter().map(|r| r.started_at).collect();
+        let latencies: Vec<i32> = records
+            .iter()
+            .map(|r| i32::try_from(r.latency.as_millis()).unwrap_or(i32::MAX))
+            .collect();
+        let codes: Vec<Option<i32>> = records
+            .iter()
+            .map(|r| r.status_code.map(i32::from))
+            .collect();
+        let classes: Vec<Option<&str>> = records.iter().map(|r| r.error_class).collect();
+        let messages: Vec<Option<std::borrow::Cow<'_, str>>> = records
+            .iter()
+            .map(|r| r.error_message.as_deref().map(stored))
+            .collect();
+        let outcomes: Vec<&str> = records.iter().map(|r| r.outcome.as_str()).collect();
+        let retry_in: Vec<Option<i64>> = records
+            .iter()
+            .map(|r| match r.outcome {
+                AttemptOutcome::RetryIn(delay) => {
+                    Some(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX))
+                }
+                _ => None,
+            })
+            .collect();
+        let dead_reasons: Vec<Option<std::borrow::Cow<'_, str>>> = records
+            .iter()
+            .map(|r| match &r.outcome {
+                AttemptOutcome::Dead { reason } => Some(stored(reason)),
+                _ => None,
+            })
+            .collect();
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(
+                "WITH input AS (
+                     SELECT * FROM unnest($1::int8[], $2::text[], $3::int4[], $4::timestamptz[], $5::int4[],
+                                          $6::int4[], $7::text[], $8::text[], $9::text[], $10::int8[], $11::text[])
+                         AS t(delivery_id, broker_id, attempt, started_at, latency_ms, status_code,
+                              error_class, error_message, outcome, retry_in_ms, dead_reason)
+                 ),
+                 history AS (
+                     INSERT INTO delivery_attempts (delivery_id, broker_id, attempt, started_at, latency_ms,
+                                                    status_code, error_class, error_message, outcome)
+                     SELECT delivery_id, broker_id, attempt, started_at, latency_ms, status_code,
+                            error_class, error_message, outcome
+                     FROM input
+                 )
+                 UPDATE deliveries d SET
+                     state = CASE i.outcome WHEN 'retry' THEN 'pending' ELSE i.outcome END,
+                     attempts = i.attempt,
+                     next_attempt_at = CASE WHEN i.outcome = 'retry'
+                                            THEN now() + i.retry_in_ms * interval '1 millisecond'
+                                            ELSE d.next_attempt_at END,
+                     last_status_code = i.status_code,
+                     last_error = i.error_message,
+                     dead_reason = i.dead_reason,
+                     delivered_at = CASE WHEN i.outcome = 'delivered' THEN now() END,
+                     updated_at = now()
+                 FROM input i
+                 WHERE d.delivery_id = i.delivery_id AND d.state = 'pending'",
+            )
+            .await?;
+        client
+            .execute(
+                &statement,
+                &[
+                    &ids,
+                    &brokers,
+                    &attempts,
+                    &started,
+                    &latencies,
+                    &codes,
+                    &classes,
+                    &messages,
+                    &outcomes,
+                    &retry_in,
+                    &dead_reasons,
+                ],
+            )
+            .await?;
+        Ok(())
     }
 
     /// Last resort for a delivery whose attempt outcome the database refuses even without its
     /// text: dead-letter it with the reason, so it is never attempted again unrecorded.
     pub async fn dead_letter(&self, delivery_id: i64, reason: &str) -> Result<(), LedgerError> {
-        self.bounded("dead_letter", async {
-            self.client()
-                .await?
-                .execute(
-                    "UPDATE deliveries SET state = 'dead', dead_reason = $2, updated_at = now()
-                     WHERE delivery_id = $1 AND state = 'pending'",
-                    &[&delivery_id, &stored(reason)],
-                )
-                .await?;
-            Ok(())
-        })
-        .await
+        self.client()
+            .await?
+            .execute(
+                "UPDATE deliveries SET state = 'dead', dead_reason = $2, updated_at = now()
+                 WHERE delivery_id = $1 AND state = 'pending'",
+                &[&delivery_id, &stored(reason)],
+            )
+            .await?;
+        Ok(())
     }
 
     /// Records a breaker transition (the latest one per broker wins).
     pub async fn record_circuit(&self, circuit: &CircuitRecord) -> Result<(), LedgerError> {
-        self.bounded("record_circuit", async {
-            self.client()
-                .await?
-                .execute(
-                    "INSERT INTO broker_circuits (broker_id, state, since, consecutive_failures, open_until, reason, instance_id)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7)
-                     ON CONFLICT (broker_id) DO UPDATE SET
-                         state = EXCLUDED.state, since = EXCLUDED.since,
-                         consecutive_failures = EXCLUDED.consecutive_failures,
-                         open_until = EXCLUDED.open_until, reason = EXCLUDED.reason,
-                         instance_id = EXCLUDED.instance_id",
-                    &[
-                        &circuit.broker_id,
-                        &circuit.state,
-                        &circuit.since,
-                        &i32::try_from(circuit.consecutive_failures).unwrap_or(i32::MAX),
-                        &circuit.open_until,
-                        &stored(&circuit.reason),
-                        &circuit.instance_id,
-                    ],
-                )
-                .await?;
-            Ok(())
-    })
-        .await
+        self.client()
+            .await?
+            .execute(
+                "INSERT INTO broker_circuits (broker_id, state, since, consecutive_failures, open_until, reason, instance_id)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)
+                 ON CONFLICT (broker_id) DO UPDATE SET
+                     state = EXCLUDED.state, since = EXCLUDED.since,
+                     consecutive_failures = EXCLUDED.consecutive_failures,
+                     open_until = EXCLUDED.open_until, reason = EXCLUDED.reason,
+                     instance_id = EXCLUDED.instance_id",
+                &[
+                    &circuit.broker_id,
+                    &circuit.state,
+                    &circuit.since,
+                    &i32::try_from(circuit.consecutive_failures).unwrap_or(i32::MAX),
+                    &circuit.open_until,
+                    &stored(&circuit.reason),
+                    &circuit.instance_id,
+                ],
+            )
+            .await?;
+        Ok(())
     }
 
     /// A broker answered 410 Gone: stop sending to it until someone re-enables it.
     pub async fn disable_broker(&self, broker_id: &str, reason: &str) -> Result<(), LedgerError> {
-        self.bounded("disable_broker", async {
-            self.client()
-                .await?
-                .execute(
-                    "UPDATE brokers SET enabled = false, disabled_reason = $2 WHERE broker_id = $1",
-                    &[&broker_id, &stored(reason)],
-                )
-                .await?;
-            Ok(())
-        })
-        .await
+        self.client()
+            .await?
+            .execute(
+                "UPDATE brokers SET enabled = false, disabled_reason = $2 WHERE broker_id = $1",
+                &[&broker_id, &stored(reason)],
+            )
+            .await?;
+        Ok(())
     }
 
     /// Takes or renews the lease on a partition. Returns false while another live instance holds it.
@@ -718,25 +764,22 @@ impl Ledger {
         owner: &str,
         lease: Duration,
     ) -> Result<bool, LedgerError> {
-        self.bounded("acquire_lease", async {
-            let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
-            let row = self
-                .client()
-                .await?
-                .query_opt(
-                    "INSERT INTO partition_leases (topic, kafka_partition, owner_id, expires_at)
-                     VALUES ($1, $2, $3, now() + $4::int8 * interval '1 millisecond')
-                     ON CONFLICT (topic, kafka_partition) DO UPDATE
-                         SET owner_id = EXCLUDED.owner_id, expires_at = EXCLUDED.expires_at
-                         WHERE partition_leases.owner_id = EXCLUDED.owner_id
-                            OR partition_leases.expires_at < now()
-                     RETURNING owner_id",
-                    &[&topic, &partition, &owner, &lease_ms],
-                )
-                .await?;
-            Ok(row.is_some())
-        })
-        .await
+        let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
+        let row = self
+            .client()
+            .await?
+            .query_opt(
+                "INSERT INTO partition_leases (topic, kafka_partition, owner_id, expires_at)
+                 VALUES ($1, $2, $3, now() + $4::int8 * interval '1 millisecond')
+                 ON CONFLICT (topic, kafka_partition) DO UPDATE
+                     SET owner_id = EXCLUDED.owner_id, expires_at = EXCLUDED.expires_at
+                     WHERE partition_leases.owner_id = EXCLUDED.owner_id
+                        OR partition_leases.expires_at < now()
+                 RETURNING owner_id",
+                &[&topic, &partition, &owner, &lease_ms],
+            )
+            .await?;
+        Ok(row.is_some())
     }
 
     /// Gives a lease up early: it ends `linger` from now, long enough for requests already in
@@ -748,20 +791,17 @@ impl Ledger {
         owner: &str,
         linger: Duration,
     ) -> Result<(), LedgerError> {
-        self.bounded("release_lease", async {
-            let linger_ms = i64::try_from(linger.as_millis()).unwrap_or(i64::MAX);
-            self.client()
-                .await?
-                .execute(
-                    "UPDATE partition_leases
-                     SET expires_at = LEAST(expires_at, now() + $4::int8 * interval '1 millisecond')
-                     WHERE topic = $1 AND kafka_partition = $2 AND owner_id = $3",
-                    &[&topic, &partition, &owner, &linger_ms],
-                )
-                .await?;
-            Ok(())
-        })
-        .await
+        let linger_ms = i64::try_from(linger.as_millis()).unwrap_or(i64::MAX);
+        self.client()
+            .await?
+            .execute(
+                "UPDATE partition_leases
+                 SET expires_at = LEAST(expires_at, now() + $4::int8 * interval '1 millisecond')
+                 WHERE topic = $1 AND kafka_partition = $2 AND owner_id = $3",
+                &[&topic, &partition, &owner, &linger_ms],
+            )
+            .await?;
+        Ok(())
     }
 }
 

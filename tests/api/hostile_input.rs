@@ -809,6 +809,37 @@ async fn real_postgres_errors_are_classified() {
     assert_eq!(kind(missing), ErrorKind::Other, "undefined table");
 }
 
+/// A call the server does not answer (a lock, here, with a long statement_timeout) ends at the
+/// client-side bound as a retryable error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_that_hangs_ends_at_the_client_side_bound() {
+    use webhook_delivery::ledger::{ErrorKind, TimeBounds};
+    let (url, db) = database_only().await;
+    let ledger = Ledger::connect_lazy_bounded(
+        &url,
+        1,
+        TimeBounds {
+            statement_timeout: Duration::from_secs(60),
+            call_timeout: Duration::from_millis(500),
+            keepalive_idle: Duration::from_secs(30),
+        },
+    )
+    .unwrap();
+    ledger.ping().await.unwrap();
+    db.batch_execute("BEGIN; LOCK TABLE brokers IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let error = ledger.broker("acme").await.unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(error.kind(), ErrorKind::Retryable, "{error}");
+    assert!(
+        error.to_string().contains("did not answer within"),
+        "{error}"
+    );
+    db.batch_execute("COMMIT").await.unwrap();
+}
+
 /// Incompressible text: hex of random UUIDs.
 fn uuid_noise(chars: usize) -> impl Iterator<Item = char> {
     (0..chars / 32 + 1)

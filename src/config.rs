@@ -65,7 +65,7 @@ pub struct PostgresSettings {
     pub lease_ms: u64,
     /// Server-side bound on every statement (`statement_timeout`).
     pub statement_timeout_ms: u64,
-    /// Client-side bound on every ledger call, connection wait included.
+    /// Client-side bound on every database round trip, and on waiting for a connection.
     pub call_timeout_ms: u64,
     /// Idle time before TCP keepalive probes start on a database connection.
     pub keepalive_idle_ms: u64,

@@ -122,7 +122,7 @@ impl LedgerError {
 pub struct TimeBounds {
     /// Sent as the session's `statement_timeout`.
     pub statement_timeout: Duration,
-    /// Client-side bound on each call, waiting for a connection included.
+    /// Client-side bound on each round trip, and on waiting for a pooled connection.
     pub call_timeout: Duration,
     /// TCP keepalive idle time.
     pub keepalive_idle: Duration,

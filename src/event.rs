@@ -53,16 +53,6 @@ pub struct EventLimits {
     pub max_status_bytes: usize,
 }
 
-impl EventLimits {
-    /// The defaults of config/base.toml, for tools that have no settings at hand.
-    pub const DEFAULT: EventLimits = EventLimits {
-        max_message_bytes: 1024 * 1024,
-        max_event_id_bytes: 256,
-        max_load_id_bytes: 256,
-        max_status_bytes: 128,
-    };
-}
-
 /// Checks that `text` can be stored and indexed: at most `limit` bytes, no NUL, no control
 /// character.
 pub fn check_storable_text(text: &str, limit: usize) -> Result<(), TextProblem> {

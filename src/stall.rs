@@ -85,10 +85,6 @@ impl OutcomeWatch {
             _ => None,
         }
     }
-
-    pub fn is_idle(&self) -> bool {
-        self.failing_since.is_none() && !self.stalled
-    }
 }
 
 /// The last ledger error each partition's claim got, so a stall report can say why.
@@ -285,7 +281,6 @@ mod tests {
         );
         assert_eq!(watch.check(t0 + Duration::from_secs(11), AFTER), None);
         assert_eq!(watch.saved(), Some(Change::Recovered));
-        assert!(watch.is_idle());
         assert_eq!(watch.saved(), None);
     }
 }

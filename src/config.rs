@@ -9,6 +9,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+/// Upper bound for the event text caps: an index row holds the value plus a broker id and must
+/// stay below Postgres's btree limit (about 2,700 bytes).
+const MAX_INDEXED_TEXT_BYTES: usize = 1024;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("could not load configuration: {0}")]
@@ -47,6 +51,9 @@ pub struct KafkaSettings {
     /// Extra librdkafka properties, passed through verbatim (the platform team's settings).
     #[serde(default)]
     pub client: BTreeMap<String, String>,
+    /// A partition with lag whose committed offset has not moved for this long is reported stalled
+    /// (so is a broker whose outcomes could not be written for this long).
+    pub stall_after_ms: u64,
 }
 
 #[derive(Clone, Deserialize)]
@@ -60,6 +67,12 @@ pub struct PostgresSettings {
     /// roots. How it is used depends on `sslmode` in the URL (src/ledger/tls.rs).
     #[serde(default)]
     pub ca_file: String,
+    /// Server-side bound on every statement (`statement_timeout`).
+    pub statement_timeout_ms: u64,
+    /// Client-side bound on every database round trip, and on waiting for a connection.
+    pub call_timeout_ms: u64,
+    /// Idle time before TCP keepalive probes start on a database connection.
+    pub keepalive_idle_ms: u64,
 }
 
 /// Never prints a secret: `kafka.client` values whose key names a password, secret or key
@@ -120,6 +133,9 @@ impl std::fmt::Debug for PostgresSettings {
             .field("pool_size", &self.pool_size)
             .field("lease_ms", &self.lease_ms)
             .field("ca_file", &self.ca_file)
+            .field("statement_timeout_ms", &self.statement_timeout_ms)
+            .field("call_timeout_ms", &self.call_timeout_ms)
+            .field("keepalive_idle_ms", &self.keepalive_idle_ms)
             .finish_non_exhaustive()
     }
 }
@@ -156,6 +172,10 @@ pub struct DeliverySettings {
     pub mailbox_capacity: usize,
     pub max_in_flight_per_broker: usize,
     pub max_message_bytes: usize,
+    /// Byte caps for an event's `eventId`, `loadId` and `status` (storable and indexable).
+    pub max_event_id_bytes: usize,
+    pub max_load_id_bytes: usize,
+    pub max_status_bytes: usize,
     /// How often the ledger is swept for due deliveries that are not in any mailbox.
     pub ledger_poll_interval_ms: u64,
     /// Response bodies are read up to this many bytes (kept for diagnosis), the rest discarded.
@@ -320,6 +340,28 @@ impl Settings {
         }
         positive("postgres.pool_size", self.postgres.pool_size as u64)?;
         positive(
+            "postgres.statement_timeout_ms",
+            self.postgres.statement_timeout_ms,
+        )?;
+        if self.postgres.call_timeout_ms <= self.postgres.statement_timeout_ms {
+            return Err(invalid(
+                "postgres.call_timeout_ms",
+                "must exceed postgres.statement_timeout_ms, so the server's error arrives first",
+            ));
+        }
+        if self.postgres.keepalive_idle_ms < 1_000 {
+            return Err(invalid(
+                "postgres.keepalive_idle_ms",
+                "must be at least 1000",
+            ));
+        }
+        if self.kafka.stall_after_ms < 5_000 {
+            return Err(invalid(
+                "kafka.stall_after_ms",
+                "must be at least 5000 (offsets are committed every second; shorter reports noise)",
+            ));
+        }
+        positive(
             "delivery.request_timeout_ms",
             self.delivery.request_timeout_ms,
         )?;
@@ -340,6 +382,25 @@ impl Settings {
         )?;
         if self.delivery.max_message_bytes < 64 {
             return Err(invalid("delivery.max_message_bytes", "must be at least 64"));
+        }
+        for (key, value) in [
+            (
+                "delivery.max_event_id_bytes",
+                self.delivery.max_event_id_bytes,
+            ),
+            (
+                "delivery.max_load_id_bytes",
+                self.delivery.max_load_id_bytes,
+            ),
+            ("delivery.max_status_bytes", self.delivery.max_status_bytes),
+        ] {
+            // 1024 keeps every index row (a key plus a broker id) far below Postgres's ~2.7 kB.
+            if !(1..=MAX_INDEXED_TEXT_BYTES).contains(&value) {
+                return Err(invalid(
+                    key,
+                    format!("must be between 1 and {MAX_INDEXED_TEXT_BYTES}"),
+                ));
+            }
         }
         positive(
             "delivery.ledger_poll_interval_ms",
@@ -400,6 +461,9 @@ impl KafkaSettings {
     pub fn revoke_drain_timeout(&self) -> Duration {
         Duration::from_millis(self.revoke_drain_timeout_ms)
     }
+    pub fn stall_after(&self) -> Duration {
+        Duration::from_millis(self.stall_after_ms)
+    }
 }
 
 impl PostgresSettings {
@@ -409,6 +473,14 @@ impl PostgresSettings {
     pub fn ca_file(&self) -> Option<&Path> {
         Some(Path::new(&self.ca_file)).filter(|_| !self.ca_file.is_empty())
     }
+
+    pub fn time_bounds(&self) -> crate::ledger::TimeBounds {
+        crate::ledger::TimeBounds {
+            statement_timeout: Duration::from_millis(self.statement_timeout_ms),
+            call_timeout: Duration::from_millis(self.call_timeout_ms),
+            keepalive_idle: Duration::from_millis(self.keepalive_idle_ms),
+        }
+    }
 }
 
 impl DeliverySettings {
@@ -417,6 +489,14 @@ impl DeliverySettings {
     }
     pub fn ledger_poll_interval(&self) -> Duration {
         Duration::from_millis(self.ledger_poll_interval_ms)
+    }
+    pub fn event_limits(&self) -> crate::event::EventLimits {
+        crate::event::EventLimits {
+            max_message_bytes: self.max_message_bytes,
+            max_event_id_bytes: self.max_event_id_bytes,
+            max_load_id_bytes: self.max_load_id_bytes,
+            max_status_bytes: self.max_status_bytes,
+        }
     }
     pub fn network_policy(&self) -> crate::ssrf::NetworkPolicy {
         crate::ssrf::NetworkPolicy {
@@ -561,6 +641,19 @@ mod tests {
             ("[kafka.client]\n\"group.id\" = \"other\"\n", "kafka.client"),
             ("[log]\nlevel = \"info,[\"\n", "log.level"),
             ("[admin]\ntoken = \"short\"\n", "admin.token"),
+            (
+                "[delivery]\nmax_event_id_bytes = 5000\n",
+                "delivery.max_event_id_bytes",
+            ),
+            (
+                "[delivery]\nmax_status_bytes = 0\n",
+                "delivery.max_status_bytes",
+            ),
+            (
+                "[postgres]\ncall_timeout_ms = 10\n",
+                "postgres.call_timeout_ms",
+            ),
+            ("[kafka]\nstall_after_ms = 10\n", "kafka.stall_after_ms"),
         ];
         for (toml, key) in cases {
             let text = message(load_with(toml));

@@ -1,5 +1,6 @@
 pub mod actors;
 pub mod admin;
+pub mod bisect;
 pub mod broker;
 pub mod circuit_breaker;
 pub mod cli;
@@ -17,6 +18,8 @@ pub mod offsets;
 pub mod policy;
 pub mod signing;
 pub mod ssrf;
+pub mod stall;
 pub mod startup;
+pub mod storable;
 pub mod telemetry;
 pub mod webhook_client;

@@ -6,6 +6,8 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
+use crate::ledger::ErrorKind;
+
 pub struct Metrics {
     registry: Registry,
     pub messages_consumed: IntCounterVec,
@@ -22,6 +24,9 @@ pub struct Metrics {
     pub actor_restarts: IntCounterVec,
     pub oldest_pending_age: Gauge,
     pub ready: IntGauge,
+    pub partition_stalled: IntGaugeVec,
+    pub outcome_write_stalled: IntGaugeVec,
+    pub ledger_errors: IntCounterVec,
 }
 
 impl Metrics {
@@ -149,6 +154,24 @@ impl Metrics {
             ),
             oldest_pending_age,
             ready,
+            partition_stalled: gauge(
+                &registry,
+                "partition_stalled",
+                "1 while a partition has lag and its committed offset has not moved for kafka.stall_after_ms.",
+                &["partition"],
+            ),
+            outcome_write_stalled: gauge(
+                &registry,
+                "outcome_write_stalled",
+                "1 while a broker's attempt outcomes could not be written for kafka.stall_after_ms.",
+                &["broker_id"],
+            ),
+            ledger_errors: counter(
+                &registry,
+                "ledger_errors_total",
+                "Failed ledger calls by operation and kind: retryable (retried), data (rows set aside), other.",
+                &["operation", "kind"],
+            ),
             registry,
         };
         // Series that exist from the start read 0 rather than absent, so an alert on
@@ -157,6 +180,14 @@ impl Metrics {
             metrics.deliveries.with_label_values(&[outcome]);
         }
         metrics.actor_restarts.with_label_values(&["delivery"]);
+        // The two writes every event and every attempt go through.
+        for operation in ["claim", "record_attempts"] {
+            for kind in [ErrorKind::Retryable, ErrorKind::Data, ErrorKind::Other] {
+                metrics
+                    .ledger_errors
+                    .with_label_values(&[operation, kind.as_str()]);
+            }
+        }
         metrics
     }
 

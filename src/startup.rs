@@ -10,7 +10,7 @@ use actix::Actor;
 
 use crate::actors::delivery::DeliveryDeps;
 use crate::actors::delivery_supervisor::{DeliverySupervisor, DrainDeliveries};
-use crate::actors::idempotency::IdempotencyActor;
+use crate::actors::idempotency::{IdempotencyActor, LedgerWatch};
 use crate::actors::partition::PartitionDeps;
 use crate::actors::partition_supervisor::{PartitionSupervisor, StopPartitions};
 use crate::admin::{self, AdminState, Health};
@@ -20,6 +20,7 @@ use crate::kafka_properties::{self, KafkaPropertyError};
 use crate::lease::LeaseBook;
 use crate::ledger::{Ledger, LedgerError};
 use crate::metrics::Metrics;
+use crate::stall::{PartitionStalls, StallBook};
 
 /// How often the ledger-wide gauges (pending, dead) are refreshed.
 const GAUGE_REFRESH: Duration = Duration::from_secs(5);
@@ -105,7 +106,17 @@ impl Application {
         let metrics = Arc::new(Metrics::new());
         let health = Health::default();
         let leases = LeaseBook::default();
-        let ledger_actor = IdempotencyActor::new(ledger.clone()).start();
+        let stalls = StallBook::default();
+        let ledger_actor = IdempotencyActor::new(
+            ledger.clone(),
+            LedgerWatch {
+                metrics: metrics.clone(),
+                health: health.clone(),
+                stalls: stalls.clone(),
+                stall_after: settings.kafka.stall_after(),
+            },
+        )
+        .start();
         let deliveries = DeliverySupervisor::new(DeliveryDeps {
             ledger: ledger_actor.clone(),
             leases: leases.clone(),
@@ -124,7 +135,7 @@ impl Application {
             instance_id: instance_id.clone(),
             lease: settings.postgres.lease(),
             request_timeout: settings.delivery.request_timeout(),
-            max_message_bytes: settings.delivery.max_message_bytes,
+            event_limits: settings.delivery.event_limits(),
             max_batch_messages: settings.kafka.max_batch_messages,
             metrics: metrics.clone(),
             health: health.clone(),
@@ -152,6 +163,12 @@ impl Application {
             leases.clone(),
             metrics.clone(),
             health.clone(),
+            PartitionStalls::new(
+                settings.kafka.topic.clone(),
+                stalls,
+                health.clone(),
+                settings.kafka.stall_after(),
+            ),
         ));
         let consumer = match KafkaConsumer::start(&settings.kafka, partitions.clone(), health) {
             Ok(consumer) => consumer,
@@ -198,13 +215,15 @@ impl Application {
 
 /// Keeps the polled gauges current: pending and dead deliveries and the oldest pending age
 /// (one query over partial indexes), the consumer lag of the partitions this instance holds,
-/// and readiness as `/readyz` judges it (so an alert sees a pod that is up but not ready).
+/// and readiness as `/readyz` judges it (so an alert sees a pod that is up but not ready); and
+/// watches those partitions for stalls.
 async fn refresh_gauges(
     ledger: Ledger,
     kafka: crate::config::KafkaSettings,
     leases: LeaseBook,
     metrics: Arc<Metrics>,
     health: Health,
+    mut stalls: PartitionStalls,
 ) {
     loop {
         match ledger.delivery_totals().await {
@@ -222,7 +241,10 @@ async fn refresh_gauges(
             tokio::time::timeout(admin::READY_DATABASE_TIMEOUT, ledger.ping()).await,
             Ok(Ok(()))
         );
-        let ready = database_answers && health.joined() && health.broken().is_none();
+        let ready = database_answers
+            && health.joined()
+            && health.broken().is_none()
+            && health.stalled().is_none();
         metrics.ready.set(i64::from(ready));
         let settings = kafka.clone();
         let offsets = actix_rt::task::spawn_blocking(move || {
@@ -239,6 +261,7 @@ async fn refresh_gauges(
                         .with_label_values(&[partition.partition.to_string()])
                         .set(partition.lag);
                 }
+                stalls.observe(&offsets, &held, &metrics);
             }
             Ok(Err(error)) => {
                 tracing::warn!(error.message = %error, "could not read partition offsets for the lag gauge")

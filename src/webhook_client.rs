@@ -8,6 +8,8 @@ use awc::error::{ConnectError, SendRequestError};
 use bytes::Bytes;
 use futures::StreamExt;
 
+use crate::storable::StorableText;
+
 /// Why an attempt produced no HTTP status. Every variant is a transport failure, i.e. retryable;
 /// `class()` is the short name stored in the attempts table and logged as `error.class`.
 #[derive(Debug, thiserror::Error)]
@@ -105,8 +107,10 @@ pub struct WebhookResponse {
     pub status: u16,
     /// Raw Retry-After header, if any; the policy parses it.
     pub retry_after: Option<String>,
-    /// The first `max_response_bytes` of the body, lossily decoded, for diagnosis.
-    pub body_excerpt: String,
+    /// The first `max_response_bytes` of the body, for diagnosis: lossily decoded, NUL and
+    /// control bytes escaped, cut to `max_response_bytes` (a binary or UTF-16 answer is stored
+    /// like any other).
+    pub body_excerpt: StorableText,
 }
 
 /// Builds the per-broker HTTP client: no redirects (a 3xx is a permanent failure, never
@@ -175,7 +179,7 @@ pub async fn send(
             return Ok(WebhookResponse {
                 status,
                 retry_after,
-                body_excerpt: note,
+                body_excerpt: StorableText::from_text(&note, max_response_bytes),
             });
         }
         // Read at most max_response_bytes; a broker that streams forever cannot hold us.
@@ -190,7 +194,7 @@ pub async fn send(
         Ok(WebhookResponse {
             status,
             retry_after,
-            body_excerpt: String::from_utf8_lossy(&excerpt).into_owned(),
+            body_excerpt: StorableText::from_bytes_lossy(&excerpt, max_response_bytes),
         })
     };
     let result = match tokio::time::timeout(timeout, call).await {

@@ -4,7 +4,7 @@
 //! | route                         | what                                                    |
 //! |-------------------------------|---------------------------------------------------------|
 //! | `GET /healthz`                | the process is alive                                    |
-//! | `GET /readyz`                 | Postgres answers and the consumer has joined its group  |
+//! | `GET /readyz`                 | Postgres answers, the consumer has joined, nothing stalled |
 //! | `GET /metrics`                | Prometheus text                                         |
 //! | `GET /brokers`                | per broker: circuit, in flight, pending, dead, last error |
 //! | `GET /dead-letters`           | like `dead-letters list` (`?broker=&since=&limit=`)     |
@@ -39,6 +39,8 @@ pub const READY_DATABASE_TIMEOUT: std::time::Duration = std::time::Duration::fro
 pub struct Health {
     joined: Arc<AtomicBool>,
     broken: Arc<std::sync::Mutex<Option<String>>>,
+    /// Stalled partitions and outcome writers (src/stall.rs), by what stalled.
+    stalled: Arc<std::sync::Mutex<std::collections::BTreeMap<String, String>>>,
 }
 
 impl Health {
@@ -60,6 +62,29 @@ impl Health {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone()
+    }
+    /// `what` (e.g. "partition 3") is stalled: `/readyz` answers 503 with `reason` until cleared.
+    pub fn mark_stalled(&self, what: String, reason: String) {
+        self.stalls().insert(what, reason);
+    }
+    pub fn clear_stalled(&self, what: &str) {
+        self.stalls().remove(what);
+    }
+    /// Every current stall, one per line; `None` when nothing is stalled.
+    pub fn stalled(&self) -> Option<String> {
+        let stalls = self.stalls();
+        (!stalls.is_empty()).then(|| {
+            stalls
+                .iter()
+                .map(|(what, reason)| format!("{what} stalled: {reason}"))
+                .collect::<Vec<_>>()
+                .join("; ")
+        })
+    }
+    fn stalls(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<String, String>> {
+        self.stalled
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 

@@ -29,6 +29,7 @@ pub async fn readyz(state: web::Data<AdminState>) -> HttpResponse {
         Ok(Ok(())) if !state.health.joined() => {
             Some("the Kafka consumer has not joined its group yet".to_owned())
         }
+        Ok(Ok(())) if state.health.stalled().is_some() => state.health.stalled(),
         Ok(Ok(())) => None,
     };
     match reason {

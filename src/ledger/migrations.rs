@@ -113,7 +113,7 @@ impl Ledger {
 
     /// Applies pending migrations up to `target` (all when `None`); returns the versions applied.
     pub async fn migrate_to(&self, target: Option<i32>) -> Result<Vec<i32>, LedgerError> {
-        let client = self.client().await?;
+        let client = self.pooled_connection().await?;
         client
             .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK_KEY])
             .await?;
@@ -142,12 +142,12 @@ impl Ledger {
             .await;
         match rows {
             Ok(rows) => Ok(rows.iter().map(|row| row.get(0)).collect()),
-            Err(error)
+            Err(LedgerError::Query(error))
                 if error.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) =>
             {
                 Ok(Vec::new())
             }
-            Err(error) => Err(error.into()),
+            Err(error) => Err(error),
         }
     }
 

@@ -23,6 +23,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Row, Statement, ToStatement};
 
 use crate::config::PostgresSettings;
 use crate::event::{IdempotencyKey, ShipmentEvent};
@@ -40,6 +42,8 @@ pub enum LedgerError {
     Tls(#[from] PostgresTlsError),
     #[error("database query failed: {}", describe(.0))]
     Query(#[from] tokio_postgres::Error),
+    #[error("the database did not answer within {after:?}")]
+    TimedOut { after: Duration },
     #[error("migration {version} failed: {}", describe(.source))]
     Migration {
         version: i32,
@@ -59,28 +63,191 @@ pub enum LedgerError {
     },
 }
 
-impl LedgerError {
-    /// Retryable errors are the database being away or busy; callers back off and try again
-    /// (never skip). Anything else is a bug or a broken schema and is worth a loud log.
-    pub fn is_retryable(&self) -> bool {
+/// What a ledger error means for the caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The database is away, busy or was interrupted: back off and try the same thing again.
+    Retryable,
+    /// The database refused these values (SQLSTATE classes 22, 23, 54): trying again fails the
+    /// same way. Split the batch and set the offending rows aside.
+    Data,
+    /// Anything else: a bug or a broken schema. Retried with backoff (skipping could lose
+    /// events), and loud in the log.
+    Other,
+}
+
+impl ErrorKind {
+    /// The `kind` label of `webhook_delivery_ledger_errors_total`.
+    pub fn as_str(self) -> &'static str {
         match self {
-            // A refused certificate too: it may be fixed on the server while we wait.
-            LedgerError::Pool(_) | LedgerError::Tls(_) => true,
-            LedgerError::Query(e) => {
-                e.is_closed()
-                    || e.as_db_error().is_none_or(|db| {
-                        let code = db.code().code();
-                        // 08: connection exception, 40: transaction rollback (serialization, deadlock),
-                        // 53: insufficient resources, 57P: operator intervention (e.g. shutdown).
-                        code.starts_with("08")
-                            || code.starts_with("40")
-                            || code.starts_with("53")
-                            || code.starts_with("57P")
-                    })
-            }
-            _ => false,
+            ErrorKind::Retryable => "retryable",
+            ErrorKind::Data => "data",
+            ErrorKind::Other => "other",
         }
     }
+}
+
+/// Unique constraints that a claim races on by design: two claims of the same event resolve
+/// through `ON CONFLICT`, so a violation of one of these is a race to retry, not bad data.
+const IDEMPOTENCY_CONSTRAINTS: &[&str] =
+    &["events_pkey", "deliveries_idempotency_key_broker_id_key"];
+
+/// Classifies a SQLSTATE (and the constraint it names, if any). Pure, for unit tests.
+pub fn classify_sqlstate(code: &str, constraint: Option<&str>) -> ErrorKind {
+    let class = code.get(..2).unwrap_or("");
+    match class {
+        // 08 connection, 40 serialization/deadlock, 53 insufficient resources, 57 operator
+        // intervention (admin shutdown, crash shutdown, statement_timeout/cancel), 55P03 lock
+        // not available, 58 system error (I/O).
+        "08" | "40" | "53" | "57" | "58" => ErrorKind::Retryable,
+        "55" if code == "55P03" => ErrorKind::Retryable,
+        "23" if code == "23505"
+            && constraint.is_some_and(|c| IDEMPOTENCY_CONSTRAINTS.contains(&c)) =>
+        {
+            ErrorKind::Retryable
+        }
+        // 22 data exception (NUL in text, bad encoding, out of range), 23 integrity constraint,
+        // 54 program limit exceeded (index row too large).
+        "22" | "23" | "54" => ErrorKind::Data,
+        _ => ErrorKind::Other,
+    }
+}
+
+impl LedgerError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            // A refused certificate too: it may be fixed on the server while we wait.
+            LedgerError::Pool(_) | LedgerError::TimedOut { .. } | LedgerError::Tls(_) => {
+                ErrorKind::Retryable
+            }
+            LedgerError::Query(e) => match e.as_db_error() {
+                Some(db) => classify_sqlstate(db.code().code(), db.constraint()),
+                // No server error: the connection broke or the client could not encode a
+                // value. A closed connection is retryable; an encoding error is data.
+                None if e.is_closed() => ErrorKind::Retryable,
+                None if std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>()) => {
+                    ErrorKind::Retryable
+                }
+                None => ErrorKind::Other,
+            },
+            LedgerError::InvalidUrl(_)
+            | LedgerError::PoolBuild(_)
+            | LedgerError::Migration { .. }
+            | LedgerError::SchemaTooOld { .. } => ErrorKind::Other,
+        }
+    }
+
+    /// Retryable errors are the database being away or busy; callers back off and try again
+    /// (never skip). Anything else is a bug, a broken schema or bad data and is worth a loud log.
+    pub fn is_retryable(&self) -> bool {
+        self.kind() == ErrorKind::Retryable
+    }
+}
+
+/// Time bounds on every database call (config `[postgres]`).
+#[derive(Debug, Clone, Copy)]
+pub struct TimeBounds {
+    /// Sent as the session's `statement_timeout`.
+    pub statement_timeout: Duration,
+    /// Client-side bound on each round trip, and on waiting for a pooled connection.
+    pub call_timeout: Duration,
+    /// TCP keepalive idle time.
+    pub keepalive_idle: Duration,
+}
+
+impl TimeBounds {
+    /// The defaults of config/base.toml, for tools and tests without settings.
+    pub const DEFAULT: TimeBounds = TimeBounds {
+        statement_timeout: Duration::from_secs(15),
+        call_timeout: Duration::from_secs(20),
+        keepalive_idle: Duration::from_secs(30),
+    };
+}
+
+/// A pooled connection whose every round trip is bounded by a client-side timeout: its methods
+/// shadow the client's, so ledger code reads as plain tokio-postgres. (A transaction, used only by
+/// migrations, is not bounded.)
+struct BoundedClient {
+    client: deadpool_postgres::Object,
+    timeout: Duration,
+}
+
+impl BoundedClient {
+    async fn within<T>(
+        &self,
+        call: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+    ) -> Result<T, LedgerError> {
+        match tokio::time::timeout(self.timeout, call).await {
+            Ok(result) => result.map_err(LedgerError::from),
+            Err(_) => Err(LedgerError::TimedOut {
+                after: self.timeout,
+            }),
+        }
+    }
+
+    async fn prepare_cached(&self, query: &str) -> Result<Statement, LedgerError> {
+        self.within(self.client.prepare_cached(query)).await
+    }
+
+    async fn query<T: ?Sized + ToStatement>(
+        &self,
+        statement: &T,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, LedgerError> {
+        self.within(self.client.query(statement, params)).await
+    }
+
+    async fn query_one<T: ?Sized + ToStatement>(
+        &self,
+        statement: &T,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Row, LedgerError> {
+        self.within(self.client.query_one(statement, params)).await
+    }
+
+    async fn query_opt<T: ?Sized + ToStatement>(
+        &self,
+        statement: &T,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<Row>, LedgerError> {
+        self.within(self.client.query_opt(statement, params)).await
+    }
+
+    async fn execute<T: ?Sized + ToStatement>(
+        &self,
+        statement: &T,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<u64, LedgerError> {
+        self.within(self.client.execute(statement, params)).await
+    }
+
+    async fn simple_query(
+        &self,
+        query: &str,
+    ) -> Result<Vec<tokio_postgres::SimpleQueryMessage>, LedgerError> {
+        self.within(self.client.simple_query(query)).await
+    }
+}
+
+impl std::ops::Deref for BoundedClient {
+    type Target = deadpool_postgres::Object;
+    fn deref(&self) -> &Self::Target {
+        &self.client
+    }
+}
+
+impl std::ops::DerefMut for BoundedClient {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.client
+    }
+}
+
+/// Text columns get what is stored here: storable (no NUL, no control characters) and capped,
+/// whatever the caller passed. The cap keeps one bad answer from bloating the ledger.
+const STORED_TEXT_CAP: usize = 8 * 1024;
+
+fn stored(text: &str) -> std::borrow::Cow<'_, str> {
+    crate::storable::storable(text, STORED_TEXT_CAP)
 }
 
 /// tokio-postgres says only "db error" at the top; the server's message and SQLSTATE are what
@@ -100,6 +267,7 @@ pub struct RejectedMessage {
     /// Already capped by the caller.
     pub raw_value: Option<Vec<u8>>,
     pub value_bytes: i32,
+    /// Made storable when written.
     pub error: String,
 }
 
@@ -197,24 +365,31 @@ pub struct CircuitRecord {
 #[derive(Clone)]
 pub struct Ledger {
     pool: Pool,
+    call_timeout: Duration,
 }
 
 impl Ledger {
-    /// The connection every command uses: `postgres.url` (with its `sslmode`) and
-    /// `postgres.ca_file`. Connections are opened on first use.
+    /// The connection every command uses: `postgres.url` (with its `sslmode`),
+    /// `postgres.ca_file` and the time bounds of [postgres]. Connections are opened on first use.
     pub fn connect(settings: &PostgresSettings) -> Result<Ledger, LedgerError> {
-        Ledger::connect_with_ca(&settings.url, settings.pool_size, settings.ca_file())
+        Ledger::connect_with(
+            &settings.url,
+            settings.pool_size,
+            settings.ca_file(),
+            settings.time_bounds(),
+        )
     }
 
-    /// `connect` without a CA file (tools and tests).
+    /// `connect` without a CA file and with the default time bounds (tools and tests).
     pub fn connect_lazy(url: &str, pool_size: usize) -> Result<Ledger, LedgerError> {
-        Ledger::connect_with_ca(url, pool_size, None)
+        Ledger::connect_with(url, pool_size, None, TimeBounds::DEFAULT)
     }
 
-    fn connect_with_ca(
+    fn connect_with(
         url: &str,
         pool_size: usize,
         ca_file: Option<&Path>,
+        bounds: TimeBounds,
     ) -> Result<Ledger, LedgerError> {
         let tls_url = tls::TlsUrl::parse(url)?;
         let ca_file = match (ca_file, tls_url.root_cert.as_deref()) {
@@ -225,6 +400,24 @@ impl Ledger {
         let mut config =
             tokio_postgres::Config::from_str(&tls_url.url).map_err(LedgerError::InvalidUrl)?;
         config.ssl_mode(tls_url.mode.wire_mode());
+        // A hung statement becomes an error (57014, retryable), a dead peer a closed connection.
+        let statement_timeout = format!(
+            "-c statement_timeout={}",
+            bounds.statement_timeout.as_millis()
+        );
+        let options = match config.get_options() {
+            Some(existing) => format!("{existing} {statement_timeout}"),
+            None => statement_timeout,
+        };
+        config
+            .options(options)
+            .keepalives(true)
+            .keepalives_idle(bounds.keepalive_idle)
+            .keepalives_interval(Duration::from_secs(5))
+            .keepalives_retries(3)
+            // Keepalives probe idle connections; this bounds a request the peer never acks.
+            .tcp_user_timeout(bounds.call_timeout)
+            .connect_timeout(Duration::from_secs(5));
         let manager = Manager::from_config(
             config,
             tls,
@@ -240,22 +433,40 @@ impl Ledger {
             .recycle_timeout(Some(Duration::from_secs(5)))
             .build()
             .map_err(|e| LedgerError::PoolBuild(e.to_string()))?;
-        Ok(Ledger { pool })
+        Ok(Ledger {
+            pool,
+            call_timeout: bounds.call_timeout,
+        })
     }
 
-    async fn client(&self) -> Result<deadpool_postgres::Object, LedgerError> {
-        self.pool.get().await.map_err(|error| {
-            // Put a refused certificate first: its message names the setting to change.
-            let tls = match &error {
-                deadpool_postgres::PoolError::Backend(backend) => {
-                    std::error::Error::source(backend)
-                        .and_then(|source| source.downcast_ref::<PostgresTlsError>())
-                        .cloned()
-                }
-                _ => None,
-            };
-            tls.map_or(LedgerError::Pool(error), LedgerError::Tls)
+    /// A pooled connection whose round trips are each bounded by `call_timeout`.
+    async fn client(&self) -> Result<BoundedClient, LedgerError> {
+        Ok(BoundedClient {
+            client: self.pooled_connection().await?,
+            timeout: self.call_timeout,
         })
+    }
+
+    /// A pooled connection without the per-call bound, for the one caller whose statements
+    /// legitimately run for minutes: `migrate` building an index on a large ledger.
+    async fn pooled_connection(&self) -> Result<deadpool_postgres::Object, LedgerError> {
+        tokio::time::timeout(self.call_timeout, self.pool.get())
+            .await
+            .map_err(|_| LedgerError::TimedOut {
+                after: self.call_timeout,
+            })?
+            .map_err(|error| {
+                // Put a refused certificate first: its message names the setting to change.
+                let tls = match &error {
+                    deadpool_postgres::PoolError::Backend(backend) => {
+                        std::error::Error::source(backend)
+                            .and_then(|source| source.downcast_ref::<PostgresTlsError>())
+                            .cloned()
+                    }
+                    _ => None,
+                };
+                tls.map_or(LedgerError::Pool(error), LedgerError::Tls)
+            })
     }
 
     pub async fn ping(&self) -> Result<(), LedgerError> {
@@ -355,7 +566,7 @@ impl Ledger {
                         key: event.key.clone(),
                         broker_id: row.get(2),
                         load_id: row.get(3),
-                        event_id: event.event_id.clone(),
+                        event_id: event.event_id.as_deref().map(str::to_owned),
                         partition,
                         offset: row.get(4),
                         attempts: 0,
@@ -382,7 +593,8 @@ impl Ledger {
         let keys: Vec<Option<&[u8]>> = rejected.iter().map(|r| r.key.as_deref()).collect();
         let values: Vec<Option<&[u8]>> = rejected.iter().map(|r| r.raw_value.as_deref()).collect();
         let sizes: Vec<i32> = rejected.iter().map(|r| r.value_bytes).collect();
-        let errors: Vec<&str> = rejected.iter().map(|r| r.error.as_str()).collect();
+        let errors: Vec<std::borrow::Cow<'_, str>> =
+            rejected.iter().map(|r| stored(&r.error)).collect();
         self.client()
             .await?
             .execute(
@@ -510,8 +722,10 @@ impl Ledger {
             .map(|r| r.status_code.map(i32::from))
             .collect();
         let classes: Vec<Option<&str>> = records.iter().map(|r| r.error_class).collect();
-        let messages: Vec<Option<&str>> =
-            records.iter().map(|r| r.error_message.as_deref()).collect();
+        let messages: Vec<Option<std::borrow::Cow<'_, str>>> = records
+            .iter()
+            .map(|r| r.error_message.as_deref().map(stored))
+            .collect();
         let outcomes: Vec<&str> = records.iter().map(|r| r.outcome.as_str()).collect();
         let retry_in: Vec<Option<i64>> = records
             .iter()
@@ -522,10 +736,10 @@ impl Ledger {
                 _ => None,
             })
             .collect();
-        let dead_reasons: Vec<Option<&str>> = records
+        let dead_reasons: Vec<Option<std::borrow::Cow<'_, str>>> = records
             .iter()
             .map(|r| match &r.outcome {
-                AttemptOutcome::Dead { reason } => Some(reason.as_str()),
+                AttemptOutcome::Dead { reason } => Some(stored(reason)),
                 _ => None,
             })
             .collect();
@@ -581,6 +795,20 @@ impl Ledger {
         Ok(())
     }
 
+    /// Last resort for a delivery whose attempt outcome the database refuses even without its
+    /// text: dead-letter it with the reason, so it is never attempted again unrecorded.
+    pub async fn dead_letter(&self, delivery_id: i64, reason: &str) -> Result<(), LedgerError> {
+        self.client()
+            .await?
+            .execute(
+                "UPDATE deliveries SET state = 'dead', dead_reason = $2, updated_at = now()
+                 WHERE delivery_id = $1 AND state = 'pending'",
+                &[&delivery_id, &stored(reason)],
+            )
+            .await?;
+        Ok(())
+    }
+
     /// Records a breaker transition (the latest one per broker wins).
     pub async fn record_circuit(&self, circuit: &CircuitRecord) -> Result<(), LedgerError> {
         self.client()
@@ -599,7 +827,7 @@ impl Ledger {
                     &circuit.since,
                     &i32::try_from(circuit.consecutive_failures).unwrap_or(i32::MAX),
                     &circuit.open_until,
-                    &circuit.reason,
+                    &stored(&circuit.reason),
                     &circuit.instance_id,
                 ],
             )
@@ -613,7 +841,7 @@ impl Ledger {
             .await?
             .execute(
                 "UPDATE brokers SET enabled = false, disabled_reason = $2 WHERE broker_id = $1",
-                &[&broker_id, &reason],
+                &[&broker_id, &stored(reason)],
             )
             .await?;
         Ok(())
@@ -665,5 +893,52 @@ impl Ledger {
             )
             .await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{classify_sqlstate, ErrorKind};
+
+    #[test]
+    fn sqlstates_are_classified() {
+        let cases = [
+            // The database away, busy or interrupted.
+            ("08006", None, ErrorKind::Retryable), // connection failure
+            ("40001", None, ErrorKind::Retryable), // serialization failure
+            ("40P01", None, ErrorKind::Retryable), // deadlock
+            ("53300", None, ErrorKind::Retryable), // too many connections
+            ("57P01", None, ErrorKind::Retryable), // admin shutdown
+            ("57014", None, ErrorKind::Retryable), // statement_timeout
+            ("55P03", None, ErrorKind::Retryable), // lock not available
+            ("58030", None, ErrorKind::Retryable), // I/O error
+            // The values themselves.
+            ("22021", None, ErrorKind::Data), // NUL / bad encoding in text
+            ("22001", None, ErrorKind::Data), // string too long
+            ("22003", None, ErrorKind::Data), // numeric out of range
+            ("23502", None, ErrorKind::Data), // not null
+            ("23514", Some("deliveries_state_check"), ErrorKind::Data),
+            ("23505", Some("rejected_messages_pkey"), ErrorKind::Data),
+            ("54000", None, ErrorKind::Data), // index row too large
+            // The idempotency conflict is a race, not bad data.
+            ("23505", Some("events_pkey"), ErrorKind::Retryable),
+            (
+                "23505",
+                Some("deliveries_idempotency_key_broker_id_key"),
+                ErrorKind::Retryable,
+            ),
+            // Bugs and broken schemas.
+            ("42P01", None, ErrorKind::Other), // undefined table
+            ("42703", None, ErrorKind::Other), // undefined column
+            ("55000", None, ErrorKind::Other),
+            ("", None, ErrorKind::Other),
+        ];
+        for (code, constraint, kind) in cases {
+            assert_eq!(
+                classify_sqlstate(code, constraint),
+                kind,
+                "{code} {constraint:?}"
+            );
+        }
     }
 }

@@ -7,6 +7,7 @@ mod dead_letters;
 mod delivery;
 mod deploy;
 mod helpers;
+mod hostile_input;
 mod instances;
 mod isolation;
 mod migrations;

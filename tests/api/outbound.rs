@@ -105,7 +105,7 @@ async fn the_client_asks_for_identity_and_leaves_a_compressed_body_unread() {
     let response = result.expect("an answer");
     assert_eq!(response.status, 200);
     assert_eq!(
-        response.body_excerpt,
+        response.body_excerpt.as_str(),
         "[gzip-encoded response body, not decoded]"
     );
     let requests = received(&server).await;

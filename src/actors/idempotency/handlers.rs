@@ -24,13 +24,64 @@ impl Handler<ClaimBatch> for IdempotencyActor {
 
     fn handle(&mut self, msg: ClaimBatch, _: &mut Self::Context) -> Self::Result {
         let ledger = self.ledger.clone();
+        let watch = self.watch.clone();
         Box::pin(async move {
-            ledger
+            let result = async {
+                ledger
+                    .record_rejected(&msg.topic, msg.partition, &msg.rejected)
+                    .await?;
+                ledger
+                    .claim_batch(&msg.topic, msg.partition, &msg.events)
+                    .await
+            }
+            .await;
+            match &result {
+                Ok(_) => watch.stalls.claim_succeeded(msg.partition),
+                Err(error) => {
+                    watch.count("claim", error);
+                    watch.stalls.claim_failed(msg.partition, error.to_string());
+                }
+            }
+            result
+        })
+    }
+}
+
+/// Records messages that are not valid events (or that the ledger refused) in
+/// `rejected_messages`. `refused_by_ledger` of them are counted as rejected here; the
+/// PartitionActor counts the ones that failed to parse.
+#[derive(Message)]
+#[rtype(result = "Result<(), LedgerError>")]
+pub struct RecordRejected {
+    pub topic: String,
+    pub partition: i32,
+    pub rejected: Vec<RejectedMessage>,
+    pub refused_by_ledger: usize,
+}
+
+impl Handler<RecordRejected> for IdempotencyActor {
+    type Result = ResponseFuture<Result<(), LedgerError>>;
+
+    fn handle(&mut self, msg: RecordRejected, _: &mut Self::Context) -> Self::Result {
+        self.watch
+            .metrics
+            .messages_rejected
+            .with_label_values(&[msg.partition.to_string()])
+            .inc_by(msg.refused_by_ledger as u64);
+        let ledger = self.ledger.clone();
+        let watch = self.watch.clone();
+        Box::pin(async move {
+            let result = ledger
                 .record_rejected(&msg.topic, msg.partition, &msg.rejected)
-                .await?;
-            ledger
-                .claim_batch(&msg.topic, msg.partition, &msg.events)
-                .await
+                .await;
+            match &result {
+                Ok(()) => watch.stalls.claim_succeeded(msg.partition),
+                Err(error) => {
+                    watch.count("record_rejected", error);
+                    watch.stalls.claim_failed(msg.partition, error.to_string());
+                }
+            }
+            result
         })
     }
 }
@@ -49,10 +100,12 @@ impl Handler<LoadPending> for IdempotencyActor {
 
     fn handle(&mut self, msg: LoadPending, _: &mut Self::Context) -> Self::Result {
         let ledger = self.ledger.clone();
+        let watch = self.watch.clone();
         Box::pin(async move {
             ledger
                 .pending_for_broker(&msg.broker_id, &msg.partitions, &msg.exclude, msg.limit)
                 .await
+                .inspect_err(|error| watch.count("load_pending", error))
         })
     }
 }
@@ -69,10 +122,12 @@ impl Handler<FindBrokersWithOverdueWork> for IdempotencyActor {
 
     fn handle(&mut self, msg: FindBrokersWithOverdueWork, _: &mut Self::Context) -> Self::Result {
         let ledger = self.ledger.clone();
+        let watch = self.watch.clone();
         Box::pin(async move {
             ledger
                 .brokers_with_overdue_work(&msg.partitions, msg.overdue_for)
                 .await
+                .inspect_err(|error| watch.count("overdue_work", error))
         })
     }
 }
@@ -88,7 +143,13 @@ impl Handler<LoadBroker> for IdempotencyActor {
 
     fn handle(&mut self, msg: LoadBroker, _: &mut Self::Context) -> Self::Result {
         let ledger = self.ledger.clone();
-        Box::pin(async move { ledger.broker(&msg.broker_id).await })
+        let watch = self.watch.clone();
+        Box::pin(async move {
+            ledger
+                .broker(&msg.broker_id)
+                .await
+                .inspect_err(|error| watch.count("load_broker", error))
+        })
     }
 }
 
@@ -130,7 +191,13 @@ impl Handler<DisableBroker> for IdempotencyActor {
 
     fn handle(&mut self, msg: DisableBroker, _: &mut Self::Context) -> Self::Result {
         let ledger = self.ledger.clone();
-        Box::pin(async move { ledger.disable_broker(&msg.broker_id, &msg.reason).await })
+        let watch = self.watch.clone();
+        Box::pin(async move {
+            ledger
+                .disable_broker(&msg.broker_id, &msg.reason)
+                .await
+                .inspect_err(|error| watch.count("disable_broker", error))
+        })
     }
 }
 
@@ -149,10 +216,12 @@ impl Handler<AcquireLease> for IdempotencyActor {
 
     fn handle(&mut self, msg: AcquireLease, _: &mut Self::Context) -> Self::Result {
         let ledger = self.ledger.clone();
+        let watch = self.watch.clone();
         Box::pin(async move {
             ledger
                 .acquire_lease(&msg.topic, msg.partition, &msg.owner, msg.lease)
                 .await
+                .inspect_err(|error| watch.count("acquire_lease", error))
         })
     }
 }
@@ -171,10 +240,12 @@ impl Handler<ReleaseLease> for IdempotencyActor {
 
     fn handle(&mut self, msg: ReleaseLease, _: &mut Self::Context) -> Self::Result {
         let ledger = self.ledger.clone();
+        let watch = self.watch.clone();
         Box::pin(async move {
             ledger
                 .release_lease(&msg.topic, msg.partition, &msg.owner, msg.linger)
                 .await
+                .inspect_err(|error| watch.count("release_lease", error))
         })
     }
 }
@@ -189,8 +260,10 @@ impl Handler<RecordCircuit> for IdempotencyActor {
 
     fn handle(&mut self, msg: RecordCircuit, _: &mut Self::Context) -> Self::Result {
         let ledger = self.ledger.clone();
+        let watch = self.watch.clone();
         Box::pin(async move {
             if let Err(error) = ledger.record_circuit(&msg.0).await {
+                watch.count("record_circuit", &error);
                 tracing::warn!(broker_id = %msg.0.broker_id, error.message = %error, "could not store circuit state");
             }
         })

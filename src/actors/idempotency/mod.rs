@@ -2,22 +2,64 @@
 //! running service goes through its messages. Handlers run concurrently (up to the pool size);
 //! the ledger's unique constraints, not this actor, are what make claims idempotent.
 
+mod claim;
 mod handlers;
+mod outcomes;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use actix::{Actor, ActorFutureExt, AsyncContext, Context, WrapFuture};
 use tokio::sync::oneshot;
 
+pub use claim::claim_until_stored;
 pub use handlers::*;
 
-use crate::ledger::{AttemptRecord, Ledger};
+use crate::admin::Health;
+use crate::ledger::{AttemptRecord, ErrorKind, Ledger, LedgerError};
+use crate::metrics::Metrics;
+use crate::stall::{Change, OutcomeWatch, StallBook};
+
+/// How often outcome-write stalls are checked.
+const STALL_CHECK: Duration = Duration::from_secs(1);
+
+/// What the actor reports to: metrics, `/readyz`, and the stall threshold.
+#[derive(Clone)]
+pub struct LedgerWatch {
+    pub metrics: Arc<Metrics>,
+    pub health: Health,
+    pub stalls: StallBook,
+    pub stall_after: Duration,
+}
+
+impl LedgerWatch {
+    /// Counts a failed call in `webhook_delivery_ledger_errors_total{operation,kind}`.
+    pub fn count(&self, operation: &'static str, error: &LedgerError) {
+        self.count_kind(operation, error.kind());
+    }
+
+    pub fn count_kind(&self, operation: &'static str, kind: ErrorKind) {
+        self.metrics
+            .ledger_errors
+            .with_label_values(&[operation, kind.as_str()])
+            .inc();
+    }
+}
 
 pub struct IdempotencyActor {
     ledger: Ledger,
+    watch: LedgerWatch,
     /// Attempt outcomes from every DeliveryActor wait here while a write is in flight, and all
     /// of them go out in the next single statement (group commit): a few large writes instead
     /// of one per broker at a time.
     queued_outcomes: Vec<QueuedOutcomes>,
     writing_outcomes: bool,
+    /// Per broker: whether its outcomes are failing to be written, and the last error.
+    outcome_watches: HashMap<String, (OutcomeWatch, String)>,
+    /// Brokers whose `outcome_write_stalled` series exists (set to 0 on their first written
+    /// outcome, so dashboards show 0 rather than no data).
+    outcome_gauges: HashSet<String>,
 }
 
 struct QueuedOutcomes {
@@ -26,15 +68,22 @@ struct QueuedOutcomes {
 }
 
 impl IdempotencyActor {
-    pub fn new(ledger: Ledger) -> Self {
+    pub fn new(ledger: Ledger, watch: LedgerWatch) -> Self {
         IdempotencyActor {
             ledger,
+            watch,
             queued_outcomes: Vec::new(),
             writing_outcomes: false,
+            outcome_watches: HashMap::new(),
+            outcome_gauges: HashSet::new(),
         }
     }
 
-    /// Writes everything queued in one statement, then the next batch, until none is left.
+    /// Writes everything queued in one statement, then the next batch, until none is left. A
+    /// data error in the group commit is not the other brokers' problem: the batch is split to
+    /// find the rows the database refuses (see `outcomes::save_around_bad_rows`), so every
+    /// queued batch is answered as saved. Only a database that is away fails them all (their
+    /// DeliveryActors retry).
     fn write_outcomes(&mut self, ctx: &mut Context<Self>) {
         if self.writing_outcomes || self.queued_outcomes.is_empty() {
             return;
@@ -46,18 +95,108 @@ impl IdempotencyActor {
             .flat_map(|queued| queued.records.iter().cloned())
             .collect();
         let ledger = self.ledger.clone();
-        let write = async move { ledger.record_attempts(&records).await };
+        let watch = self.watch.clone();
+        let write = async move {
+            match ledger.record_attempts(&records).await {
+                Ok(()) => Ok(()),
+                Err(error) => {
+                    watch.count("record_attempts", &error);
+                    if error.kind() != ErrorKind::Data {
+                        return Err(error);
+                    }
+                    outcomes::save_around_bad_rows(&ledger, &records, &watch, &error).await;
+                    Ok(())
+                }
+            }
+        };
         ctx.spawn(write.into_actor(self).map(|result, act, ctx| {
             act.writing_outcomes = false;
             let result = result.map_err(|error| error.to_string());
+            let now = Instant::now();
             for queued in batch {
+                for record in &queued.records {
+                    act.outcome_written(&record.broker_id, &result, now);
+                }
                 let _ = queued.saved.send(result.clone());
             }
             act.write_outcomes(ctx);
         }));
     }
+
+    fn outcome_written(&mut self, broker_id: &str, result: &Result<(), String>, now: Instant) {
+        match result {
+            Err(error) => {
+                let (watch, last_error) = self
+                    .outcome_watches
+                    .entry(broker_id.to_owned())
+                    .or_insert_with(|| (OutcomeWatch::default(), String::new()));
+                watch.failed(now);
+                error.clone_into(last_error);
+            }
+            Ok(()) => {
+                if !self.outcome_gauges.contains(broker_id) {
+                    self.outcome_gauges.insert(broker_id.to_owned());
+                    self.watch
+                        .metrics
+                        .outcome_write_stalled
+                        .with_label_values(&[broker_id])
+                        .set(0);
+                }
+                let Some((watch, _)) = self.outcome_watches.get_mut(broker_id) else {
+                    return;
+                };
+                if watch.saved() == Some(Change::Recovered) {
+                    tracing::info!(
+                        broker_id,
+                        "attempt outcomes of this broker are written again; stall cleared"
+                    );
+                    self.watch
+                        .metrics
+                        .outcome_write_stalled
+                        .with_label_values(&[broker_id])
+                        .set(0);
+                    self.watch
+                        .health
+                        .clear_stalled(&outcome_stall_name(broker_id));
+                }
+                self.outcome_watches.remove(broker_id);
+            }
+        }
+    }
+
+    /// Reports brokers whose outcomes have been failing to be written for `stall_after`.
+    fn check_outcome_stalls(&mut self, _: &mut Context<Self>) {
+        let now = Instant::now();
+        for (broker_id, (watch, last_error)) in &mut self.outcome_watches {
+            if watch.check(now, self.watch.stall_after) == Some(Change::Stalled) {
+                tracing::error!(
+                    broker_id = %broker_id,
+                    stalled_ms = self.watch.stall_after.as_millis() as u64,
+                    error.message = %last_error,
+                    "attempt outcomes of this broker cannot be written; its deliveries wait (RUNBOOK: outcome-write stall)"
+                );
+                self.watch
+                    .metrics
+                    .outcome_write_stalled
+                    .with_label_values(&[broker_id.as_str()])
+                    .set(1);
+                self.watch.health.mark_stalled(
+                    outcome_stall_name(broker_id),
+                    format!("outcomes cannot be written: {last_error}"),
+                );
+            }
+        }
+    }
+}
+
+fn outcome_stall_name(broker_id: &str) -> String {
+    format!("outcome writes of broker {broker_id}")
 }
 
 impl Actor for IdempotencyActor {
     type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.run_interval(STALL_CHECK, Self::check_outcome_stalls);
+    }
 }

@@ -8,7 +8,7 @@ use rdkafka::Message as _;
 
 use super::PartitionActor;
 use crate::actors::delivery_supervisor::{PartitionRevoked, RouteDeliveries};
-use crate::actors::idempotency::{ClaimBatch, ReleaseLease};
+use crate::actors::idempotency::{claim_until_stored, ClaimBatch, ReleaseLease};
 use crate::event::{parse_event, RejectReason, ShipmentEvent};
 use crate::ledger::RejectedMessage;
 
@@ -39,7 +39,7 @@ impl Handler<ProcessBatch> for PartitionActor {
         for message in &msg.messages {
             // Parsing is the only logic here; a panic in it must cost one message, not the partition.
             let parsed = std::panic::catch_unwind(|| {
-                parse_event(message.payload(), self.deps.max_message_bytes)
+                parse_event(message.payload(), &self.deps.event_limits)
             })
             .unwrap_or_else(|_| Err(RejectReason::ParserPanicked));
             match parsed {
@@ -87,28 +87,10 @@ impl Handler<ProcessBatch> for PartitionActor {
             rejected,
         };
         let ledger = self.deps.ledger.clone();
-        let claimed = async move {
-            // Claims are idempotent, so retrying is always safe; skipping never is (the events
-            // would be lost). A database outage therefore shows up as lag on this partition.
-            let mut backoff = Duration::from_millis(100);
-            loop {
-                let error = match ledger.send(claim.clone()).await {
-                    Ok(Ok(claimed)) => return claimed,
-                    Ok(Err(error)) => error.to_string(),
-                    Err(error) => error.to_string(),
-                };
-                tracing::error!(
-                    topic = %claim.topic,
-                    partition = claim.partition,
-                    offset = last_offset,
-                    error.message = %error,
-                    retry_in_ms = backoff.as_millis() as u64,
-                    "could not write the batch to the ledger; retrying (offsets do not move meanwhile)"
-                );
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
-        };
+        // Claims are idempotent, so retrying is always safe; skipping never is (the events would
+        // be lost). A database outage shows up as a stalled partition; an event the database
+        // refuses is set aside in rejected_messages and the rest is claimed.
+        let claimed = claim_until_stored(ledger, claim, last_offset);
         AtomicResponse::new(Box::pin(claimed.into_actor(self).map(
             move |claimed, act, _| {
                 // Every row up to last_offset is committed: the offset may move past it.
@@ -149,7 +131,8 @@ impl Handler<Revoke> for PartitionActor {
     type Result = AtomicResponse<Self, ()>;
 
     fn handle(&mut self, _: Revoke, _: &mut Self::Context) -> Self::Result {
-        self.revoked = true;
+        self.revoked
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         if let Some(stop) = self.stop_reading.take() {
             let _ = stop.send(());
         }

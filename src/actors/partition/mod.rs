@@ -5,10 +5,11 @@
 
 mod handlers;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use actix::{Actor, ActorFutureExt, Addr, AsyncContext, Context, WrapFuture};
+use actix::{Actor, Addr, AsyncContext, Context};
 use futures::FutureExt;
 use tokio::sync::oneshot;
 
@@ -29,7 +30,7 @@ pub struct PartitionDeps {
     pub instance_id: String,
     pub lease: Duration,
     pub request_timeout: Duration,
-    pub max_message_bytes: usize,
+    pub event_limits: crate::event::EventLimits,
     pub max_batch_messages: usize,
     pub metrics: Arc<crate::metrics::Metrics>,
     pub health: crate::admin::Health,
@@ -41,8 +42,8 @@ pub struct PartitionActor {
     consumer: Arc<EventConsumer>,
     queue: Option<PartitionQueue>,
     stop_reading: Option<oneshot::Sender<()>>,
-    lease_held: bool,
-    revoked: bool,
+    /// Set by Revoke; read by the lease keeper, which runs outside this actor's context.
+    revoked: Arc<AtomicBool>,
 }
 
 impl PartitionActor {
@@ -58,62 +59,8 @@ impl PartitionActor {
             consumer,
             queue: Some(queue),
             stop_reading: None,
-            lease_held: false,
-            revoked: false,
+            revoked: Arc::new(AtomicBool::new(false)),
         }
-    }
-
-    /// Takes the lease, or renews it. Validity is counted from before the request was sent.
-    fn renew_lease(&mut self, ctx: &mut Context<Self>) {
-        let requested_at = Instant::now();
-        let request = self.deps.ledger.send(AcquireLease {
-            topic: self.deps.topic.clone(),
-            partition: self.partition,
-            owner: self.deps.instance_id.clone(),
-            lease: self.deps.lease,
-        });
-        ctx.spawn(request.into_actor(self).map(move |result, act, _| {
-            if act.revoked {
-                return;
-            }
-            let (topic, partition) = (act.deps.topic.as_str(), act.partition);
-            match result {
-                Ok(Ok(true)) => {
-                    act.deps
-                        .leases
-                        .grant(partition, requested_at + act.deps.lease);
-                    if !act.lease_held {
-                        act.lease_held = true;
-                        tracing::info!(topic, partition, "partition lease acquired");
-                        act.deps.deliveries.do_send(LeaseAcquired { partition });
-                    }
-                }
-                Ok(Ok(false)) => {
-                    if act.lease_held {
-                        tracing::warn!(
-                            topic,
-                            partition,
-                            "partition lease lost to another instance"
-                        );
-                    } else {
-                        tracing::info!(
-                            topic,
-                            partition,
-                            "waiting for another instance's lease on this partition to end"
-                        );
-                    }
-                    act.lease_held = false;
-                    act.deps.leases.revoke(partition);
-                }
-                // Keep what we have: it runs out by itself if the database stays away.
-                Ok(Err(error)) => {
-                    tracing::warn!(topic, partition, error.message = %error, "lease renewal failed")
-                }
-                Err(error) => {
-                    tracing::warn!(topic, partition, error.message = %error, "lease renewal failed")
-                }
-            }
-        }));
     }
 }
 
@@ -139,8 +86,14 @@ impl Actor for PartitionActor {
                 self.deps.health.clone(),
             ),
         ));
-        self.renew_lease(ctx);
-        ctx.run_interval(self.deps.lease / 4, Self::renew_lease);
+        // Not ctx.run_interval: the atomic ProcessBatch handler blocks this actor's context
+        // (timers included) while a claim is in flight, and a claim may wait on the database
+        // for a long time; the lease must be renewed meanwhile.
+        actix::spawn(keep_lease(
+            self.deps.clone(),
+            self.partition,
+            self.revoked.clone(),
+        ));
     }
 
     fn stopped(&mut self, _: &mut Self::Context) {
@@ -197,6 +150,74 @@ async fn read_batches(
                 ));
             }
             return;
+        }
+    }
+}
+
+/// Takes the partition's lease, then renews it every quarter lease, until the partition is
+/// revoked or its actor is gone. Validity is counted from before each request was sent.
+async fn keep_lease(deps: PartitionDeps, partition: i32, revoked: Arc<AtomicBool>) {
+    let topic = deps.topic.as_str();
+    let is_over = |revoked: &Arc<AtomicBool>| {
+        // Only this task holds the flag once the actor is dropped.
+        revoked.load(Ordering::SeqCst) || Arc::strong_count(revoked) == 1
+    };
+    let mut held = false;
+    let mut ticks = tokio::time::interval(deps.lease / 4);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        if is_over(&revoked) {
+            return;
+        }
+        let requested_at = Instant::now();
+        let result = deps
+            .ledger
+            .send(AcquireLease {
+                topic: deps.topic.clone(),
+                partition,
+                owner: deps.instance_id.clone(),
+                lease: deps.lease,
+            })
+            .await;
+        if is_over(&revoked) {
+            return;
+        }
+        match result {
+            Ok(Ok(true)) => {
+                deps.leases.grant(partition, requested_at + deps.lease);
+                // Revoke sets the flag before it clears the book: checking after granting
+                // means a grant never outlives a revocation.
+                if revoked.load(Ordering::SeqCst) {
+                    deps.leases.revoke(partition);
+                    return;
+                }
+                if !held {
+                    held = true;
+                    tracing::info!(topic, partition, "partition lease acquired");
+                    deps.deliveries.do_send(LeaseAcquired { partition });
+                }
+            }
+            Ok(Ok(false)) => {
+                if held {
+                    tracing::warn!(topic, partition, "partition lease lost to another instance");
+                } else {
+                    tracing::info!(
+                        topic,
+                        partition,
+                        "waiting for another instance's lease on this partition to end"
+                    );
+                }
+                held = false;
+                deps.leases.revoke(partition);
+            }
+            // Keep what we have: it runs out by itself if the database stays away.
+            Ok(Err(error)) => {
+                tracing::warn!(topic, partition, error.message = %error, "lease renewal failed")
+            }
+            Err(error) => {
+                tracing::warn!(topic, partition, error.message = %error, "lease renewal failed")
+            }
         }
     }
 }

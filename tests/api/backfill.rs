@@ -5,6 +5,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use chrono::Utc;
+use futures::FutureExt;
 use webhook_delivery::event::IdempotencyKey;
 use webhook_delivery::signing::webhook_id;
 
@@ -207,13 +208,14 @@ async fn the_admin_backfill_route_needs_the_token_and_backfills_a_late_subscript
         .await
         .unwrap();
     assert_eq!(anonymous.status(), 401);
-    let unknown = http
-        .post(app.admin_url("/brokers/nobody/backfill"))
-        .bearer_auth(TOKEN)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let backfill = |broker: &str| {
+        http.post(app.admin_url(&format!("/brokers/{broker}/backfill")))
+            .bearer_auth(TOKEN)
+            .json(&body)
+            .send()
+            .map(Result::unwrap)
+    };
+    let unknown = backfill("nobody").await;
     assert_eq!(unknown.status(), 404);
     env.db
         .execute(
@@ -222,13 +224,7 @@ async fn the_admin_backfill_route_needs_the_token_and_backfills_a_late_subscript
         )
         .await
         .unwrap();
-    let disabled = http
-        .post(app.admin_url("/brokers/b1/backfill"))
-        .bearer_auth(TOKEN)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let disabled = backfill("b1").await;
     assert_eq!(disabled.status(), 409, "a disabled broker is refused");
     env.db
         .execute(
@@ -237,13 +233,7 @@ async fn the_admin_backfill_route_needs_the_token_and_backfills_a_late_subscript
         )
         .await
         .unwrap();
-    let backfilled = http
-        .post(app.admin_url("/brokers/b1/backfill"))
-        .bearer_auth(TOKEN)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let backfilled = backfill("b1").await;
     assert_eq!(backfilled.status(), 200);
     let summary: serde_json::Value = backfilled.json().await.unwrap();
     assert_eq!(summary["deliveries_created"], 2, "{summary}");

@@ -479,3 +479,32 @@ pub fn run_cli(env: &TestEnv, args: &[&str]) -> std::process::Output {
         .output()
         .expect("binary runs")
 }
+
+/// Another session holding `LOCK TABLE <table> IN ACCESS EXCLUSIVE MODE` until `release`.
+pub struct TableLock {
+    session: tokio_postgres::Client,
+    connection: tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
+}
+
+impl TableLock {
+    pub async fn take(env: &TestEnv, table: &str) -> TableLock {
+        let (session, connection) = tokio_postgres::connect(&env.db_url, NoTls).await.unwrap();
+        let connection = tokio::spawn(connection);
+        session
+            .batch_execute(&format!(
+                "BEGIN; LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"
+            ))
+            .await
+            .unwrap();
+        TableLock {
+            session,
+            connection,
+        }
+    }
+
+    pub async fn release(self) {
+        self.session.batch_execute("COMMIT").await.unwrap();
+        drop(self.session);
+        let _ = self.connection.await;
+    }
+}

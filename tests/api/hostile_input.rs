@@ -417,14 +417,7 @@ async fn a_table_lock_held_for_30_s_is_reported_and_then_recovered_from() {
         .await
     );
 
-    let (locker, connection) = tokio_postgres::connect(&env.db_url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    let connection = tokio::spawn(connection);
-    locker
-        .batch_execute("BEGIN; LOCK TABLE deliveries IN ACCESS EXCLUSIVE MODE")
-        .await
-        .unwrap();
+    let lock = TableLock::take(&env, "deliveries").await;
     let locked_at = std::time::Instant::now();
     for i in 0..5 {
         env.produce_event(Some(&format!("during-{i}")), "L1", "matched")
@@ -483,9 +476,7 @@ async fn a_table_lock_held_for_30_s_is_reported_and_then_recovered_from() {
 
     // Hold it for 30 s in all, then let go.
     tokio::time::sleep(Duration::from_secs(30).saturating_sub(locked_at.elapsed())).await;
-    locker.batch_execute("COMMIT").await.unwrap();
-    drop(locker);
-    let _ = connection.await;
+    lock.release().await;
     for i in 0..5 {
         env.produce_event(Some(&format!("after-{i}")), "L1", "matched")
             .await;
@@ -552,14 +543,7 @@ async fn an_outcome_write_stall_is_reported_and_nothing_is_sent_twice() {
         })
         .await
     );
-    let (locker, connection) = tokio_postgres::connect(&env.db_url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    let connection = tokio::spawn(connection);
-    locker
-        .batch_execute("BEGIN; LOCK TABLE delivery_attempts IN ACCESS EXCLUSIVE MODE")
-        .await
-        .unwrap();
+    let lock = TableLock::take(&env, "delivery_attempts").await;
     for i in 0..4 {
         env.produce_event(Some(&format!("e{i}")), ["L1", "L2"][i % 2], "matched")
             .await;
@@ -587,9 +571,7 @@ async fn an_outcome_write_stall_is_reported_and_nothing_is_sent_twice() {
     let sent_while_locked = receiver.requests().len();
     assert!(sent_while_locked <= 3, "{sent_while_locked}");
 
-    locker.batch_execute("COMMIT").await.unwrap();
-    drop(locker);
-    let _ = connection.await;
+    lock.release().await;
     assert!(
         env.count_reaches(
             "SELECT count(*) FROM deliveries WHERE state = 'delivered'",

@@ -1,5 +1,6 @@
-//! Command line: `serve`, `migrate`, `dead-letters`, `status` and `report`.
+//! Command line: `serve`, `migrate`, `dead-letters`, `status`, `report` and `offsets`.
 
+mod offsets;
 mod report;
 mod status;
 mod table;
@@ -12,6 +13,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::ledger::{DeadLetter, Ledger, LedgerError, ReplayOutcome, ReplaySelector};
 
+pub use offsets::{offsets, OffsetsCommand};
 pub use report::report;
 pub use status::status;
 
@@ -45,6 +47,9 @@ pub enum Command {
     /// Incident reports from the ledger.
     #[command(subcommand)]
     Report(ReportCommand),
+    /// The consumer group's offsets: show them, or seed them before a first start (cutover).
+    #[command(subcommand)]
+    Offsets(OffsetsCommand),
 }
 
 #[derive(Debug, Args)]
@@ -145,6 +150,8 @@ pub enum CliError {
     UnknownEvent(String),
     #[error("could not write the output")]
     Output(#[source] std::io::Error),
+    #[error("offsets")]
+    Offsets(#[source] Box<offsets::OffsetsCliError>),
 }
 
 /// Writes a whole report to stdout at once; a closed pipe is an error, not a panic.

@@ -14,14 +14,18 @@ use crate::actors::idempotency::IdempotencyActor;
 use crate::actors::partition::PartitionDeps;
 use crate::actors::partition_supervisor::{PartitionSupervisor, StopPartitions};
 use crate::admin::{self, AdminState, Health};
-use crate::config::Settings;
-use crate::kafka::{ConsumerError, KafkaConsumer};
+use crate::config::{KafkaSettings, Settings};
+use crate::kafka::{rebalance_channel, ConsumerError, KafkaConsumer};
 use crate::lease::LeaseBook;
 use crate::ledger::{Ledger, LedgerError};
 use crate::metrics::Metrics;
+use crate::offsets::{SeedSource, StartDecision};
 
 /// How often the ledger-wide gauges (pending, dead) are refreshed.
 const GAUGE_REFRESH: Duration = Duration::from_secs(5);
+
+/// How often an undecided first deployment looks again for seeded offsets.
+const FIRST_START_RECHECK: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
@@ -105,19 +109,24 @@ impl Application {
             instance_id: instance_id.clone(),
         })
         .start();
-        let partitions = PartitionSupervisor::new(PartitionDeps {
-            topic: settings.kafka.topic.clone(),
-            ledger: ledger_actor,
-            deliveries: deliveries.clone(),
-            leases: leases.clone(),
-            instance_id: instance_id.clone(),
-            lease: settings.postgres.lease(),
-            request_timeout: settings.delivery.request_timeout(),
-            max_message_bytes: settings.delivery.max_message_bytes,
-            max_batch_messages: settings.kafka.max_batch_messages,
-            metrics: metrics.clone(),
-            health: health.clone(),
-        })
+        let (rebalance_events, rebalances) = rebalance_channel();
+        let partitions = PartitionSupervisor::new(
+            PartitionDeps {
+                topic: settings.kafka.topic.clone(),
+                ledger: ledger_actor,
+                deliveries: deliveries.clone(),
+                leases: leases.clone(),
+                instance_id: instance_id.clone(),
+                lease: settings.postgres.lease(),
+                request_timeout: settings.delivery.request_timeout(),
+                max_message_bytes: settings.delivery.max_message_bytes,
+                max_batch_messages: settings.kafka.max_batch_messages,
+                metrics: metrics.clone(),
+                health: health.clone(),
+            },
+            rebalances,
+            settings.kafka.revoke_drain_timeout(),
+        )
         .start();
         let admin_server = admin::serve(
             admin_listener,
@@ -136,12 +145,23 @@ impl Application {
         let admin_handle = admin_server.handle();
         actix_rt::spawn(admin_server);
         let gauges = actix_rt::spawn(refresh_gauges(
-            ledger,
+            ledger.clone(),
             settings.kafka.clone(),
             leases.clone(),
             metrics.clone(),
         ));
-        let consumer = KafkaConsumer::start(&settings.kafka, partitions.clone(), health)?;
+        let mut shutdown = std::pin::pin!(shutdown);
+        let decided = tokio::select! {
+            () = await_starting_point(&settings.kafka, &ledger, &health) => true,
+            () = &mut shutdown => false,
+        };
+        if !decided {
+            tracing::info!(instance_id = %instance_id, "stopped before consuming anything");
+            gauges.abort();
+            admin_handle.stop(true).await;
+            return Ok(());
+        }
+        let consumer = KafkaConsumer::start(&settings.kafka, rebalance_events, health)?;
         tracing::info!(
             instance_id = %instance_id,
             topic = %settings.kafka.topic,
@@ -174,6 +194,91 @@ impl Application {
         tracing::info!(instance_id = %instance_id, "stopped");
         Ok(())
     }
+}
+
+/// The first-start gate (RUNBOOK.md "Cutover"). A first deployment (empty
+/// ledger, no committed offset) must not read the topic's whole retention by accident: it starts
+/// where `kafka.initial_offsets` says (committed first, so the choice survives a restart), or
+/// waits, rechecking, until `webhook-delivery offsets seed` has committed a starting point.
+/// Kafka or database trouble here is retried: it is a start-up wait, not a crash.
+async fn await_starting_point(kafka: &KafkaSettings, ledger: &Ledger, health: &Health) {
+    let mut told = false;
+    loop {
+        match starting_point(kafka, ledger).await {
+            Ok(StartDecision::Consume) => {
+                if told {
+                    tracing::info!(topic = %kafka.topic, group_id = %kafka.group_id,
+                        "starting offsets found; consuming");
+                }
+                return;
+            }
+            Ok(StartDecision::Seed(initial)) => {
+                let source = match initial {
+                    crate::config::InitialOffsets::Earliest => SeedSource::Earliest,
+                    crate::config::InitialOffsets::Latest => SeedSource::Latest,
+                };
+                let settings = kafka.clone();
+                let seeded = actix_rt::task::spawn_blocking(move || {
+                    let rows =
+                        crate::offsets::plan_seed(&settings, &source, Duration::from_secs(10))?;
+                    crate::offsets::commit_seed(&settings, &rows, Duration::from_secs(10))?;
+                    Ok::<_, crate::offsets::OffsetsError>(rows)
+                })
+                .await;
+                match seeded {
+                    Ok(Ok(rows)) => {
+                        let offsets: Vec<(i32, i64)> =
+                            rows.iter().map(|row| (row.partition, row.seed)).collect();
+                        tracing::info!(topic = %kafka.topic, group_id = %kafka.group_id,
+                            initial_offsets = ?initial, offsets = ?offsets,
+                            "first deployment: committed the starting offsets from kafka.initial_offsets");
+                        return;
+                    }
+                    Ok(Err(error)) => tracing::warn!(topic = %kafka.topic, error.message = %error,
+                        "could not commit the first deployment's starting offsets; retrying"),
+                    Err(error) => {
+                        tracing::warn!(error.message = %error, "seeding task failed; retrying")
+                    }
+                }
+            }
+            Ok(StartDecision::Wait) => {
+                if !told {
+                    told = true;
+                    tracing::error!(
+                        topic = %kafka.topic,
+                        group_id = %kafka.group_id,
+                        "first deployment: the ledger is empty and the group has no committed offsets, so nothing is consumed \
+                         (reading the whole topic would re-send its history). Run `webhook-delivery offsets seed --from-group OLD_GROUP` \
+                         (or --at TIME / --latest), or set kafka.initial_offsets; see RUNBOOK.md \"Cutover\""
+                    );
+                    health.mark_not_joined(format!(
+                        "first deployment: not consuming until group `{}` has starting offsets; run `webhook-delivery offsets seed` or set kafka.initial_offsets",
+                        kafka.group_id
+                    ));
+                }
+            }
+            Err(error) => tracing::warn!(topic = %kafka.topic, error.message = %error,
+                "could not check whether this is a first deployment; retrying"),
+        }
+        tokio::time::sleep(FIRST_START_RECHECK).await;
+    }
+}
+
+async fn starting_point(
+    kafka: &KafkaSettings,
+    ledger: &Ledger,
+) -> Result<StartDecision, Box<dyn std::error::Error + Send + Sync>> {
+    let has_events = ledger.has_events().await?;
+    let settings = kafka.clone();
+    let offsets = actix_rt::task::spawn_blocking(move || {
+        crate::offsets::partition_offsets(&settings, Duration::from_secs(10))
+    })
+    .await??;
+    Ok(crate::offsets::start_decision(
+        has_events,
+        &offsets,
+        kafka.initial_offsets,
+    ))
 }
 
 /// Keeps the polled gauges current: pending and dead deliveries (both counts use partial

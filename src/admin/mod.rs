@@ -4,7 +4,7 @@
 //! | route                         | what                                                    |
 //! |-------------------------------|---------------------------------------------------------|
 //! | `GET /healthz`                | the process is alive                                    |
-//! | `GET /readyz`                 | Postgres answers and the consumer has joined its group  |
+//! | `GET /readyz`                 | Postgres answers and the consumer is a settled group member (else the reason) |
 //! | `GET /metrics`                | Prometheus text                                         |
 //! | `GET /brokers`                | per broker: circuit, in flight, pending, dead, last error |
 //! | `GET /dead-letters`           | like `dead-letters list` (`?broker=&since=&limit=`)     |
@@ -13,7 +13,6 @@
 mod routes;
 
 use std::net::TcpListener;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use actix::Addr;
@@ -23,35 +22,57 @@ use crate::actors::delivery_supervisor::DeliverySupervisor;
 use crate::ledger::Ledger;
 use crate::metrics::Metrics;
 
-/// What `/readyz` and `/healthz` report: whether the consumer has joined its group, and whether
-/// something broke that only a restart mends (then both answer 503 and Kubernetes restarts the
-/// pod; nothing is lost, the ledger and the committed offsets carry over).
-#[derive(Clone, Default)]
+/// What `/readyz` and `/healthz` report: whether the consumer is a settled member of its group
+/// (and if not, why), and whether something broke that only a restart mends (then both answer 503
+/// and Kubernetes restarts the pod; nothing is lost, the ledger and the committed offsets carry
+/// over).
+#[derive(Clone)]
 pub struct Health {
-    joined: Arc<AtomicBool>,
+    /// `None` once joined; otherwise why not (starting, rebalancing, a failed rebalance, a first
+    /// deployment waiting for its starting offsets).
+    not_joined: Arc<std::sync::Mutex<Option<String>>>,
     broken: Arc<std::sync::Mutex<Option<String>>>,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Health {
+            not_joined: Arc::new(std::sync::Mutex::new(Some(
+                "the Kafka consumer has not joined its group yet".to_owned(),
+            ))),
+            broken: Arc::default(),
+        }
+    }
 }
 
 impl Health {
     pub fn mark_joined(&self) {
-        self.joined.store(true, Ordering::SeqCst);
+        *lock(&self.not_joined) = None;
+    }
+    /// Not ready until the next `mark_joined`: a rebalance in progress or failed, or no
+    /// consuming at all yet.
+    pub fn mark_not_joined(&self, reason: String) {
+        *lock(&self.not_joined) = Some(reason);
     }
     pub fn joined(&self) -> bool {
-        self.joined.load(Ordering::SeqCst)
+        lock(&self.not_joined).is_none()
+    }
+    pub fn not_joined_reason(&self) -> Option<String> {
+        lock(&self.not_joined).clone()
     }
     pub fn mark_broken(&self, reason: String) {
-        let mut broken = self
-            .broken
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        broken.get_or_insert(reason);
+        lock(&self.broken).get_or_insert(reason);
     }
     pub fn broken(&self) -> Option<String> {
-        self.broken
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
+        lock(&self.broken).clone()
     }
+}
+
+/// A poisoned lock only means another thread panicked mid-update of a plain value: use it.
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 #[derive(Clone)]

@@ -2,13 +2,12 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use actix::{ActorContext, ActorFutureExt, AtomicResponse, Handler, Message, WrapFuture};
-use rdkafka::consumer::Consumer;
 use rdkafka::message::OwnedMessage;
 use rdkafka::Message as _;
 
 use super::PartitionActor;
-use crate::actors::delivery_supervisor::{PartitionRevoked, RouteDeliveries};
-use crate::actors::idempotency::{ClaimBatch, ReleaseLease};
+use crate::actors::delivery_supervisor::RouteDeliveries;
+use crate::actors::idempotency::ClaimBatch;
 use crate::event::{parse_event, RejectReason, ShipmentEvent};
 use crate::ledger::RejectedMessage;
 
@@ -112,10 +111,7 @@ impl Handler<ProcessBatch> for PartitionActor {
         AtomicResponse::new(Box::pin(claimed.into_actor(self).map(
             move |claimed, act, _| {
                 // Every row up to last_offset is committed: the offset may move past it.
-                if let Err(error) = act.consumer.store_offset(&topic, partition, last_offset) {
-                    tracing::warn!(topic = %topic, partition, offset = last_offset, error.message = %error,
-                        "could not store offset (partition probably revoked); the next owner re-reads from the last commit");
-                }
+                act.store_offset(last_offset);
                 let mut new_per_key: HashMap<&str, usize> = HashMap::new();
                 for c in &claimed {
                     *new_per_key.entry(c.delivery.key.as_str()).or_default() += 1;
@@ -140,37 +136,16 @@ impl Handler<ProcessBatch> for PartitionActor {
     }
 }
 
-/// Stop: finish the batch in hand (the handler above is atomic), stop reading, give up the lease.
+/// Stop once the batch in hand is finished (the handler above is atomic, so this waits for it).
+/// The reader and the lease were already let go by the supervisor when it revoked the tenure.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Revoke;
 
 impl Handler<Revoke> for PartitionActor {
-    type Result = AtomicResponse<Self, ()>;
+    type Result = ();
 
-    fn handle(&mut self, _: Revoke, _: &mut Self::Context) -> Self::Result {
-        self.revoked = true;
-        if let Some(stop) = self.stop_reading.take() {
-            let _ = stop.send(());
-        }
-        self.deps.leases.revoke(self.partition);
-        self.deps.deliveries.do_send(PartitionRevoked {
-            partition: self.partition,
-        });
-        // Requests already in flight may run for up to request_timeout: the lease lingers that
-        // long so the next owner cannot overlap with them.
-        let release = self.deps.ledger.send(ReleaseLease {
-            topic: self.deps.topic.clone(),
-            partition: self.partition,
-            owner: self.deps.instance_id.clone(),
-            linger: self.deps.request_timeout + Duration::from_secs(1),
-        });
-        AtomicResponse::new(Box::pin(release.into_actor(self).map(|result, act, ctx| {
-            if let Ok(Err(error)) = result {
-                tracing::warn!(topic = %act.deps.topic, partition = act.partition, error.message = %error,
-                    "could not release the partition lease; it expires by itself");
-            }
-            ctx.stop();
-        })))
+    fn handle(&mut self, _: Revoke, ctx: &mut Self::Context) {
+        ctx.stop();
     }
 }

@@ -1,22 +1,26 @@
-//! PartitionActor: one per assigned partition. It reads the partition's own queue in batches,
-//! turns each batch into ledger rows in one round trip, and only then stores the batch's last
-//! offset (docs/design.md 2). New deliveries go to the DeliverySupervisor; HTTP never gates offsets.
-//! It also holds the partition's lease, which decides who may send its deliveries (docs/design.md 3).
+//! PartitionActor: one per assigned partition (per [`Tenure`]). Its reader task reads the
+//! partition's own queue in batches; the actor turns each batch into ledger rows in one round trip,
+//! and only then stores the batch's last offset (docs/design.md 2). New deliveries go to the
+//! DeliverySupervisor; HTTP never gates offsets. It also renews the partition's lease, which
+//! decides who may send its deliveries (docs/design.md 3).
 
 mod handlers;
+mod reader;
+mod tenure;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::{Actor, ActorFutureExt, Addr, AsyncContext, Context, WrapFuture};
-use futures::FutureExt;
-use tokio::sync::oneshot;
+use rdkafka::consumer::Consumer;
 
 pub use handlers::*;
+pub use reader::{read_partition, PartitionReader};
+pub use tenure::{StoreDecision, Tenure};
 
 use crate::actors::delivery_supervisor::{DeliverySupervisor, LeaseAcquired};
 use crate::actors::idempotency::{AcquireLease, IdempotencyActor};
-use crate::kafka::{EventConsumer, PartitionQueue};
+use crate::kafka::EventConsumer;
 use crate::lease::LeaseBook;
 
 /// What every PartitionActor needs, cloned per partition.
@@ -38,33 +42,55 @@ pub struct PartitionDeps {
 pub struct PartitionActor {
     deps: PartitionDeps,
     partition: i32,
+    tenure: Arc<Tenure>,
     consumer: Arc<EventConsumer>,
-    queue: Option<PartitionQueue>,
-    stop_reading: Option<oneshot::Sender<()>>,
     lease_held: bool,
-    revoked: bool,
 }
 
 impl PartitionActor {
-    pub fn new(
-        deps: PartitionDeps,
-        partition: i32,
-        consumer: Arc<EventConsumer>,
-        queue: PartitionQueue,
-    ) -> Self {
+    pub fn new(deps: PartitionDeps, tenure: Arc<Tenure>, consumer: Arc<EventConsumer>) -> Self {
         PartitionActor {
             deps,
-            partition,
+            partition: tenure.partition,
+            tenure,
             consumer,
-            queue: Some(queue),
-            stop_reading: None,
             lease_held: false,
-            revoked: false,
+        }
+    }
+
+    /// Stores the offset of a batch whose rows are committed, unless that would move the offset
+    /// backwards or the tenure has ended (then the next reader re-reads the batch: harmless,
+    /// claims are idempotent).
+    fn store_offset(&self, last_offset: i64) {
+        let (topic, partition) = (self.deps.topic.as_str(), self.partition);
+        match self.tenure.settle(last_offset) {
+            StoreDecision::Store => {
+                if let Err(error) = self.consumer.store_offset(topic, partition, last_offset) {
+                    tracing::warn!(topic, partition, offset = last_offset, error.message = %error,
+                        "could not store offset (partition probably revoked); the next owner re-reads from the last commit");
+                }
+            }
+            StoreDecision::Behind { stored } => tracing::warn!(
+                topic,
+                partition,
+                offset = last_offset,
+                stored_offset = stored,
+                "not storing an offset behind the one already stored"
+            ),
+            StoreDecision::Ended => tracing::info!(
+                topic,
+                partition,
+                offset = last_offset,
+                "batch finished after its partition was revoked; its rows are in the ledger, its offset is left to the next reader"
+            ),
         }
     }
 
     /// Takes the lease, or renews it. Validity is counted from before the request was sent.
     fn renew_lease(&mut self, ctx: &mut Context<Self>) {
+        if self.tenure.is_revoked() {
+            return;
+        }
         let requested_at = Instant::now();
         let request = self.deps.ledger.send(AcquireLease {
             topic: self.deps.topic.clone(),
@@ -73,7 +99,8 @@ impl PartitionActor {
             lease: self.deps.lease,
         });
         ctx.spawn(request.into_actor(self).map(move |result, act, _| {
-            if act.revoked {
+            // The supervisor gave the lease up when it revoked the partition.
+            if act.tenure.is_revoked() {
                 return;
             }
             let (topic, partition) = (act.deps.topic.as_str(), act.partition);
@@ -122,81 +149,11 @@ impl Actor for PartitionActor {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         tracing::info!(topic = %self.deps.topic, partition = self.partition, "partition actor started");
-        let queue = self
-            .queue
-            .take()
-            .expect("a partition queue is read by one actor");
-        let (stop_tx, stop_rx) = oneshot::channel();
-        self.stop_reading = Some(stop_tx);
-        actix::spawn(read_batches(
-            queue,
-            ctx.address(),
-            self.deps.max_batch_messages,
-            stop_rx,
-            (
-                self.deps.topic.clone(),
-                self.partition,
-                self.deps.health.clone(),
-            ),
-        ));
         self.renew_lease(ctx);
         ctx.run_interval(self.deps.lease / 4, Self::renew_lease);
     }
 
     fn stopped(&mut self, _: &mut Self::Context) {
         tracing::info!(topic = %self.deps.topic, partition = self.partition, "partition actor stopped");
-    }
-}
-
-/// Reads the partition's queue: waits for one message, then takes whatever else is already
-/// there (up to `max_batch`), and hands the batch over. The next batch is read only after the
-/// previous one is in the ledger, so batches grow by themselves when the database is slow.
-async fn read_batches(
-    queue: PartitionQueue,
-    actor: Addr<PartitionActor>,
-    max_batch: usize,
-    mut stop: oneshot::Receiver<()>,
-    (topic, partition, health): (String, i32, crate::admin::Health),
-) {
-    loop {
-        let first = tokio::select! {
-            _ = &mut stop => return,
-            received = queue.recv() => received,
-        };
-        let mut messages = Vec::new();
-        match first {
-            Ok(message) => messages.push(message.detach()),
-            Err(error) => {
-                tracing::warn!(error.message = %error, "error reading a partition queue");
-                continue;
-            }
-        }
-        while messages.len() < max_batch {
-            match queue.recv().now_or_never() {
-                Some(Ok(message)) => messages.push(message.detach()),
-                Some(Err(error)) => {
-                    tracing::warn!(error.message = %error, "error reading a partition queue");
-                    break;
-                }
-                None => break,
-            }
-        }
-        if actor.send(ProcessBatch { messages }).await.is_err() {
-            // Revoked and stopped: fine. Gone without being told to stop (a panic in its
-            // handler): nothing reads this partition any more. Say so loudly and fail the health
-            // check so the pod is restarted; the batch was not claimed, so its offset was not
-            // stored and the next owner reads it again.
-            if matches!(stop.try_recv(), Err(oneshot::error::TryRecvError::Closed)) {
-                tracing::error!(
-                    topic = %topic,
-                    partition,
-                    "partition actor stopped unexpectedly; this partition is no longer consumed; /healthz now fails so the pod gets restarted"
-                );
-                health.mark_broken(format!(
-                    "partition {partition} of {topic} is no longer consumed (its actor stopped unexpectedly)"
-                ));
-            }
-            return;
-        }
     }
 }

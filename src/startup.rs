@@ -268,12 +268,13 @@ async fn starting_point(
     kafka: &KafkaSettings,
     ledger: &Ledger,
 ) -> Result<StartDecision, Box<dyn std::error::Error + Send + Sync>> {
-    let has_events = ledger.has_events().await?;
     let settings = kafka.clone();
     let offsets = actix_rt::task::spawn_blocking(move || {
         crate::offsets::partition_offsets(&settings, Duration::from_secs(10))
     })
     .await??;
+    // Committed offsets settle it without the database (which may be locked or slow right now).
+    let has_events = !offsets.iter().any(|p| p.committed.is_some()) && ledger.has_events().await?;
     Ok(crate::offsets::start_decision(
         has_events,
         &offsets,

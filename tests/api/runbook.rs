@@ -58,6 +58,7 @@ async fn every_runbook_command_works_against_a_running_instance() {
         let env_vars = env.settings_env();
         let log_path = log_path.clone();
         let db_url = env.db_url.clone();
+        let env_group = env.group_id.clone();
         move || {
             Command::new("scripts/runbook-check.sh")
                 .arg("RUNBOOK.md")
@@ -67,6 +68,8 @@ async fn every_runbook_command_works_against_a_running_instance() {
                 .env("ADMIN", format!("http://127.0.0.1:{admin_port}"))
                 .env("DATABASE_URL", db_url)
                 .env("LOG", log_path)
+                // The cutover's "old consumer": the instance's own group will do for a dry run.
+                .env("OLD_GROUP", env_group)
                 .output()
                 .unwrap()
         }

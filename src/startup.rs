@@ -172,8 +172,10 @@ impl Application {
 
         shutdown.await;
         tracing::info!(instance_id = %instance_id, "shutting down: finishing current batches");
+        // StopPartitions enforces kafka.revoke_drain_timeout_ms itself; this only guards
+        // against a wedged supervisor.
         let _ = tokio::time::timeout(
-            settings.kafka.revoke_drain_timeout(),
+            settings.kafka.revoke_drain_timeout() + Duration::from_secs(1),
             partitions.send(StopPartitions),
         )
         .await;

@@ -54,9 +54,6 @@ impl Health {
     pub fn mark_not_joined(&self, reason: String) {
         *lock(&self.not_joined) = Some(reason);
     }
-    pub fn joined(&self) -> bool {
-        lock(&self.not_joined).is_none()
-    }
     pub fn not_joined_reason(&self) -> Option<String> {
         lock(&self.not_joined).clone()
     }
@@ -101,4 +98,27 @@ pub fn serve(listener: TcpListener, state: AdminState) -> std::io::Result<actix_
     .disable_signals()
     .listen(listener)?
     .run())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Health;
+
+    #[test]
+    fn readiness_follows_the_group_membership_through_rebalances() {
+        let health = Health::default();
+        assert!(
+            health.not_joined_reason().is_some(),
+            "not ready before joining"
+        );
+        health.mark_joined();
+        assert_eq!(health.not_joined_reason(), None);
+        health.mark_not_joined("a consumer group rebalance is in progress".to_owned());
+        assert_eq!(
+            health.not_joined_reason().as_deref(),
+            Some("a consumer group rebalance is in progress")
+        );
+        health.mark_joined();
+        assert_eq!(health.not_joined_reason(), None);
+    }
 }

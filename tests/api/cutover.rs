@@ -238,12 +238,9 @@ async fn once_the_ledger_has_events_a_partition_without_a_commit_starts_at_the_e
         "read from the earliest message"
     );
     app.stop().await;
-    assert_eq!(
-        logged(
-            "partition has no committed offset for this group (added later, or its offsets expired); reading it from the earliest retained message",
-            &env.topic
-        )
-        .len(),
-        1
-    );
+    assert!(!logged(
+        "partition has no committed offset for this group (added later, or its offsets expired); reading it from the earliest retained message",
+        &env.topic
+    )
+    .is_empty());
 }

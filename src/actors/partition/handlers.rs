@@ -128,7 +128,8 @@ impl Handler<ProcessBatch> for PartitionActor {
                         "event claimed"
                     );
                 }
-                if !claimed.is_empty() {
+                // After a revocation the rows wait in the ledger for the partition's next owner.
+                if !claimed.is_empty() && !act.tenure.is_revoked() {
                     act.deps.deliveries.do_send(RouteDeliveries { claimed });
                 }
             },

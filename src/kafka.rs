@@ -125,8 +125,14 @@ impl ConsumerContext for RebalanceContext {
             Rebalance::Assign(list) => self.split_before_assign(list),
             Rebalance::Revoke(list) => {
                 self.drain_before_revoke(list);
-                if let Err(error) = base.commit_consumer_state(CommitMode::Sync) {
-                    tracing::warn!(topic = %self.topic, error.message = %error, "offset commit on revoke failed");
+                match base.commit_consumer_state(CommitMode::Sync) {
+                    // Nothing stored since the last (auto-)commit: nothing to do.
+                    Ok(())
+                    | Err(KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)) =>
+                        {}
+                    Err(error) => {
+                        tracing::warn!(topic = %self.topic, error.message = %error, "offset commit on revoke failed")
+                    }
                 }
             }
             Rebalance::Error(_) => {}

@@ -91,7 +91,7 @@ async fn partitions_moving_away_and_back_during_a_stuck_claim_lose_and_reorder_n
     second.stop().await;
     assert!(
         env.count_reaches(
-            "SELECT CASE WHEN count(DISTINCT owner_id) = 1 AND count(*) = 2 THEN 1 ELSE 0 END
+            "SELECT CASE WHEN count(DISTINCT owner_id) = 1 AND count(*) = 2 THEN 1::int8 ELSE 0::int8 END
              FROM partition_leases WHERE expires_at > now()",
             1,
             Duration::from_secs(40)
@@ -111,6 +111,17 @@ async fn partitions_moving_away_and_back_during_a_stuck_claim_lose_and_reorder_n
         )
         .await,
         "every event is delivered"
+    );
+    // Every actor of a revoked tenure stops once its stuck batch is done: none is left behind.
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            let lines = log_lines_containing(&env.topic);
+            let count = |msg: &str| lines.iter().filter(|l| l.contains(msg)).count();
+            count("\"msg\":\"partition actor started\"")
+                == count("\"msg\":\"partition actor stopped\"") + 2
+        })
+        .await,
+        "only the two current partition actors are running"
     );
     first.stop().await;
 

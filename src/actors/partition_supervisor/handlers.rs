@@ -88,7 +88,9 @@ impl PartitionSupervisor {
         for (partition, assignment) in &revoked {
             self.let_go(*partition, assignment);
         }
-        let stopping = join_all(revoked.iter().map(|(_, a)| a.actor.send(Revoke)));
+        // Detached: actix drops a message whose request future is dropped, and a stuck actor
+        // must still get its Revoke (and stop) once its batch finishes, after the deadline.
+        let stopping = actix::spawn(join_all(revoked.iter().map(|(_, a)| a.actor.send(Revoke))));
         let deadline = self.revoke_drain_timeout;
         let tenures: Vec<Arc<Tenure>> = revoked.into_iter().map(|(_, a)| a.tenure).collect();
         let topic = self.deps.topic.clone();

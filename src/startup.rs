@@ -33,6 +33,8 @@ pub enum StartupError {
     Ledger(#[from] LedgerError),
     #[error("could not start consuming from Kafka")]
     Kafka(#[from] ConsumerError),
+    #[error("could not check where to start consuming")]
+    StartingPoint(#[source] crate::offsets::OffsetsError),
     #[error("could not listen on admin.bind {address}")]
     AdminBind {
         address: std::net::SocketAddr,
@@ -152,8 +154,16 @@ impl Application {
         ));
         let mut shutdown = std::pin::pin!(shutdown);
         let decided = tokio::select! {
-            () = await_starting_point(&settings.kafka, &ledger, &health) => true,
-            () = &mut shutdown => false,
+            decided = await_starting_point(&settings.kafka, &ledger, &health) => decided.map(|()| true),
+            () = &mut shutdown => Ok(false),
+        };
+        let decided = match decided {
+            Ok(decided) => decided,
+            Err(error) => {
+                gauges.abort();
+                admin_handle.stop(true).await;
+                return Err(error);
+            }
         };
         if !decided {
             tracing::info!(instance_id = %instance_id, "stopped before consuming anything");
@@ -203,7 +213,12 @@ impl Application {
 /// where `kafka.initial_offsets` says (committed first, so the choice survives a restart), or
 /// waits, rechecking, until `webhook-delivery offsets seed` has committed a starting point.
 /// Kafka or database trouble here is retried: it is a start-up wait, not a crash.
-async fn await_starting_point(kafka: &KafkaSettings, ledger: &Ledger, health: &Health) {
+/// A Kafka client that cannot even be created (a broken `kafka.client` property) is fatal.
+async fn await_starting_point(
+    kafka: &KafkaSettings,
+    ledger: &Ledger,
+    health: &Health,
+) -> Result<(), StartupError> {
     let mut told = false;
     loop {
         match starting_point(kafka, ledger).await {
@@ -212,7 +227,7 @@ async fn await_starting_point(kafka: &KafkaSettings, ledger: &Ledger, health: &H
                     tracing::info!(topic = %kafka.topic, group_id = %kafka.group_id,
                         "starting offsets found; consuming");
                 }
-                return;
+                return Ok(());
             }
             Ok(StartDecision::Seed(initial)) => {
                 let source = match initial {
@@ -234,7 +249,7 @@ async fn await_starting_point(kafka: &KafkaSettings, ledger: &Ledger, health: &H
                         tracing::info!(topic = %kafka.topic, group_id = %kafka.group_id,
                             initial_offsets = ?initial, offsets = ?offsets,
                             "first deployment: committed the starting offsets from kafka.initial_offsets");
-                        return;
+                        return Ok(());
                     }
                     Ok(Err(error)) => tracing::warn!(topic = %kafka.topic, error.message = %error,
                         "could not commit the first deployment's starting offsets; retrying"),
@@ -259,6 +274,9 @@ async fn await_starting_point(kafka: &KafkaSettings, ledger: &Ledger, health: &H
                     ));
                 }
             }
+            Err(StartingPointError::Kafka(error @ crate::offsets::OffsetsError::Create(_))) => {
+                return Err(StartupError::StartingPoint(error));
+            }
             Err(error) => tracing::warn!(topic = %kafka.topic, error.message = %error,
                 "could not check whether this is a first deployment; retrying"),
         }
@@ -266,17 +284,33 @@ async fn await_starting_point(kafka: &KafkaSettings, ledger: &Ledger, health: &H
     }
 }
 
+#[derive(Debug, thiserror::Error)]
+enum StartingPointError {
+    #[error("Kafka: {0}")]
+    Kafka(#[source] crate::offsets::OffsetsError),
+    #[error("the ledger: {0}")]
+    Ledger(#[source] LedgerError),
+    #[error("the Kafka offsets task failed")]
+    Task(#[source] tokio::task::JoinError),
+}
+
 async fn starting_point(
     kafka: &KafkaSettings,
     ledger: &Ledger,
-) -> Result<StartDecision, Box<dyn std::error::Error + Send + Sync>> {
+) -> Result<StartDecision, StartingPointError> {
     let settings = kafka.clone();
     let offsets = actix_rt::task::spawn_blocking(move || {
         crate::offsets::partition_offsets(&settings, Duration::from_secs(10))
     })
-    .await??;
+    .await
+    .map_err(StartingPointError::Task)?
+    .map_err(StartingPointError::Kafka)?;
     // Committed offsets settle it without the database (which may be locked or slow right now).
-    let has_events = !offsets.iter().any(|p| p.committed.is_some()) && ledger.has_events().await?;
+    let has_events = !offsets.iter().any(|p| p.committed.is_some())
+        && ledger
+            .has_events()
+            .await
+            .map_err(StartingPointError::Ledger)?;
     Ok(crate::offsets::start_decision(
         has_events,
         &offsets,

@@ -179,6 +179,9 @@ async fn seeding_from_the_old_group_or_a_time_starts_exactly_there() {
     assert!(!ok, "a group without commits is refused");
     assert!(text.contains("no committed offset"), "{text}");
 
+    let (ok, text) = cli(&env, &["offsets", "seed"]);
+    assert!(!ok, "a seed needs a source: {text}");
+
     // Seeded, so not a first deployment: starts at offset 3 without kafka.initial_offsets.
     let mut settings = env.settings();
     settings.kafka.initial_offsets = None;
@@ -190,6 +193,12 @@ async fn seeding_from_the_old_group_or_a_time_starts_exactly_there() {
             Duration::from_secs(40)
         )
         .await
+    );
+    // Never both: a running instance's group is not re-seeded under it.
+    let (ok, text) = cli(&env, &["offsets", "seed", "--latest"]);
+    assert!(
+        !ok,
+        "seeding a group with a running member is refused: {text}"
     );
     app.stop().await;
     assert_eq!(env.count("SELECT count(*) FROM events").await, 7);

@@ -76,6 +76,22 @@ async fn partitions_moving_away_and_back_during_a_stuck_claim_lose_and_reorder_n
         .unwrap();
     produce(&env, 20..40).await;
 
+    // /readyz of the first instance, sampled through the rebalances below.
+    let readiness = Arc::new(Mutex::new(Vec::new()));
+    let sampler = tokio::spawn({
+        let (url, readiness) = (first.admin_url("/readyz"), readiness.clone());
+        async move {
+            loop {
+                if let Ok(answer) = reqwest::get(&url).await {
+                    let status = answer.status().as_u16();
+                    let body = answer.text().await.unwrap_or_default();
+                    readiness.lock().unwrap().push((status, body));
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    });
+
     // A second consumer joins (the partitions are revoked from stuck actors) ...
     let second = spawn_app(settings.clone());
     assert!(
@@ -98,6 +114,15 @@ async fn partitions_moving_away_and_back_during_a_stuck_claim_lose_and_reorder_n
         )
         .await,
         "the first instance holds every partition again (new tenures, old actors still stuck)"
+    );
+    sampler.abort();
+    assert!(
+        readiness
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(status, body)| *status == 503 && body.contains("rebalance")),
+        "/readyz is not ready while partitions are being rebalanced"
     );
     locker.batch_execute("COMMIT").await.unwrap();
     produce(&env, 55..65).await;

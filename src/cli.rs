@@ -150,7 +150,7 @@ pub enum CliError {
     UnknownEvent(String),
     #[error("could not write the output")]
     Output(#[source] std::io::Error),
-    #[error("offsets")]
+    #[error("the offsets command failed")]
     Offsets(#[source] Box<offsets::OffsetsCliError>),
 }
 

@@ -184,6 +184,8 @@ impl RebalanceContext {
         let partitions = self.partitions_of(list);
         tracing::info!(topic = %self.topic, partitions = ?partitions, "partitions assigned");
         let Some(consumer) = self.consumer.get().and_then(Weak::upgrade) else {
+            tracing::error!(topic = %self.topic, partitions = ?partitions,
+                "partitions assigned while the consumer is being dropped; they will not be read here");
             return;
         };
         let queues = partitions

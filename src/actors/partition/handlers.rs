@@ -7,7 +7,7 @@ use rdkafka::Message as _;
 
 use super::PartitionActor;
 use crate::actors::delivery_supervisor::RouteDeliveries;
-use crate::actors::idempotency::ClaimBatch;
+use crate::actors::idempotency::{ClaimBatch, ReleaseLease};
 use crate::event::{parse_event, RejectReason, ShipmentEvent};
 use crate::ledger::RejectedMessage;
 
@@ -137,16 +137,32 @@ impl Handler<ProcessBatch> for PartitionActor {
     }
 }
 
-/// Stop once the batch in hand is finished (the handler above is atomic, so this waits for it).
-/// The reader and the lease were already let go by the supervisor when it revoked the tenure.
+/// Stop once the batch in hand is finished (the handler above is atomic, so this waits for it),
+/// then give the lease up. The reader was stopped, and this partition's deliveries were stopped,
+/// by the supervisor when it revoked the tenure; the lease is kept until here so that the next
+/// owner does not start sending while this instance may still be claiming the partition.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Revoke;
 
 impl Handler<Revoke> for PartitionActor {
-    type Result = ();
+    type Result = AtomicResponse<Self, ()>;
 
-    fn handle(&mut self, _: Revoke, ctx: &mut Self::Context) {
-        ctx.stop();
+    fn handle(&mut self, _: Revoke, _: &mut Self::Context) -> Self::Result {
+        // Requests already in flight may run for up to request_timeout: the lease lingers that
+        // long so the next owner cannot overlap with them.
+        let release = self.deps.ledger.send(ReleaseLease {
+            topic: self.deps.topic.clone(),
+            partition: self.partition,
+            owner: self.deps.instance_id.clone(),
+            linger: self.deps.request_timeout + Duration::from_secs(1),
+        });
+        AtomicResponse::new(Box::pin(release.into_actor(self).map(|result, act, ctx| {
+            if let Ok(Err(error)) = result {
+                tracing::warn!(topic = %act.deps.topic, partition = act.partition, error.message = %error,
+                    "could not release the partition lease; it expires by itself");
+            }
+            ctx.stop();
+        })))
     }
 }

@@ -44,16 +44,25 @@ pub struct PartitionActor {
     partition: i32,
     tenure: Arc<Tenure>,
     consumer: Arc<EventConsumer>,
+    /// Earlier tenures of this partition whose actors may still be claiming: the lease is taken
+    /// only after they stopped (they release it on the way out).
+    predecessors: Vec<Arc<Tenure>>,
     lease_held: bool,
 }
 
 impl PartitionActor {
-    pub fn new(deps: PartitionDeps, tenure: Arc<Tenure>, consumer: Arc<EventConsumer>) -> Self {
+    pub fn new(
+        deps: PartitionDeps,
+        tenure: Arc<Tenure>,
+        consumer: Arc<EventConsumer>,
+        predecessors: Vec<Arc<Tenure>>,
+    ) -> Self {
         PartitionActor {
             deps,
             partition: tenure.partition,
             tenure,
             consumer,
+            predecessors,
             lease_held: false,
         }
     }
@@ -149,11 +158,27 @@ impl Actor for PartitionActor {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         tracing::info!(topic = %self.deps.topic, partition = self.partition, "partition actor started");
-        self.renew_lease(ctx);
-        ctx.run_interval(self.deps.lease / 4, Self::renew_lease);
+        let predecessors = std::mem::take(&mut self.predecessors);
+        let predecessors_done = async move {
+            for previous in &predecessors {
+                previous.actor_stopped().await;
+            }
+        };
+        ctx.spawn(predecessors_done.into_actor(self).map(|(), act, ctx| {
+            act.renew_lease(ctx);
+            ctx.run_interval(act.deps.lease / 4, Self::renew_lease);
+        }));
     }
 
     fn stopped(&mut self, _: &mut Self::Context) {
         tracing::info!(topic = %self.deps.topic, partition = self.partition, "partition actor stopped");
+    }
+}
+
+/// On drop rather than in `stopped`, so that successors are released even if the actor's
+/// context goes away without stopping cleanly.
+impl Drop for PartitionActor {
+    fn drop(&mut self) {
+        self.tenure.mark_actor_stopped();
     }
 }

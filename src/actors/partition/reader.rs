@@ -5,6 +5,8 @@
 //! awaits it before its first read. A revoked reader stops at its next step (every wait is raced
 //! against the revocation, which is raised synchronously in the rebalance path before any new
 //! assignment), so that wait is short even when the old actor's claim is stuck on the database.
+//! The new reader then also waits until the earlier tenures' actors have stopped (their last
+//! claim is over), so one partition's claims never overlap.
 //! Messages a revoked reader took but did not hand over are simply dropped: nothing past them is
 //! stored under its tenure, so they are read again (from the committed offset after a
 //! reassignment, or from the point the successor seeks to).
@@ -33,10 +35,12 @@ pub struct PartitionReader {
     pub max_batch: usize,
     pub health: Health,
     /// The previous reader of this partition on this instance, if any.
-    pub predecessor: Option<(JoinHandle<()>, Arc<Tenure>)>,
-    /// The predecessor's tenure was cut short while the partition stayed assigned (no rebalance
-    /// reset the fetch position): resume exactly where it stopped.
-    pub seek_to_predecessor: bool,
+    pub predecessor_reader: Option<JoinHandle<()>>,
+    /// Earlier tenures of this partition whose actors may still be claiming.
+    pub predecessors: Vec<Arc<Tenure>>,
+    /// A tenure cut short while the partition stayed assigned (no rebalance reset the fetch
+    /// position): resume exactly where it stopped.
+    pub resume_after: Option<Arc<Tenure>>,
 }
 
 /// Reads the partition's queue: waits for one message, then takes whatever else is already
@@ -51,30 +55,40 @@ pub async fn read_partition(reader: PartitionReader) {
         actor,
         max_batch,
         health,
-        predecessor,
-        seek_to_predecessor,
+        predecessor_reader,
+        predecessors,
+        resume_after,
     } = reader;
     let partition = tenure.partition;
-    if let Some((handle, previous)) = predecessor {
-        // The one-reader rule: the previous reader has returned (and dropped its queue handle)
-        // before this one reads anything.
+    // The one-reader rule: the previous reader has returned (and dropped its queue handle)
+    // before this one reads anything. It was revoked, so this is quick.
+    if let Some(handle) = predecessor_reader {
         let _ = handle.await;
-        if seek_to_predecessor {
-            if let Some(offset) = previous.resume_from() {
-                if let Err(error) = seek(&consumer, &topic, partition, offset).await {
-                    // Reading on would skip what the previous reader dropped: stop, and have
-                    // the pod restarted (it then reads from the committed offset).
-                    tracing::error!(topic = %topic, partition, offset, error.message = %error,
-                        "could not seek to where the previous reader of this partition stopped; /healthz now fails so the pod gets restarted");
-                    health.mark_broken(format!(
-                        "partition {partition} of {topic} could not resume at offset {offset}"
-                    ));
-                    return;
-                }
-                tracing::info!(topic = %topic, partition, offset,
-                    "resuming where the previous reader of this partition stopped");
-            }
+    }
+    let predecessors_done = async {
+        for previous in &predecessors {
+            previous.actor_stopped().await;
         }
+    };
+    tokio::select! {
+        biased;
+        () = tenure.revoked() => return,
+        () = predecessors_done => {}
+    }
+    drop(predecessors);
+    if let Some(offset) = resume_after.and_then(|previous| previous.resume_from()) {
+        if let Err(error) = seek(&consumer, &topic, partition, offset).await {
+            // Reading on would skip what the previous reader dropped: stop, and have the pod
+            // restarted (it then reads from the committed offset).
+            tracing::error!(topic = %topic, partition, offset, error.message = %error,
+                "could not seek to where the previous reader of this partition stopped; /healthz now fails so the pod gets restarted");
+            health.mark_broken(format!(
+                "partition {partition} of {topic} could not resume at offset {offset}"
+            ));
+            return;
+        }
+        tracing::info!(topic = %topic, partition, offset,
+            "resuming where the previous reader of this partition stopped");
     }
     loop {
         let first = tokio::select! {

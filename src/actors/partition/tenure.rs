@@ -6,7 +6,12 @@
 //!   drain window has ended, a batch that finishes late stores nothing (its rows are in the
 //!   ledger, and the next reader re-reads them from the committed offset: claims are idempotent);
 //! - **a successor knows where to resume**: the lowest offset this tenure read but did not get
-//!   into the ledger.
+//!   into the ledger;
+//! - **a successor knows when this tenure's actor has stopped**, i.e. its last claim is over: a
+//!   new tenure of the partition reads, claims and takes the lease only after that, so two claims
+//!   of one partition never run at once on this instance (a claim that ran alongside an older,
+//!   slower one could not see that one's rows as pending predecessors of its load, and a later
+//!   status could be sent first).
 
 use std::sync::Mutex;
 
@@ -37,6 +42,7 @@ struct Progress {
 pub struct Tenure {
     pub partition: i32,
     revoked: watch::Sender<bool>,
+    actor_stopped: watch::Sender<bool>,
     progress: Mutex<Progress>,
 }
 
@@ -45,8 +51,24 @@ impl Tenure {
         Tenure {
             partition,
             revoked: watch::Sender::new(false),
+            actor_stopped: watch::Sender::new(false),
             progress: Mutex::default(),
         }
+    }
+
+    /// The tenure's PartitionActor has stopped: no claim of this tenure is running any more.
+    pub fn mark_actor_stopped(&self) {
+        self.actor_stopped.send_replace(true);
+    }
+
+    pub fn is_actor_stopped(&self) -> bool {
+        *self.actor_stopped.borrow()
+    }
+
+    /// Resolves once the tenure's PartitionActor has stopped.
+    pub async fn actor_stopped(&self) {
+        let mut stopped = self.actor_stopped.subscribe();
+        let _ = stopped.wait_for(|stopped| *stopped).await;
     }
 
     /// The partition is being taken away: the reader stops taking messages at once, the lease
@@ -177,11 +199,15 @@ mod tests {
     }
 
     #[test]
-    fn revoking_is_seen_by_waiters_and_by_polls() {
+    fn revoking_and_stopping_are_seen_by_waiters_and_by_polls() {
         let tenure = Tenure::new(2);
         assert!(!tenure.is_revoked());
         tenure.revoke();
         assert!(tenure.is_revoked());
         futures::executor::block_on(tenure.revoked());
+        assert!(!tenure.is_actor_stopped());
+        tenure.mark_actor_stopped();
+        assert!(tenure.is_actor_stopped());
+        futures::executor::block_on(tenure.actor_stopped());
     }
 }

@@ -10,7 +10,6 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use super::{Assignment, PartitionSupervisor};
 use crate::actors::delivery_supervisor::PartitionRevoked;
-use crate::actors::idempotency::ReleaseLease;
 use crate::actors::partition::{read_partition, PartitionActor, PartitionReader, Revoke, Tenure};
 use crate::kafka::{EventConsumer, PartitionQueue, RebalanceEvent};
 
@@ -41,8 +40,9 @@ impl StreamHandler<RebalanceEvent> for PartitionSupervisor {
 }
 
 impl PartitionSupervisor {
-    /// Opens a tenure on `partition`: a PartitionActor and a reader that starts only once the
-    /// partition's previous reader on this instance has returned.
+    /// Opens a tenure on `partition`: a PartitionActor and a reader that start reading,
+    /// claiming and renewing the lease only once the partition's previous reader on this instance
+    /// has returned and the earlier tenures' actors have stopped.
     fn assign(&mut self, partition: i32, queue: PartitionQueue, consumer: &Arc<EventConsumer>) {
         let topic = self.deps.topic.clone();
         // Assigned twice without a revocation in between: librdkafka did not reset the fetch
@@ -55,11 +55,16 @@ impl PartitionSupervisor {
             previous.tenure.end();
             previous.actor.do_send(Revoke);
         }
+        let earlier = self.tenures.entry(partition).or_default();
+        earlier.retain(|tenure| !tenure.is_actor_stopped());
+        let predecessors = earlier.clone();
         let tenure = Arc::new(Tenure::new(partition));
+        earlier.push(tenure.clone());
         let actor = actix::Actor::start(PartitionActor::new(
             self.deps.clone(),
             tenure.clone(),
             consumer.clone(),
+            predecessors.clone(),
         ));
         let reader = actix::spawn(read_partition(PartitionReader {
             topic,
@@ -69,17 +74,18 @@ impl PartitionSupervisor {
             actor: actor.clone(),
             max_batch: self.deps.max_batch_messages,
             health: self.deps.health.clone(),
-            predecessor: self.readers.remove(&partition),
-            seek_to_predecessor: cut_short.is_some(),
+            predecessor_reader: self.readers.remove(&partition),
+            predecessors,
+            resume_after: cut_short.map(|previous| previous.tenure),
         }));
-        self.readers.insert(partition, (reader, tenure.clone()));
+        self.readers.insert(partition, reader);
         self.assigned
             .insert(partition, Assignment { actor, tenure });
     }
 
-    /// Revokes the tenures of `partitions`: their readers stop and their leases are given up at
-    /// once; then each actor gets until `kafka.revoke_drain_timeout_ms` to finish its batch and
-    /// store its offset. After that the tenures end: a batch finishing later stores nothing.
+    /// Revokes the tenures of `partitions`: their readers and their deliveries stop at once; then
+    /// each actor gets until `kafka.revoke_drain_timeout_ms` to finish its batch and store its
+    /// offset. After that the tenures end: a batch finishing later stores nothing.
     fn revoke(&mut self, partitions: &[i32]) -> impl actix::ActorFuture<Self, Output = ()> {
         let revoked: Vec<(i32, Assignment)> = partitions
             .iter()
@@ -106,25 +112,13 @@ impl PartitionSupervisor {
         .into_actor(self)
     }
 
-    /// The part of a revocation that must not wait for the batch in hand: stop reading, stop
-    /// sending this partition's deliveries, give up the lease (it lingers for requests in flight).
+    /// The part of a revocation that must not wait for the batch in hand: stop reading and stop
+    /// sending this partition's deliveries. The lease is given up by the actor once its batch is
+    /// over (see `Revoke`).
     fn let_go(&self, partition: i32, assignment: &Assignment) {
         assignment.tenure.revoke();
         self.deps.leases.revoke(partition);
         self.deps.deliveries.do_send(PartitionRevoked { partition });
-        let release = self.deps.ledger.send(ReleaseLease {
-            topic: self.deps.topic.clone(),
-            partition,
-            owner: self.deps.instance_id.clone(),
-            linger: self.deps.request_timeout + Duration::from_secs(1),
-        });
-        let topic = self.deps.topic.clone();
-        actix::spawn(async move {
-            if let Ok(Err(error)) = release.await {
-                tracing::warn!(topic = %topic, partition, error.message = %error,
-                    "could not release the partition lease; it expires by itself");
-            }
-        });
     }
 }
 

@@ -4,8 +4,10 @@
 //! (at most `kafka.revoke_drain_timeout_ms`) for the actor's current batch so that the offset
 //! committed on revoke covers everything it claimed.
 //!
-//! It keeps each partition's last reader task: the next reader of that partition awaits it, so
-//! there is never more than one reader per partition (see src/actors/partition/reader.rs).
+//! It keeps each partition's last reader task and the tenures whose actors may still be
+//! claiming: the next tenure of that partition awaits them before it reads, claims or takes the
+//! lease, so there is never more than one reader, nor more than one claim, per partition (see
+//! src/actors/partition/reader.rs).
 //!
 //! [`RebalanceEvent`]: crate::kafka::RebalanceEvent
 
@@ -33,8 +35,10 @@ pub struct PartitionSupervisor {
     revoke_drain_timeout: Duration,
     events: Option<RebalanceEvents>,
     assigned: HashMap<i32, Assignment>,
-    /// The last reader task started for each partition (running or finished) and its tenure.
-    readers: HashMap<i32, (JoinHandle<()>, Arc<Tenure>)>,
+    /// The last reader task started for each partition (running or finished).
+    readers: HashMap<i32, JoinHandle<()>>,
+    /// Per partition, the tenures whose actors had not stopped when last looked at.
+    tenures: HashMap<i32, Vec<Arc<Tenure>>>,
 }
 
 impl PartitionSupervisor {
@@ -49,6 +53,7 @@ impl PartitionSupervisor {
             events: Some(events),
             assigned: HashMap::new(),
             readers: HashMap::new(),
+            tenures: HashMap::new(),
         }
     }
 }

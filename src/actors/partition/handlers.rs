@@ -148,7 +148,11 @@ pub struct Revoke;
 impl Handler<Revoke> for PartitionActor {
     type Result = AtomicResponse<Self, ()>;
 
-    fn handle(&mut self, _: Revoke, _: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, _: Revoke, ctx: &mut Self::Context) -> Self::Result {
+        if !self.lease_requested {
+            ctx.stop();
+            return AtomicResponse::new(Box::pin(actix::fut::ready(())));
+        }
         // Requests already in flight may run for up to request_timeout: the lease lingers that
         // long so the next owner cannot overlap with them.
         let release = self.deps.ledger.send(ReleaseLease {

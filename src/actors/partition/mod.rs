@@ -47,6 +47,9 @@ pub struct PartitionActor {
     /// Earlier tenures of this partition whose actors may still be claiming: the lease is taken
     /// only after they stopped (they release it on the way out).
     predecessors: Vec<Arc<Tenure>>,
+    /// Whether this actor ever asked for the lease: only then does it release it on revoke (the
+    /// row may belong to an earlier tenure of this instance that is still claiming).
+    lease_requested: bool,
     lease_held: bool,
 }
 
@@ -63,6 +66,7 @@ impl PartitionActor {
             tenure,
             consumer,
             predecessors,
+            lease_requested: false,
             lease_held: false,
         }
     }
@@ -101,6 +105,7 @@ impl PartitionActor {
             return;
         }
         let requested_at = Instant::now();
+        self.lease_requested = true;
         let request = self.deps.ledger.send(AcquireLease {
             topic: self.deps.topic.clone(),
             partition: self.partition,
@@ -108,7 +113,7 @@ impl PartitionActor {
             lease: self.deps.lease,
         });
         ctx.spawn(request.into_actor(self).map(move |result, act, _| {
-            // The supervisor gave the lease up when it revoked the partition.
+            // Revoked meanwhile: the Revoke handler gives the lease up.
             if act.tenure.is_revoked() {
                 return;
             }

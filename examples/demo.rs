@@ -45,6 +45,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     settings.postgres.url = format!("{base_url}/{db_name}");
     settings.kafka.topic = format!("shipment-events-demo-{run}");
     settings.kafka.group_id = format!("webhook-delivery-demo-{run}");
+    // A new topic and group: a first deployment, told to read the topic from its start.
+    settings.kafka.initial_offsets = Some(webhook_delivery::config::InitialOffsets::Earliest);
     settings.delivery.request_timeout_ms = 2_000;
     settings.retry.base_delay_ms = 500;
     settings.retry.max_delay_ms = 2_000;

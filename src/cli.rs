@@ -1,5 +1,6 @@
-//! Command line: `serve`, `migrate`, `dead-letters`, `backfill`, `status` and `report`.
+//! Command line: `serve`, `migrate`, `dead-letters`, `backfill`, `status`, `report` and `offsets`.
 
+mod offsets;
 mod report;
 mod status;
 mod table;
@@ -15,6 +16,7 @@ use crate::ledger::{
     ReplaySelector,
 };
 
+pub use offsets::{offsets, OffsetsCommand};
 pub use report::report;
 pub use status::status;
 
@@ -60,6 +62,9 @@ pub enum Command {
     /// Incident reports from the ledger.
     #[command(subcommand)]
     Report(ReportCommand),
+    /// The consumer group's offsets: show them, or seed them before a first start (cutover).
+    #[command(subcommand)]
+    Offsets(OffsetsCommand),
 }
 
 #[derive(Debug, Args)]
@@ -196,6 +201,8 @@ pub enum CliError {
     BrokerDisabled { broker: String, reason: String },
     #[error("could not write the output")]
     Output(#[source] std::io::Error),
+    #[error("the offsets command failed")]
+    Offsets(#[source] Box<offsets::OffsetsCliError>),
 }
 
 /// Writes a whole report to stdout at once; a closed pipe is an error, not a panic.

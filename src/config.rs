@@ -54,6 +54,20 @@ pub struct KafkaSettings {
     /// A partition with lag whose committed offset has not moved for this long is reported stalled
     /// (so is a broker whose outcomes could not be written for this long).
     pub stall_after_ms: u64,
+    /// Where a first deployment (empty ledger, no committed offset) starts. Unset: it does not
+    /// consume until told (this key, or `webhook-delivery offsets seed`).
+    #[serde(default)]
+    pub initial_offsets: Option<InitialOffsets>,
+}
+
+/// `kafka.initial_offsets`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum InitialOffsets {
+    /// Everything the topic still retains: every historical status is sent again.
+    Earliest,
+    /// Only events produced from now on.
+    Latest,
 }
 
 #[derive(Clone, Deserialize)]
@@ -319,6 +333,14 @@ impl Settings {
             "kafka.max_batch_messages",
             self.kafka.max_batch_messages as u64,
         )?;
+        if self.kafka.client.contains_key("auto.offset.reset") {
+            return Err(invalid(
+                "kafka.client",
+                "`auto.offset.reset` is set by the service itself (a partition without a committed \
+                 offset starts at the earliest message); a first deployment's starting point is \
+                 kafka.initial_offsets or `webhook-delivery offsets seed`",
+            ));
+        }
         for key in self.kafka.client.keys() {
             if matches!(
                 key.as_str(),
@@ -597,7 +619,8 @@ mod tests {
     fn the_defaults_file_is_valid() {
         let settings = Settings::load(&config_dir(), None).unwrap();
         assert_eq!(settings.kafka.topic, "shipment-events");
-        assert_eq!(settings.kafka.client["auto.offset.reset"], "earliest");
+        // A first deployment must be told where to start.
+        assert_eq!(settings.kafka.initial_offsets, None);
     }
 
     #[test]
@@ -639,6 +662,11 @@ mod tests {
                 "kafka.max_poll_interval_ms",
             ),
             ("[kafka.client]\n\"group.id\" = \"other\"\n", "kafka.client"),
+            (
+                "[kafka.client]\n\"auto.offset.reset\" = \"latest\"\n",
+                "kafka.initial_offsets",
+            ),
+            ("[kafka]\ninitial_offsets = \"newest\"\n", "initial_offsets"),
             ("[log]\nlevel = \"info,[\"\n", "log.level"),
             ("[admin]\ntoken = \"short\"\n", "admin.token"),
             (

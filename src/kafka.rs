@@ -1,34 +1,68 @@
 //! The Kafka side: consumer configuration, the rebalance callbacks, and the thread that polls the
-//! consumer's main queue. Each assigned partition's messages are split into their own queue and
-//! handed to a PartitionActor, so one partition can never hold up another.
+//! consumer's main queue. Each assigned partition's messages get their own queue, split off
+//! before the assignment takes effect, so one partition can never hold up another and no message
+//! ever lands on the main queue.
 //!
-//! The consumer is polled on its own OS thread because revocation blocks the rebalance callback
-//! until the revoked PartitionActors have finished their current batch (bounded by
-//! `kafka.revoke_drain_timeout_ms`), and those actors run on the actix thread.
+//! This module knows nothing about actors: rebalances leave it as [`RebalanceEvent`]s on an
+//! unbounded channel that the partition side (src/actors/partition_supervisor) consumes.
+//!
+//! The consumer is polled on its own OS thread because a revocation blocks the rebalance callback
+//! until the revoked partitions have finished their current batch (bounded by
+//! `kafka.revoke_drain_timeout_ms`), and that work runs on the actix thread.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use actix::Addr;
+use futures::channel::mpsc::{UnboundedReceiver, UnboundedSender};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::stream_consumer::StreamPartitionQueue;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
 use rdkafka::error::{KafkaError, KafkaResult};
-use rdkafka::{ClientContext, Message, TopicPartitionList};
+use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 use tokio::sync::oneshot;
 
-use crate::actors::partition_supervisor::{
-    PartitionSupervisor, PartitionsAssigned, PartitionsRevoked, StrayMessage,
-};
 use crate::admin::Health;
 use crate::config::KafkaSettings;
 
 pub type EventConsumer = StreamConsumer<RebalanceContext>;
 pub type PartitionQueue = StreamPartitionQueue<RebalanceContext>;
+
+/// How long the rebalance callback waits beyond `kafka.revoke_drain_timeout_ms` for the partition
+/// side to confirm a revocation. The partition side enforces the drain deadline itself; this
+/// only keeps the consumer alive if the actix thread is wedged.
+const REVOKE_CONFIRM_GRACE: Duration = Duration::from_secs(5);
+
+/// What a rebalance means for the partition side, in the order it happened.
+pub enum RebalanceEvent {
+    /// These partitions are ours now. Each queue was split off before the assignment started
+    /// fetching, so every message of the partition arrives on its queue, in offset order.
+    Assigned {
+        consumer: Arc<EventConsumer>,
+        queues: Vec<(i32, PartitionQueue)>,
+    },
+    /// These partitions are being taken away. The rebalance callback blocks until `drained` is
+    /// signalled (the partition side gives up waiting after `kafka.revoke_drain_timeout_ms`),
+    /// then commits the stored offsets.
+    Revoked {
+        partitions: Vec<i32>,
+        drained: std::sync::mpsc::Sender<()>,
+    },
+}
+
+/// The partition side's end of the rebalance channel.
+pub type RebalanceEvents = UnboundedReceiver<RebalanceEvent>;
+
+/// Creates the rebalance channel. Unbounded on purpose: a control message (assign, revoke) must
+/// never be dropped or refused, and the callback thread must not block on a full mailbox while
+/// librdkafka waits for it. It cannot grow without bound: at most one revocation is outstanding
+/// (its callback blocks until it is handled) and an assignment follows a revocation.
+pub fn rebalance_channel() -> (UnboundedSender<RebalanceEvent>, RebalanceEvents) {
+    futures::channel::mpsc::unbounded()
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConsumerError {
@@ -47,7 +81,9 @@ pub enum ConsumerError {
 }
 
 /// librdkafka properties: the platform team's pass-through table first, then what correctness
-/// needs (we store offsets ourselves, only after the ledger commit; docs/design.md 2).
+/// needs: we store offsets ourselves, only after the ledger commit (docs/design.md 2), and a
+/// partition without a committed offset starts at the earliest retained message, never the
+/// latest, which would skip events (first deployments are gated before this: src/offsets.rs).
 pub fn client_config(settings: &KafkaSettings) -> ClientConfig {
     let mut config = ClientConfig::new();
     config
@@ -60,6 +96,7 @@ pub fn client_config(settings: &KafkaSettings) -> ClientConfig {
         .set("bootstrap.servers", &settings.brokers)
         .set("group.id", &settings.group_id)
         .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
         .set(
             "session.timeout.ms",
             settings.session_timeout_ms.to_string(),
@@ -74,7 +111,7 @@ pub fn client_config(settings: &KafkaSettings) -> ClientConfig {
 pub struct RebalanceContext {
     topic: String,
     consumer: OnceLock<Weak<EventConsumer>>,
-    partitions: Addr<PartitionSupervisor>,
+    events: UnboundedSender<RebalanceEvent>,
     revoke_drain_timeout: Duration,
     closing: AtomicBool,
     health: Health,
@@ -84,61 +121,36 @@ impl ClientContext for RebalanceContext {}
 
 impl ConsumerContext for RebalanceContext {
     fn pre_rebalance(&self, base: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        let Rebalance::Revoke(list) = rebalance else {
-            return;
-        };
-        let partitions = self.partitions_of(list);
-        tracing::info!(topic = %self.topic, partitions = ?partitions, "partitions revoked");
-        if partitions.is_empty() || self.closing.load(Ordering::SeqCst) {
-            return;
-        }
-        // Let the revoked PartitionActors finish their batch and store their offsets first.
-        let (done, finished) = std::sync::mpsc::channel();
-        let asked = self
-            .partitions
-            .try_send(PartitionsRevoked {
-                partitions: partitions.clone(),
-                done,
-            })
-            .is_ok();
-        if asked && finished.recv_timeout(self.revoke_drain_timeout).is_err() {
-            tracing::warn!(
-                topic = %self.topic,
-                partitions = ?partitions,
-                timeout_ms = self.revoke_drain_timeout.as_millis() as u64,
-                "revoked partitions did not finish in time; the next owner redoes their last batch"
-            );
-        }
-        if let Err(error) = base.commit_consumer_state(CommitMode::Sync) {
-            tracing::warn!(topic = %self.topic, error.message = %error, "offset commit on revoke failed");
+        match rebalance {
+            Rebalance::Assign(list) => self.split_before_assign(list),
+            Rebalance::Revoke(list) => {
+                self.drain_before_revoke(list);
+                match base.commit_consumer_state(CommitMode::Sync) {
+                    // Nothing stored since the last (auto-)commit: nothing to do.
+                    Ok(())
+                    | Err(KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)) =>
+                        {}
+                    Err(error) => {
+                        tracing::warn!(topic = %self.topic, error.message = %error, "offset commit on revoke failed")
+                    }
+                }
+            }
+            Rebalance::Error(_) => {}
         }
     }
 
     fn post_rebalance(&self, _base: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        let Rebalance::Assign(list) = rebalance else {
-            if let Rebalance::Error(error) = rebalance {
+        match rebalance {
+            // Even an empty assignment means we are a member of the group.
+            Rebalance::Assign(_) => self.health.mark_joined(),
+            // Marked not joined in pre_rebalance already; the next assignment marks it again.
+            Rebalance::Revoke(_) => {}
+            Rebalance::Error(error) => {
                 tracing::error!(topic = %self.topic, error.message = %error, "rebalance failed");
+                self.health
+                    .mark_not_joined(format!("the last consumer group rebalance failed: {error}"));
             }
-            return;
-        };
-        let partitions = self.partitions_of(list);
-        tracing::info!(topic = %self.topic, partitions = ?partitions, "partitions assigned");
-        // Even an empty assignment means we are a member of the group.
-        self.health.mark_joined();
-        let Some(consumer) = self.consumer.get().and_then(Weak::upgrade) else {
-            return;
-        };
-        // Split right away, before the first fetch lands on the main queue.
-        let queues = partitions
-            .iter()
-            .filter_map(|&partition| {
-                consumer
-                    .split_partition_queue(&self.topic, partition)
-                    .map(|queue| (partition, queue))
-            })
-            .collect();
-        self.partitions
-            .do_send(PartitionsAssigned { consumer, queues });
+        }
     }
 
     fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
@@ -164,6 +176,68 @@ impl RebalanceContext {
         partitions.sort_unstable();
         partitions
     }
+
+    /// Splits each partition's queue before `assign` starts fetching. librdkafka then never
+    /// forwards that partition's messages to the main queue (an application-set forward is kept
+    /// across assignments), so no message can arrive out of order through the main queue.
+    fn split_before_assign(&self, list: &TopicPartitionList) {
+        let partitions = self.partitions_of(list);
+        tracing::info!(topic = %self.topic, partitions = ?partitions, "partitions assigned");
+        let Some(consumer) = self.consumer.get().and_then(Weak::upgrade) else {
+            tracing::error!(topic = %self.topic, partitions = ?partitions,
+                "partitions assigned while the consumer is being dropped; they will not be read here");
+            return;
+        };
+        let queues = partitions
+            .iter()
+            .filter_map(|&partition| {
+                let queue = consumer.split_partition_queue(&self.topic, partition);
+                if queue.is_none() {
+                    tracing::error!(topic = %self.topic, partition, "could not split the partition queue");
+                }
+                queue.map(|queue| (partition, queue))
+            })
+            .collect();
+        if self
+            .events
+            .unbounded_send(RebalanceEvent::Assigned { consumer, queues })
+            .is_err()
+        {
+            tracing::error!(topic = %self.topic, partitions = ?partitions,
+                "the partition supervisor is gone; assigned partitions will not be read");
+        }
+    }
+
+    /// Asks the partition side to finish the revoked partitions' batches (so their offsets are
+    /// stored before the commit that follows) and waits for its answer.
+    fn drain_before_revoke(&self, list: &TopicPartitionList) {
+        let partitions = self.partitions_of(list);
+        tracing::info!(topic = %self.topic, partitions = ?partitions, "partitions revoked");
+        self.health
+            .mark_not_joined("a consumer group rebalance is in progress".to_owned());
+        // On shutdown the partitions were already stopped (StopPartitions) before closing.
+        if partitions.is_empty() || self.closing.load(Ordering::SeqCst) {
+            return;
+        }
+        let (drained, confirmation) = std::sync::mpsc::channel();
+        let sent = self.events.unbounded_send(RebalanceEvent::Revoked {
+            partitions: partitions.clone(),
+            drained,
+        });
+        if sent.is_err() {
+            return;
+        }
+        if confirmation
+            .recv_timeout(self.revoke_drain_timeout + REVOKE_CONFIRM_GRACE)
+            .is_err()
+        {
+            tracing::error!(
+                topic = %self.topic,
+                partitions = ?partitions,
+                "the partition supervisor did not confirm the revocation; committing what is stored"
+            );
+        }
+    }
 }
 
 /// The running consumer thread. `shutdown` commits the stored offsets and leaves the group.
@@ -176,7 +250,7 @@ pub struct KafkaConsumer {
 impl KafkaConsumer {
     pub fn start(
         settings: &KafkaSettings,
-        partitions: Addr<PartitionSupervisor>,
+        events: UnboundedSender<RebalanceEvent>,
         health: Health,
     ) -> Result<KafkaConsumer, ConsumerError> {
         let config = client_config(settings);
@@ -201,7 +275,7 @@ impl KafkaConsumer {
                     let context = RebalanceContext {
                         topic: topic.clone(),
                         consumer: OnceLock::new(),
-                        partitions: partitions.clone(),
+                        events,
                         revoke_drain_timeout,
                         closing: AtomicBool::new(false),
                         health,
@@ -222,7 +296,7 @@ impl KafkaConsumer {
                         return;
                     }
                     let _ = ready_tx.send(Ok(consumer.clone()));
-                    poll_main_queue(&consumer, &partitions, stop_rx).await;
+                    poll_main_queue(&consumer, stop_rx).await;
                     close(consumer).await;
                 });
             })
@@ -255,25 +329,31 @@ impl KafkaConsumer {
     }
 }
 
-/// Serves rebalances and other events. With every partition split off, messages only show up
-/// here in the instant between an assignment and its split; they are passed on, not dropped.
-async fn poll_main_queue(
-    consumer: &EventConsumer,
-    partitions: &Addr<PartitionSupervisor>,
-    mut stop: oneshot::Receiver<()>,
-) {
+/// Serves rebalances and other events. Every partition is split off before it is assigned, so
+/// no message should show up here. If one does anyway, it is not processed out of order: the
+/// partition is sought back to it, so its own queue delivers it again, in order, and no offset
+/// past it can have been stored by a batch that skipped it.
+async fn poll_main_queue(consumer: &EventConsumer, mut stop: oneshot::Receiver<()>) {
     loop {
         tokio::select! {
             _ = &mut stop => return,
             received = consumer.recv() => match received {
                 Ok(message) => {
-                    tracing::warn!(
-                        topic = message.topic(),
-                        partition = message.partition(),
-                        offset = message.offset(),
-                        "message arrived on the main queue; passing it to its partition"
+                    let (topic, partition, offset) =
+                        (message.topic().to_owned(), message.partition(), message.offset());
+                    drop(message);
+                    tracing::error!(
+                        topic = %topic,
+                        partition,
+                        offset,
+                        "message arrived on the main queue; seeking its partition back so its own queue reads it in order"
                     );
-                    partitions.do_send(StrayMessage(message.detach()));
+                    if let Err(error) =
+                        consumer.seek(&topic, partition, Offset::Offset(offset), Duration::from_secs(5))
+                    {
+                        tracing::error!(topic = %topic, partition, offset, error.message = %error,
+                            "could not seek back; the message is read again after the next rebalance or restart");
+                    }
                 }
                 Err(error) => {
                     tracing::warn!(error.message = %error, "kafka consumer error");
@@ -289,7 +369,7 @@ async fn close(consumer: Arc<EventConsumer>) {
     if let Err(error) = consumer.commit_consumer_state(CommitMode::Sync) {
         tracing::info!(error.message = %error, "final offset commit skipped");
     }
-    // Partition queues hold the consumer too; wait briefly for their actors to drop them so
+    // Partition queues hold the consumer too; wait briefly for their readers to drop them so
     // that closing (LeaveGroup) happens here, on this thread.
     let deadline = Instant::now() + Duration::from_secs(5);
     while Arc::strong_count(&consumer) > 1 && Instant::now() < deadline {

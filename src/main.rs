@@ -61,6 +61,9 @@ fn main() -> ExitCode {
                 Command::Report(command) => {
                     cli::report(&connect(&settings)?, command).await?;
                 }
+                Command::Offsets(command) => {
+                    cli::offsets(&settings, command).await?;
+                }
             }
             Ok(())
         });

@@ -14,16 +14,20 @@ use crate::actors::idempotency::{IdempotencyActor, LedgerWatch};
 use crate::actors::partition::PartitionDeps;
 use crate::actors::partition_supervisor::{PartitionSupervisor, StopPartitions};
 use crate::admin::{self, AdminState, Health};
-use crate::config::Settings;
-use crate::kafka::{ConsumerError, KafkaConsumer};
+use crate::config::{KafkaSettings, Settings};
+use crate::kafka::{rebalance_channel, ConsumerError, KafkaConsumer};
 use crate::kafka_properties::{self, KafkaPropertyError};
 use crate::lease::LeaseBook;
 use crate::ledger::{Ledger, LedgerError};
 use crate::metrics::Metrics;
+use crate::offsets::{SeedSource, StartDecision};
 use crate::stall::{PartitionStalls, StallBook};
 
 /// How often the ledger-wide gauges (pending, dead) are refreshed.
 const GAUGE_REFRESH: Duration = Duration::from_secs(5);
+
+/// How often an undecided first deployment looks again for seeded offsets.
+const FIRST_START_RECHECK: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
@@ -33,6 +37,8 @@ pub enum StartupError {
     Kafka(#[from] ConsumerError),
     #[error(transparent)]
     KafkaProperty(#[from] KafkaPropertyError),
+    #[error("could not check where to start consuming")]
+    StartingPoint(#[source] crate::offsets::OffsetsError),
     #[error("could not listen on admin.bind {address}")]
     AdminBind {
         address: std::net::SocketAddr,
@@ -127,19 +133,24 @@ impl Application {
             instance_id: instance_id.clone(),
         })
         .start();
-        let partitions = PartitionSupervisor::new(PartitionDeps {
-            topic: settings.kafka.topic.clone(),
-            ledger: ledger_actor,
-            deliveries: deliveries.clone(),
-            leases: leases.clone(),
-            instance_id: instance_id.clone(),
-            lease: settings.postgres.lease(),
-            request_timeout: settings.delivery.request_timeout(),
-            event_limits: settings.delivery.event_limits(),
-            max_batch_messages: settings.kafka.max_batch_messages,
-            metrics: metrics.clone(),
-            health: health.clone(),
-        })
+        let (rebalance_events, rebalances) = rebalance_channel();
+        let partitions = PartitionSupervisor::new(
+            PartitionDeps {
+                topic: settings.kafka.topic.clone(),
+                ledger: ledger_actor,
+                deliveries: deliveries.clone(),
+                leases: leases.clone(),
+                instance_id: instance_id.clone(),
+                lease: settings.postgres.lease(),
+                request_timeout: settings.delivery.request_timeout(),
+                event_limits: settings.delivery.event_limits(),
+                max_batch_messages: settings.kafka.max_batch_messages,
+                metrics: metrics.clone(),
+                health: health.clone(),
+            },
+            rebalances,
+            settings.kafka.revoke_drain_timeout(),
+        )
         .start();
         let admin_server = admin::serve(
             admin_listener,
@@ -158,7 +169,7 @@ impl Application {
         let admin_handle = admin_server.handle();
         actix_rt::spawn(admin_server);
         let gauges = actix_rt::spawn(refresh_gauges(
-            ledger,
+            ledger.clone(),
             settings.kafka.clone(),
             leases.clone(),
             metrics.clone(),
@@ -170,11 +181,30 @@ impl Application {
                 settings.kafka.stall_after(),
             ),
         ));
-        let consumer = match KafkaConsumer::start(&settings.kafka, partitions.clone(), health) {
+        let mut shutdown = std::pin::pin!(shutdown);
+        let decided = tokio::select! {
+            decided = await_starting_point(&settings.kafka, &ledger, &health) => decided.map(|()| true),
+            () = &mut shutdown => Ok(false),
+        };
+        let decided = match decided {
+            Ok(decided) => decided,
+            Err(error) => {
+                gauges.abort();
+                admin_handle.stop(true).await;
+                return Err(error);
+            }
+        };
+        if !decided {
+            tracing::info!(instance_id = %instance_id, "stopped before consuming anything");
+            gauges.abort();
+            admin_handle.stop(true).await;
+            return Ok(());
+        }
+        let consumer = match KafkaConsumer::start(&settings.kafka, rebalance_events, health) {
             Ok(consumer) => consumer,
             Err(error) => {
-                // The actors above have not been polled yet; actix would start them while the
-                // System is dropped, outside the runtime, and panic. Let them start first.
+                // The actors above may not have been polled yet; actix would start them while
+                // the System is dropped, outside the runtime, and panic. Let them start first.
                 tokio::task::yield_now().await;
                 return Err(error.into());
             }
@@ -189,8 +219,10 @@ impl Application {
 
         shutdown.await;
         tracing::info!(instance_id = %instance_id, "shutting down: finishing current batches");
+        // StopPartitions enforces kafka.revoke_drain_timeout_ms itself; this only guards
+        // against a wedged supervisor.
         let _ = tokio::time::timeout(
-            settings.kafka.revoke_drain_timeout(),
+            settings.kafka.revoke_drain_timeout() + Duration::from_secs(1),
             partitions.send(StopPartitions),
         )
         .await;
@@ -211,6 +243,116 @@ impl Application {
         tracing::info!(instance_id = %instance_id, "stopped");
         Ok(())
     }
+}
+
+/// The first-start gate (RUNBOOK.md "Cutover"). A first deployment (empty
+/// ledger, no committed offset) must not read the topic's whole retention by accident: it starts
+/// where `kafka.initial_offsets` says (committed first, so the choice survives a restart), or
+/// waits, rechecking, until `webhook-delivery offsets seed` has committed a starting point.
+/// Kafka or database trouble here is retried: it is a start-up wait, not a crash.
+/// A Kafka client that cannot even be created (a broken `kafka.client` property) is fatal.
+async fn await_starting_point(
+    kafka: &KafkaSettings,
+    ledger: &Ledger,
+    health: &Health,
+) -> Result<(), StartupError> {
+    let mut told = false;
+    loop {
+        match starting_point(kafka, ledger).await {
+            Ok(StartDecision::Consume) => {
+                if told {
+                    tracing::info!(topic = %kafka.topic, group_id = %kafka.group_id,
+                        "starting offsets found; consuming");
+                }
+                return Ok(());
+            }
+            Ok(StartDecision::Seed(initial)) => {
+                let source = match initial {
+                    crate::config::InitialOffsets::Earliest => SeedSource::Earliest,
+                    crate::config::InitialOffsets::Latest => SeedSource::Latest,
+                };
+                let settings = kafka.clone();
+                let seeded = actix_rt::task::spawn_blocking(move || {
+                    let rows =
+                        crate::offsets::plan_seed(&settings, &source, Duration::from_secs(10))?;
+                    crate::offsets::commit_seed(&settings, &rows, Duration::from_secs(10))?;
+                    Ok::<_, crate::offsets::OffsetsError>(rows)
+                })
+                .await;
+                match seeded {
+                    Ok(Ok(rows)) => {
+                        let offsets: Vec<(i32, i64)> =
+                            rows.iter().map(|row| (row.partition, row.seed)).collect();
+                        tracing::info!(topic = %kafka.topic, group_id = %kafka.group_id,
+                            initial_offsets = ?initial, offsets = ?offsets,
+                            "first deployment: committed the starting offsets from kafka.initial_offsets");
+                        return Ok(());
+                    }
+                    Ok(Err(error)) => tracing::warn!(topic = %kafka.topic, error.message = %error,
+                        "could not commit the first deployment's starting offsets; retrying"),
+                    Err(error) => {
+                        tracing::warn!(error.message = %error, "seeding task failed; retrying")
+                    }
+                }
+            }
+            Ok(StartDecision::Wait) => {
+                if !told {
+                    told = true;
+                    tracing::error!(
+                        topic = %kafka.topic,
+                        group_id = %kafka.group_id,
+                        "first deployment: the ledger is empty and the group has no committed offsets, so nothing is consumed \
+                         (reading the whole topic would re-send its history). Run `webhook-delivery offsets seed --from-group OLD_GROUP` \
+                         (or --at TIME / --latest), or set kafka.initial_offsets; see RUNBOOK.md \"Cutover\""
+                    );
+                    health.mark_not_joined(format!(
+                        "first deployment: not consuming until group `{}` has starting offsets; run `webhook-delivery offsets seed` or set kafka.initial_offsets",
+                        kafka.group_id
+                    ));
+                }
+            }
+            Err(StartingPointError::Kafka(error @ crate::offsets::OffsetsError::Create(_))) => {
+                return Err(StartupError::StartingPoint(error));
+            }
+            Err(error) => tracing::warn!(topic = %kafka.topic, error.message = %error,
+                "could not check whether this is a first deployment; retrying"),
+        }
+        tokio::time::sleep(FIRST_START_RECHECK).await;
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum StartingPointError {
+    #[error("Kafka: {0}")]
+    Kafka(#[source] crate::offsets::OffsetsError),
+    #[error("the ledger: {0}")]
+    Ledger(#[source] LedgerError),
+    #[error("the Kafka offsets task failed")]
+    Task(#[source] tokio::task::JoinError),
+}
+
+async fn starting_point(
+    kafka: &KafkaSettings,
+    ledger: &Ledger,
+) -> Result<StartDecision, StartingPointError> {
+    let settings = kafka.clone();
+    let offsets = actix_rt::task::spawn_blocking(move || {
+        crate::offsets::partition_offsets(&settings, Duration::from_secs(10))
+    })
+    .await
+    .map_err(StartingPointError::Task)?
+    .map_err(StartingPointError::Kafka)?;
+    // Committed offsets settle it without the database (which may be locked or slow right now).
+    let has_events = !offsets.iter().any(|p| p.committed.is_some())
+        && ledger
+            .has_events()
+            .await
+            .map_err(StartingPointError::Ledger)?;
+    Ok(crate::offsets::start_decision(
+        has_events,
+        &offsets,
+        kafka.initial_offsets,
+    ))
 }
 
 /// Keeps the polled gauges current: pending and dead deliveries and the oldest pending age
@@ -242,9 +384,7 @@ async fn refresh_gauges(
             Ok(Ok(()))
         );
         let ready = database_answers
-            && health.joined()
-            && health.broken().is_none()
-            && health.stalled().is_none();
+            && health.not_ready_reason().is_none();
         metrics.ready.set(i64::from(ready));
         let settings = kafka.clone();
         let offsets = actix_rt::task::spawn_blocking(move || {

@@ -24,9 +24,10 @@ session_timeout_ms = 6000
 # A new member waits up to this long for the partitions of a killed one.
 max_poll_interval_ms = 15000
 max_batch_messages = 2000
+# Each run's topic and group are new (a first deployment): read everything the run produced.
+initial_offsets = "earliest"
 
 [kafka.client]
-"auto.offset.reset" = "earliest"
 # Tansu answers a fetch only when fetch.wait.max.ms (default 500) runs out, even with data
 # waiting; Kafka answers as soon as fetch.min.bytes (1) is there. Same setting for both systems.
 "fetch.wait.max.ms" = "20"

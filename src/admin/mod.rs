@@ -4,7 +4,7 @@
 //! | route                         | what                                                    |
 //! |-------------------------------|---------------------------------------------------------|
 //! | `GET /healthz`                | the process is alive                                    |
-//! | `GET /readyz`                 | Postgres answers, the consumer has joined, nothing stalled |
+//! | `GET /readyz`                 | Postgres answers, the consumer is a settled group member, nothing stalled (else the reason) |
 //! | `GET /metrics`                | Prometheus text                                         |
 //! | `GET /brokers`                | per broker: circuit, in flight, pending, dead, last error |
 //! | `GET /dead-letters`           | like `dead-letters list` (`?broker=&since=&limit=`)     |
@@ -19,7 +19,6 @@
 mod routes;
 
 use std::net::TcpListener;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use actix::Addr;
@@ -32,36 +31,56 @@ use crate::metrics::Metrics;
 /// How long Postgres may take to answer before `/readyz` (and the `ready` gauge) says not ready.
 pub const READY_DATABASE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// What `/readyz` and `/healthz` report: whether the consumer has joined its group, and whether
-/// something broke that only a restart mends (then both answer 503 and Kubernetes restarts the
-/// pod; nothing is lost, the ledger and the committed offsets carry over).
-#[derive(Clone, Default)]
+/// What `/readyz` and `/healthz` report: whether the consumer is a settled member of its group
+/// (and if not, why), and whether something broke that only a restart mends (then both answer 503
+/// and Kubernetes restarts the pod; nothing is lost, the ledger and the committed offsets carry
+/// over).
+#[derive(Clone)]
 pub struct Health {
-    joined: Arc<AtomicBool>,
+    /// `None` once joined; otherwise why not (starting, rebalancing, a failed rebalance, a first
+    /// deployment waiting for its starting offsets).
+    not_joined: Arc<std::sync::Mutex<Option<String>>>,
     broken: Arc<std::sync::Mutex<Option<String>>>,
     /// Stalled partitions and outcome writers (src/stall.rs), by what stalled.
     stalled: Arc<std::sync::Mutex<std::collections::BTreeMap<String, String>>>,
 }
 
+impl Default for Health {
+    fn default() -> Self {
+        Health {
+            not_joined: Arc::new(std::sync::Mutex::new(Some(
+                "the Kafka consumer has not joined its group yet".to_owned(),
+            ))),
+            broken: Arc::default(),
+            stalled: Arc::default(),
+        }
+    }
+}
+
 impl Health {
     pub fn mark_joined(&self) {
-        self.joined.store(true, Ordering::SeqCst);
+        *lock(&self.not_joined) = None;
     }
-    pub fn joined(&self) -> bool {
-        self.joined.load(Ordering::SeqCst)
+    /// Not ready until the next `mark_joined`: a rebalance in progress or failed, or no
+    /// consuming at all yet.
+    pub fn mark_not_joined(&self, reason: String) {
+        *lock(&self.not_joined) = Some(reason);
+    }
+    pub fn not_joined_reason(&self) -> Option<String> {
+        lock(&self.not_joined).clone()
     }
     pub fn mark_broken(&self, reason: String) {
-        let mut broken = self
-            .broken
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        broken.get_or_insert(reason);
+        lock(&self.broken).get_or_insert(reason);
     }
     pub fn broken(&self) -> Option<String> {
-        self.broken
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
+        lock(&self.broken).clone()
+    }
+    /// Why `/readyz` answers 503, apart from the database: broken, not a settled group member,
+    /// or stalled. The `ready` gauge asks the same.
+    pub fn not_ready_reason(&self) -> Option<String> {
+        self.broken()
+            .or_else(|| self.not_joined_reason())
+            .or_else(|| self.stalled())
     }
     /// `what` (e.g. "partition 3") is stalled: `/readyz` answers 503 with `reason` until cleared.
     pub fn mark_stalled(&self, what: String, reason: String) {
@@ -86,6 +105,13 @@ impl Health {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
+}
+
+/// A poisoned lock only means another thread panicked mid-update of a plain value: use it.
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 #[derive(Clone)]
@@ -119,4 +145,27 @@ pub fn serve(listener: TcpListener, state: AdminState) -> std::io::Result<actix_
     .disable_signals()
     .listen(listener)?
     .run())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Health;
+
+    #[test]
+    fn readiness_follows_the_group_membership_through_rebalances() {
+        let health = Health::default();
+        assert!(
+            health.not_joined_reason().is_some(),
+            "not ready before joining"
+        );
+        health.mark_joined();
+        assert_eq!(health.not_joined_reason(), None);
+        health.mark_not_joined("a consumer group rebalance is in progress".to_owned());
+        assert_eq!(
+            health.not_joined_reason().as_deref(),
+            Some("a consumer group rebalance is in progress")
+        );
+        health.mark_joined();
+        assert_eq!(health.not_joined_reason(), None);
+    }
 }

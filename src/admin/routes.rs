@@ -26,11 +26,7 @@ pub async fn readyz(state: web::Data<AdminState>) -> HttpResponse {
     let reason = match database {
         Err(_) => Some("postgres did not answer within 2 s".to_owned()),
         Ok(Err(error)) => Some(format!("postgres: {error}")),
-        Ok(Ok(())) if !state.health.joined() => {
-            Some("the Kafka consumer has not joined its group yet".to_owned())
-        }
-        Ok(Ok(())) if state.health.stalled().is_some() => state.health.stalled(),
-        Ok(Ok(())) => None,
+        Ok(Ok(())) => state.health.not_ready_reason(),
     };
     match reason {
         None => HttpResponse::Ok().json(json!({"status": "ready"})),

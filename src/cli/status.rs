@@ -88,7 +88,7 @@ fn render(
     text
 }
 
-fn partitions_table(settings: &Settings, partitions: &[PartitionOffsets]) -> String {
+pub(super) fn partitions_table(settings: &Settings, partitions: &[PartitionOffsets]) -> String {
     let mut table = Table::new(&[
         ("partition", true),
         ("committed", true),

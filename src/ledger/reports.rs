@@ -102,6 +102,17 @@ impl Ledger {
         Ok((row.get(0), row.get(1), row.get(2)))
     }
 
+    /// Whether any event was ever consumed into this ledger (the first-start gate). One index
+    /// probe: EXISTS stops at the first row.
+    pub async fn has_events(&self) -> Result<bool, LedgerError> {
+        let row = self
+            .client()
+            .await?
+            .query_one("SELECT EXISTS (SELECT 1 FROM events)", &[])
+            .await?;
+        Ok(row.get(0))
+    }
+
     /// Every broker, in id order, with its breaker state and backlog. Brokers that still have
     /// pending or dead deliveries but no `brokers` row are listed too, so totals match the ledger.
     pub async fn broker_statuses(&self) -> Result<Vec<BrokerStatus>, LedgerError> {

@@ -211,6 +211,8 @@ impl TestEnv {
         settings.kafka.group_id = self.group_id.clone();
         settings.kafka.session_timeout_ms = 6_000;
         settings.kafka.max_poll_interval_ms = 15_000;
+        // Each test's topic and group are new: a first deployment, told to read everything.
+        settings.kafka.initial_offsets = Some(webhook_delivery::config::InitialOffsets::Earliest);
         settings.postgres.url = self.db_url.clone();
         settings.postgres.lease_ms = 8_000;
         settings.delivery.request_timeout_ms = 2_000;
@@ -234,6 +236,7 @@ impl TestEnv {
             ("KAFKA__BROKERS", s.kafka.brokers),
             ("KAFKA__TOPIC", s.kafka.topic),
             ("KAFKA__GROUP_ID", s.kafka.group_id),
+            ("KAFKA__INITIAL_OFFSETS", "earliest".to_owned()),
             (
                 "KAFKA__SESSION_TIMEOUT_MS",
                 s.kafka.session_timeout_ms.to_string(),

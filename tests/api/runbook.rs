@@ -120,6 +120,7 @@ async fn every_runbook_command_prints_what_the_runbook_says_against_a_running_in
         let env_vars = env.settings_env();
         let log_path = log_path.clone();
         let db_url = env.db_url.clone();
+        let env_group = env.group_id.clone();
         move || {
             Command::new("scripts/runbook-check.sh")
                 .arg("RUNBOOK.md")
@@ -133,6 +134,8 @@ async fn every_runbook_command_prints_what_the_runbook_says_against_a_running_in
                 .env("SINCE", since)
                 .env("EVENT_ID", "e-runbook-1")
                 .env("TOKEN", TOKEN)
+                // The cutover's "old consumer": the instance's own group will do for a dry run.
+                .env("OLD_GROUP", env_group)
                 .output()
                 .unwrap()
         }

@@ -2,12 +2,11 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use actix::{ActorContext, ActorFutureExt, AtomicResponse, Handler, Message, WrapFuture};
-use rdkafka::consumer::Consumer;
 use rdkafka::message::OwnedMessage;
 use rdkafka::Message as _;
 
 use super::PartitionActor;
-use crate::actors::delivery_supervisor::{PartitionRevoked, RouteDeliveries};
+use crate::actors::delivery_supervisor::RouteDeliveries;
 use crate::actors::idempotency::{claim_until_stored, ClaimBatch, ReleaseLease};
 use crate::event::{parse_event, RejectReason, ShipmentEvent};
 use crate::ledger::RejectedMessage;
@@ -94,10 +93,7 @@ impl Handler<ProcessBatch> for PartitionActor {
         AtomicResponse::new(Box::pin(claimed.into_actor(self).map(
             move |claimed, act, _| {
                 // Every row up to last_offset is committed: the offset may move past it.
-                if let Err(error) = act.consumer.store_offset(&topic, partition, last_offset) {
-                    tracing::warn!(topic = %topic, partition, offset = last_offset, error.message = %error,
-                        "could not store offset (partition probably revoked); the next owner re-reads from the last commit");
-                }
+                act.store_offset(last_offset);
                 let mut new_per_key: HashMap<&str, usize> = HashMap::new();
                 for c in &claimed {
                     *new_per_key.entry(c.delivery.key.as_str()).or_default() += 1;
@@ -114,7 +110,8 @@ impl Handler<ProcessBatch> for PartitionActor {
                         "event claimed"
                     );
                 }
-                if !claimed.is_empty() {
+                // After a revocation the rows wait in the ledger for the partition's next owner.
+                if !claimed.is_empty() && !act.tenure.is_revoked() {
                     act.deps.deliveries.do_send(RouteDeliveries { claimed });
                 }
             },
@@ -122,7 +119,10 @@ impl Handler<ProcessBatch> for PartitionActor {
     }
 }
 
-/// Stop: finish the batch in hand (the handler above is atomic), stop reading, give up the lease.
+/// Stop once the batch in hand is finished (the handler above is atomic, so this waits for it),
+/// then give the lease up. The reader was stopped, and this partition's deliveries were stopped,
+/// by the supervisor when it revoked the tenure; the lease is kept until here so that the next
+/// owner does not start sending while this instance may still be claiming the partition.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Revoke;
@@ -130,16 +130,11 @@ pub struct Revoke;
 impl Handler<Revoke> for PartitionActor {
     type Result = AtomicResponse<Self, ()>;
 
-    fn handle(&mut self, _: Revoke, _: &mut Self::Context) -> Self::Result {
-        self.revoked
-            .store(true, std::sync::atomic::Ordering::SeqCst);
-        if let Some(stop) = self.stop_reading.take() {
-            let _ = stop.send(());
+    fn handle(&mut self, _: Revoke, ctx: &mut Self::Context) -> Self::Result {
+        if !self.lease_requested.load(std::sync::atomic::Ordering::SeqCst) {
+            ctx.stop();
+            return AtomicResponse::new(Box::pin(actix::fut::ready(())));
         }
-        self.deps.leases.revoke(self.partition);
-        self.deps.deliveries.do_send(PartitionRevoked {
-            partition: self.partition,
-        });
         // Requests already in flight may run for up to request_timeout: the lease lingers that
         // long so the next owner cannot overlap with them.
         let release = self.deps.ledger.send(ReleaseLease {

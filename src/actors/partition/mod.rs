@@ -1,23 +1,27 @@
-//! PartitionActor: one per assigned partition. It reads the partition's own queue in batches,
-//! turns each batch into ledger rows in one round trip, and only then stores the batch's last
-//! offset (docs/design.md 2). New deliveries go to the DeliverySupervisor; HTTP never gates offsets.
-//! It also holds the partition's lease, which decides who may send its deliveries (docs/design.md 3).
+//! PartitionActor: one per assigned partition (per [`Tenure`]). Its reader task reads the
+//! partition's own queue in batches; the actor turns each batch into ledger rows in one round trip,
+//! and only then stores the batch's last offset (docs/design.md 2). New deliveries go to the
+//! DeliverySupervisor; HTTP never gates offsets. It also renews the partition's lease, which
+//! decides who may send its deliveries (docs/design.md 3).
 
 mod handlers;
+mod reader;
+mod tenure;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use actix::{Actor, Addr, AsyncContext, Context};
-use futures::FutureExt;
-use tokio::sync::oneshot;
+use actix::{Actor, Addr, Context};
+use rdkafka::consumer::Consumer;
 
 pub use handlers::*;
+pub use reader::{read_partition, PartitionReader};
+pub use tenure::{StoreDecision, Tenure};
 
 use crate::actors::delivery_supervisor::{DeliverySupervisor, LeaseAcquired};
 use crate::actors::idempotency::{AcquireLease, IdempotencyActor};
-use crate::kafka::{EventConsumer, PartitionQueue};
+use crate::kafka::EventConsumer;
 use crate::lease::LeaseBook;
 
 /// What every PartitionActor needs, cloned per partition.
@@ -39,27 +43,58 @@ pub struct PartitionDeps {
 pub struct PartitionActor {
     deps: PartitionDeps,
     partition: i32,
+    tenure: Arc<Tenure>,
     consumer: Arc<EventConsumer>,
-    queue: Option<PartitionQueue>,
-    stop_reading: Option<oneshot::Sender<()>>,
-    /// Set by Revoke; read by the lease keeper, which runs outside this actor's context.
-    revoked: Arc<AtomicBool>,
+    /// Earlier tenures of this partition whose actors may still be claiming: the lease is taken
+    /// only after they stopped (they release it on the way out).
+    predecessors: Vec<Arc<Tenure>>,
+    /// Whether the lease keeper ever asked for the lease: only then does Revoke release it (the
+    /// row may belong to an earlier tenure of this instance that is still claiming).
+    lease_requested: Arc<AtomicBool>,
 }
 
 impl PartitionActor {
     pub fn new(
         deps: PartitionDeps,
-        partition: i32,
+        tenure: Arc<Tenure>,
         consumer: Arc<EventConsumer>,
-        queue: PartitionQueue,
+        predecessors: Vec<Arc<Tenure>>,
     ) -> Self {
         PartitionActor {
             deps,
-            partition,
+            partition: tenure.partition,
+            tenure,
             consumer,
-            queue: Some(queue),
-            stop_reading: None,
-            revoked: Arc::new(AtomicBool::new(false)),
+            predecessors,
+            lease_requested: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Stores the offset of a batch whose rows are committed, unless that would move the offset
+    /// backwards or the tenure has ended (then the next reader re-reads the batch: harmless,
+    /// claims are idempotent).
+    fn store_offset(&self, last_offset: i64) {
+        let (topic, partition) = (self.deps.topic.as_str(), self.partition);
+        match self.tenure.settle(last_offset) {
+            StoreDecision::Store => {
+                if let Err(error) = self.consumer.store_offset(topic, partition, last_offset) {
+                    tracing::warn!(topic, partition, offset = last_offset, error.message = %error,
+                        "could not store offset (partition probably revoked); the next owner re-reads from the last commit");
+                }
+            }
+            StoreDecision::Behind { stored } => tracing::warn!(
+                topic,
+                partition,
+                offset = last_offset,
+                stored_offset = stored,
+                "not storing an offset behind the one already stored"
+            ),
+            StoreDecision::Ended => tracing::info!(
+                topic,
+                partition,
+                offset = last_offset,
+                "batch finished after its partition was revoked; its rows are in the ledger, its offset is left to the next reader"
+            ),
         }
     }
 }
@@ -67,32 +102,16 @@ impl PartitionActor {
 impl Actor for PartitionActor {
     type Context = Context<Self>;
 
-    fn started(&mut self, ctx: &mut Self::Context) {
+    fn started(&mut self, _: &mut Self::Context) {
         tracing::info!(topic = %self.deps.topic, partition = self.partition, "partition actor started");
-        let queue = self
-            .queue
-            .take()
-            .expect("a partition queue is read by one actor");
-        let (stop_tx, stop_rx) = oneshot::channel();
-        self.stop_reading = Some(stop_tx);
-        actix::spawn(read_batches(
-            queue,
-            ctx.address(),
-            self.deps.max_batch_messages,
-            stop_rx,
-            (
-                self.deps.topic.clone(),
-                self.partition,
-                self.deps.health.clone(),
-            ),
-        ));
-        // Not ctx.run_interval: the atomic ProcessBatch handler blocks this actor's context
-        // (timers included) while a claim is in flight, and a claim may wait on the database
-        // for a long time; the lease must be renewed meanwhile.
+        // A task of its own, not ctx.run_interval: the atomic ProcessBatch handler blocks this
+        // actor's context (timers included) while a claim is in flight, and a claim may wait on
+        // the database for a long time; the lease must be renewed meanwhile.
         actix::spawn(keep_lease(
             self.deps.clone(),
-            self.partition,
-            self.revoked.clone(),
+            self.tenure.clone(),
+            std::mem::take(&mut self.predecessors),
+            self.lease_requested.clone(),
         ));
     }
 
@@ -101,75 +120,40 @@ impl Actor for PartitionActor {
     }
 }
 
-/// Reads the partition's queue: waits for one message, then takes whatever else is already
-/// there (up to `max_batch`), and hands the batch over. The next batch is read only after the
-/// previous one is in the ledger, so batches grow by themselves when the database is slow.
-async fn read_batches(
-    queue: PartitionQueue,
-    actor: Addr<PartitionActor>,
-    max_batch: usize,
-    mut stop: oneshot::Receiver<()>,
-    (topic, partition, health): (String, i32, crate::admin::Health),
-) {
-    loop {
-        let first = tokio::select! {
-            _ = &mut stop => return,
-            received = queue.recv() => received,
-        };
-        let mut messages = Vec::new();
-        match first {
-            Ok(message) => messages.push(message.detach()),
-            Err(error) => {
-                tracing::warn!(error.message = %error, "error reading a partition queue");
-                continue;
-            }
-        }
-        while messages.len() < max_batch {
-            match queue.recv().now_or_never() {
-                Some(Ok(message)) => messages.push(message.detach()),
-                Some(Err(error)) => {
-                    tracing::warn!(error.message = %error, "error reading a partition queue");
-                    break;
-                }
-                None => break,
-            }
-        }
-        if actor.send(ProcessBatch { messages }).await.is_err() {
-            // Revoked and stopped: fine. Gone without being told to stop (a panic in its
-            // handler): nothing reads this partition any more. Say so loudly and fail the health
-            // check so the pod is restarted; the batch was not claimed, so its offset was not
-            // stored and the next owner reads it again.
-            if matches!(stop.try_recv(), Err(oneshot::error::TryRecvError::Closed)) {
-                tracing::error!(
-                    topic = %topic,
-                    partition,
-                    "partition actor stopped unexpectedly; this partition is no longer consumed; /healthz now fails so the pod gets restarted"
-                );
-                health.mark_broken(format!(
-                    "partition {partition} of {topic} is no longer consumed (its actor stopped unexpectedly)"
-                ));
-            }
-            return;
-        }
+/// On drop rather than in `stopped`, so that successors are released even if the actor's
+/// context goes away without stopping cleanly.
+impl Drop for PartitionActor {
+    fn drop(&mut self) {
+        self.tenure.mark_actor_stopped();
     }
 }
 
-/// Takes the partition's lease, then renews it every quarter lease, until the partition is
-/// revoked or its actor is gone. Validity is counted from before each request was sent.
-async fn keep_lease(deps: PartitionDeps, partition: i32, revoked: Arc<AtomicBool>) {
-    let topic = deps.topic.as_str();
-    let is_over = |revoked: &Arc<AtomicBool>| {
-        // Only this task holds the flag once the actor is dropped.
-        revoked.load(Ordering::SeqCst) || Arc::strong_count(revoked) == 1
-    };
+/// Once the earlier tenures' actors have stopped, takes the partition's lease and renews it
+/// every quarter lease until the tenure is revoked or its actor is gone. Validity is counted from
+/// before each request was sent.
+async fn keep_lease(
+    deps: PartitionDeps,
+    tenure: Arc<Tenure>,
+    predecessors: Vec<Arc<Tenure>>,
+    lease_requested: Arc<AtomicBool>,
+) {
+    for previous in &predecessors {
+        previous.actor_stopped().await;
+    }
+    let (topic, partition) = (deps.topic.as_str(), tenure.partition);
+    let is_over = || tenure.is_revoked() || tenure.is_actor_stopped();
     let mut held = false;
     let mut ticks = tokio::time::interval(deps.lease / 4);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticks.tick().await;
-        if is_over(&revoked) {
+        if is_over() {
             return;
         }
+        // Set before asking: a Revoke that finds it unset knows no lease row of this tenure can
+        // exist. (A Revoke between the check above and this store leaves a granted row to expire
+        // by itself after postgres.lease_ms: a delay for the next owner, never an overlap.)
+        lease_requested.store(true, Ordering::SeqCst);
         let requested_at = Instant::now();
         let result = deps
             .ledger
@@ -180,15 +164,16 @@ async fn keep_lease(deps: PartitionDeps, partition: i32, revoked: Arc<AtomicBool
                 lease: deps.lease,
             })
             .await;
-        if is_over(&revoked) {
+        // Revoked meanwhile: the Revoke handler gives the lease up.
+        if is_over() {
             return;
         }
         match result {
             Ok(Ok(true)) => {
                 deps.leases.grant(partition, requested_at + deps.lease);
-                // Revoke sets the flag before it clears the book: checking after granting
+                // A revocation clears the book after it marks the tenure: checking after granting
                 // means a grant never outlives a revocation.
-                if revoked.load(Ordering::SeqCst) {
+                if tenure.is_revoked() {
                     deps.leases.revoke(partition);
                     return;
                 }

@@ -383,8 +383,7 @@ async fn refresh_gauges(
             tokio::time::timeout(admin::READY_DATABASE_TIMEOUT, ledger.ping()).await,
             Ok(Ok(()))
         );
-        let ready = database_answers
-            && health.not_ready_reason().is_none();
+        let ready = database_answers && health.not_ready_reason().is_none();
         metrics.ready.set(i64::from(ready));
         let settings = kafka.clone();
         let offsets = actix_rt::task::spawn_blocking(move || {

@@ -8,7 +8,6 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio_postgres::NoTls;
 use wiremock::matchers::method;
 use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
 
@@ -68,12 +67,7 @@ async fn partitions_moving_away_and_back_during_a_stuck_claim_lose_and_reorder_n
     );
 
     // Another session holds the events table: every claim now waits.
-    let (locker, connection) = tokio_postgres::connect(&env.db_url, NoTls).await.unwrap();
-    tokio::spawn(connection);
-    locker
-        .batch_execute("BEGIN; LOCK TABLE events")
-        .await
-        .unwrap();
+    let lock = TableLock::take(&env, "events").await;
     produce(&env, 20..40).await;
 
     // /readyz of the first instance, sampled through the rebalances below.
@@ -133,7 +127,7 @@ async fn partitions_moving_away_and_back_during_a_stuck_claim_lose_and_reorder_n
             .any(|(status, body)| *status == 503 && body.contains("rebalance")),
         "/readyz is not ready while partitions are being rebalanced"
     );
-    locker.batch_execute("COMMIT").await.unwrap();
+    lock.release().await;
     produce(&env, 55..65).await;
 
     let total = 65;

@@ -131,7 +131,10 @@ impl Handler<Revoke> for PartitionActor {
     type Result = AtomicResponse<Self, ()>;
 
     fn handle(&mut self, _: Revoke, ctx: &mut Self::Context) -> Self::Result {
-        if !self.lease_requested.load(std::sync::atomic::Ordering::SeqCst) {
+        if !self
+            .lease_requested
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
             ctx.stop();
             return AtomicResponse::new(Box::pin(actix::fut::ready(())));
         }

@@ -475,8 +475,9 @@ impl Ledger {
     }
 
     /// Records the events of one poll batch and creates a pending delivery for every enabled
-    /// subscribed broker, in one statement. Returns only the deliveries this call created: a
-    /// redelivered or re-produced event creates none (docs/design.md 1).
+    /// subscribed broker, in one statement, under the partition's claim lock. Returns only the
+    /// deliveries this call created: a redelivered or re-produced event creates none
+    /// (docs/design.md 1).
     pub async fn claim_batch(
         &self,
         topic: &str,
@@ -493,9 +494,22 @@ impl Ledger {
         let statuses: Vec<&str> = events.iter().map(|(_, e)| e.status.as_str()).collect();
         let offsets: Vec<i64> = events.iter().map(|(offset, _)| *offset).collect();
         let payloads: Vec<&[u8]> = events.iter().map(|(_, e)| &e.payload[..]).collect();
-        let client = self.client().await?;
-        let statement = client
-            .prepare_cached(
+        let mut connection = self.pooled_connection().await?;
+        let claim = async {
+            let transaction = connection.transaction().await?;
+            // Claims of one partition never overlap, even across instances (an old owner's
+            // claim stuck behind a lock while the partition moved on): each must see the rows of
+            // the one before it, or a delivery's predecessor below could be missed and a load's
+            // statuses sent out of order. The lock is taken before the claim statement starts,
+            // so that statement's snapshot includes the previous claim's rows.
+            transaction
+                .execute(
+                    "SELECT pg_advisory_xact_lock(hashtext($1), $2)",
+                    &[&topic, &partition],
+                )
+                .await?;
+            let statement = transaction
+                .prepare_cached(
                 "WITH input AS (
                      SELECT * FROM unnest($3::text[], $4::text[], $5::text[], $6::text[], $7::int8[], $8::bytea[])
                          AS t(idempotency_key, event_id, load_id, status, kafka_offset, payload)
@@ -542,17 +556,27 @@ impl Ledger {
                                   LIMIT 1)) AS pending_predecessor_offset
                  FROM in_batch b
                  ORDER BY b.kafka_offset, b.broker_id",
-            )
-            .await?;
-        let rows = client
-            .query(
-                &statement,
-                &[
-                    &topic, &partition, &keys, &event_ids, &load_ids, &statuses, &offsets,
-                    &payloads,
-                ],
-            )
-            .await?;
+                )
+                .await?;
+            let rows = transaction
+                .query(
+                    &statement,
+                    &[
+                        &topic, &partition, &keys, &event_ids, &load_ids, &statuses, &offsets,
+                        &payloads,
+                    ],
+                )
+                .await?;
+            transaction.commit().await?;
+            Ok::<_, tokio_postgres::Error>(rows)
+        };
+        // One bound for the whole claim, lock wait included; a transaction cut short here is
+        // rolled back when it is dropped.
+        let rows = tokio::time::timeout(self.call_timeout, claim)
+            .await
+            .map_err(|_| LedgerError::TimedOut {
+                after: self.call_timeout,
+            })??;
         let by_key: HashMap<&str, &ShipmentEvent> =
             events.iter().map(|(_, e)| (e.key.as_str(), e)).collect();
         Ok(rows

@@ -193,3 +193,67 @@ async fn order_holds_when_most_deliveries_wait_in_the_ledger() {
         assert_eq!(statuses, expected, "{load} in order");
     }
 }
+
+/// Another instance's claim of the same partition, stuck in its transaction (the partition moved
+/// on while it waited on the database): this claim waits for it, then sees its rows, so the
+/// pending predecessor it reports is the other claim's delivery of the same load.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_of_one_partition_never_overlap_even_across_instances() {
+    use webhook_delivery::event::{parse_event, EventLimits};
+    use webhook_delivery::ledger::Ledger;
+
+    let env = TestEnv::new(1).await;
+    env.add_broker("b-overlap", "http://127.0.0.1:9/").await;
+    env.subscribe("b-overlap", "L-overlap").await;
+    let (other_claim, connection) = tokio_postgres::connect(&env.db_url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    other_claim
+        .batch_execute(&format!(
+            "BEGIN; SELECT pg_advisory_xact_lock(hashtext('{}'), 0)",
+            env.topic
+        ))
+        .await
+        .unwrap();
+
+    let limits = EventLimits {
+        max_message_bytes: 4096,
+        max_event_id_bytes: 256,
+        max_load_id_bytes: 256,
+        max_status_bytes: 128,
+    };
+    let event = parse_event(
+        Some(br#"{"eventId":"e-later","loadId":"L-overlap","status":"delivered"}"#),
+        &limits,
+    )
+    .unwrap();
+    let ledger = Ledger::connect_lazy(&env.db_url, 1).unwrap();
+    let topic = env.topic.clone();
+    let claim = tokio::spawn(async move { ledger.claim_batch(&topic, 0, &[(9, event)]).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !claim.is_finished(),
+        "the claim waits for the other claim of its partition"
+    );
+
+    // The stuck claim finishes: an earlier event of the same load, pending for the same broker.
+    other_claim
+        .batch_execute(&format!(
+            "INSERT INTO events (idempotency_key, event_id, load_id, status, topic, kafka_partition, kafka_offset, payload)
+             VALUES ('evt:e-earlier', 'e-earlier', 'L-overlap', 'in_transit', '{topic}', 0, 4, '\\x7b7d');
+             INSERT INTO deliveries (idempotency_key, broker_id, load_id, kafka_partition, kafka_offset)
+             VALUES ('evt:e-earlier', 'b-overlap', 'L-overlap', 0, 4);
+             COMMIT",
+            topic = env.topic
+        ))
+        .await
+        .unwrap();
+    let claimed = claim.await.unwrap().unwrap();
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(
+        claimed[0].pending_predecessor_offset,
+        Some(4),
+        "the later claim sees the earlier claim's delivery as the load's pending predecessor"
+    );
+}

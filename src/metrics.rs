@@ -27,6 +27,7 @@ pub struct Metrics {
     pub partition_stalled: IntGaugeVec,
     pub outcome_write_stalled: IntGaugeVec,
     pub ledger_errors: IntCounterVec,
+    pub retention_removed: IntCounterVec,
 }
 
 impl Metrics {
@@ -172,6 +173,12 @@ impl Metrics {
                 "Failed ledger calls by operation and kind: retryable (retried), data (rows set aside), other.",
                 &["operation", "kind"],
             ),
+            retention_removed: counter(
+                &registry,
+                "retention_removed_total",
+                "Rows removed by the retention cleaner, per table (only the instance that cleans counts).",
+                &["table"],
+            ),
             registry,
         };
         // Series that exist from the start read 0 rather than absent, so an alert on
@@ -180,6 +187,9 @@ impl Metrics {
             metrics.deliveries.with_label_values(&[outcome]);
         }
         metrics.actor_restarts.with_label_values(&["delivery"]);
+        for table in crate::retention::TABLES {
+            metrics.retention_removed.with_label_values(&[table]);
+        }
         // The two writes every event and every attempt go through.
         for operation in ["claim", "record_attempts"] {
             for kind in [ErrorKind::Retryable, ErrorKind::Data, ErrorKind::Other] {

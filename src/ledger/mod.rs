@@ -5,6 +5,7 @@ mod backfill;
 mod dead_letters;
 mod migrations;
 mod reports;
+mod retention;
 mod tls;
 
 pub use backfill::{BackfillOutcome, BackfillRequest, BackfillSummary, BACKFILL_SCAN_ROWS};
@@ -13,6 +14,9 @@ pub use migrations::{
     known_schema_versions, latest_schema_version, SchemaStatus, REQUIRED_SCHEMA_VERSION,
 };
 pub use reports::{AttemptStory, BrokerStatus, DeliveryStory, DuplicateDelivery, EventStory};
+pub use retention::{
+    DeliveriesBatch, EventCursor, EventsBatch, RetentionSession, EVENT_WALK_START,
+};
 pub use tls::{PostgresTlsError, SslMode};
 
 use std::collections::HashMap;

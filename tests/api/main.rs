@@ -16,6 +16,7 @@ mod outbound;
 mod poison;
 mod reports;
 mod restart;
+mod retention;
 mod retries;
 mod runbook;
 mod ssrf;

@@ -248,7 +248,7 @@ pub fn human(duration: Duration) -> String {
     ];
     let ms = duration.as_millis();
     for (size, one, many) in UNITS {
-        if ms >= size && ms % size == 0 {
+        if ms >= size && ms.is_multiple_of(size) {
             let n = ms / size;
             return format!("{n} {}", if n == 1 { one } else { many });
         }

@@ -2,6 +2,11 @@
 //! is src/retention.rs). Every statement looks at a bounded number of rows (`scan_rows` or
 //! `limit`) on an index, so each is short whatever the size of the ledger, and the windows are
 //! measured with the database's clock, like every other time in the ledger.
+//!
+//! The rows a statement removes are handed from its bounded scan to its DELETE as an array
+//! (`= ANY (ARRAY(SELECT ...))`), never as a join: a join's plan depends on the planner's guess
+//! of the scan's size, and with a prepared (generic) plan it guessed a hash join over the whole
+//! table (docs/performance.md "Retention"). An array makes each removal an index probe.
 
 use std::time::Duration;
 
@@ -98,8 +103,8 @@ impl RetentionSession {
                      LIMIT $4
                  ),
                  gone AS (
-                     DELETE FROM deliveries d USING scanned s
-                     WHERE d.delivery_id = s.delivery_id
+                     DELETE FROM deliveries d
+                     WHERE d.delivery_id = ANY (ARRAY(SELECT delivery_id FROM scanned))
                        AND ((d.state = 'delivered'
                              AND d.delivered_at < now() - $2::int8 * interval '1 millisecond')
                          OR (d.state = 'dead'
@@ -107,8 +112,8 @@ impl RetentionSession {
                      RETURNING d.delivery_id
                  ),
                  attempts_gone AS (
-                     DELETE FROM delivery_attempts a USING gone g
-                     WHERE a.delivery_id = g.delivery_id
+                     DELETE FROM delivery_attempts a
+                     WHERE a.delivery_id = ANY (ARRAY(SELECT delivery_id FROM gone))
                      RETURNING 1
                  ),
                  last AS (
@@ -159,14 +164,15 @@ impl RetentionSession {
                      LIMIT $5
                  ),
                  unreferenced AS (
-                     SELECT e.idempotency_key FROM events e JOIN scanned s USING (idempotency_key)
-                     WHERE NOT EXISTS (SELECT 1 FROM deliveries d
+                     SELECT e.idempotency_key FROM events e
+                     WHERE e.idempotency_key = ANY (ARRAY(SELECT idempotency_key FROM scanned))
+                       AND NOT EXISTS (SELECT 1 FROM deliveries d
                                        WHERE d.idempotency_key = e.idempotency_key)
-                     FOR UPDATE OF e SKIP LOCKED
+                     FOR UPDATE SKIP LOCKED
                  ),
                  gone AS (
-                     DELETE FROM events e USING unreferenced u
-                     WHERE e.idempotency_key = u.idempotency_key
+                     DELETE FROM events e
+                     WHERE e.idempotency_key = ANY (ARRAY(SELECT idempotency_key FROM unreferenced))
                      RETURNING 1
                  ),
                  last AS (
@@ -208,12 +214,12 @@ impl RetentionSession {
         let statement = client
             .prepare_cached(
                 "WITH gone AS (
-                     DELETE FROM rejected_messages r
-                     WHERE (r.topic, r.kafka_partition, r.kafka_offset) IN (
-                         SELECT topic, kafka_partition, kafka_offset FROM rejected_messages
+                     DELETE FROM rejected_messages
+                     WHERE ctid = ANY (ARRAY(
+                         SELECT ctid FROM rejected_messages
                          WHERE rejected_at < now() - $1::int8 * interval '1 millisecond'
                          ORDER BY rejected_at
-                         LIMIT $2)
+                         LIMIT $2))
                      RETURNING 1
                  )
                  SELECT count(*) FROM gone",

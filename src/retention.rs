@@ -37,12 +37,15 @@
 //! (`pg_try_advisory_lock`); an instance that cannot get it skips the pass. Twelve pods run one
 //! cleaner, and a pod that dies mid-pass loses the lock with its connection.
 //!
+//! A claim or a backfill that adds a delivery to an event the cleaner is looking at at the same
+//! moment: both lock the event rows they build on until they commit (the claim only for events
+//! already recorded, i.e. consumed again), and the cleaner skips locked events (`SKIP LOCKED`),
+//! so it never removes an event under a delivery being created; if the cleaner locked it first,
+//! the claim waits and records the event again, the backfill skips it.
+//!
 //! Retention also bounds idempotency: a Kafka message older than `delivered_ms` that is
 //! consumed again (offset reset, re-produce) finds no event row and is delivered again. Keep
-//! `delivered_ms` at least the topic's `retention.ms`. In that case only, an event the cleaner
-//! removes in the same instant as the re-consumption creates a new delivery of it can leave that
-//! delivery without its event (the claim's `ON CONFLICT DO NOTHING` takes no lock to wait on);
-//! a backfill cannot race this way, it locks the events it reads.
+//! `delivered_ms` at least the topic's `retention.ms`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

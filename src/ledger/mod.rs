@@ -509,7 +509,12 @@ impl Ledger {
                      SELECT DISTINCT ON (idempotency_key)
                             idempotency_key, event_id, load_id, status, $1, $2, kafka_offset, payload
                      FROM input ORDER BY idempotency_key, kafka_offset
-                     ON CONFLICT (idempotency_key) DO NOTHING
+                     -- An event already recorded is left as it is but locked (DO UPDATE locks the
+                     -- row even when its WHERE is false) until this claim commits: the retention
+                     -- cleaner skips locked events, so it cannot remove one while this claim adds
+                     -- a delivery to it (src/retention.rs). Only re-consumed events pay for this.
+                     ON CONFLICT (idempotency_key) DO UPDATE SET kafka_offset = events.kafka_offset
+                         WHERE false
                  ),
                  targets AS (
                      SELECT DISTINCT ON (i.idempotency_key, s.broker_id)

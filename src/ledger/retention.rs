@@ -145,8 +145,8 @@ impl RetentionSession {
     /// Walks `events` consumed more than `delivered` ago, in `events_by_consumed_at` order from
     /// just after `after`, `scan_rows` rows, and removes those that no delivery refers to any
     /// more: an event goes only after the last of its deliveries (so a report or replay never
-    /// finds a delivery without its event). A row a backfill is reading (it locks what it
-    /// reads) is skipped and looked at again on the next pass.
+    /// finds a delivery without its event). An event a claim or a backfill holds (they lock
+    /// the events they add deliveries to) is skipped and looked at again on the next pass.
     pub async fn remove_unreferenced_events(
         &self,
         after: EventCursor,

@@ -412,3 +412,57 @@ async fn reports_and_dead_letters_state_what_retention_keeps() {
     let note = String::from_utf8_lossy(&duplicates.stderr);
     assert!(note.contains("no longer counted"), "{note}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_a_claim_or_backfill_is_adding_a_delivery_to_is_not_removed_under_it() {
+    let env = TestEnv::new(1).await;
+    env.db.batch_execute(SEED).await.unwrap();
+    let (other, connection) = tokio_postgres::connect(&env.db_url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    // The old event without deliveries is consumed again: the claim's conflict clause locks it
+    // and the claim adds a delivery, not committed yet. Another old one is read by a backfill.
+    other
+        .batch_execute(
+            "BEGIN;
+             INSERT INTO events (idempotency_key, load_id, status, topic, kafka_partition, kafka_offset, payload)
+             VALUES ('k-lonely', 'L1', 'matched', 't', 0, 7, '\\x7b7d')
+             ON CONFLICT (idempotency_key) DO UPDATE SET kafka_offset = events.kafka_offset WHERE false;
+             INSERT INTO deliveries (idempotency_key, broker_id, load_id, kafka_partition, kafka_offset)
+             VALUES ('k-lonely', 'b1', 'L1', 0, 7);
+             SELECT 1 FROM events WHERE idempotency_key = 'k-delivered' FOR KEY SHARE;",
+        )
+        .await
+        .unwrap();
+    let report = clean_once(&ledger(&env), &shipped_windows(), &Metrics::new())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(report.events, 1, "only k-dead-old's event: {report:?}");
+    other.batch_execute("COMMIT").await.unwrap();
+    clean_once(&ledger(&env), &shipped_windows(), &Metrics::new())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        env.count("SELECT count(*) FROM events WHERE idempotency_key = 'k-lonely'")
+            .await,
+        1,
+        "the event keeps the delivery the claim added"
+    );
+    assert_eq!(
+        env.count("SELECT count(*) FROM events WHERE idempotency_key = 'k-delivered'")
+            .await,
+        0,
+        "skipped while locked, removed by the next pass"
+    );
+    assert_eq!(
+        env.count(
+            "SELECT count(*) FROM deliveries d
+             WHERE NOT EXISTS (SELECT 1 FROM events e WHERE e.idempotency_key = d.idempotency_key)"
+        )
+        .await,
+        0
+    );
+}

@@ -28,6 +28,7 @@ pub struct Metrics {
     pub outcome_write_stalled: IntGaugeVec,
     pub ledger_errors: IntCounterVec,
     pub retention_removed: IntCounterVec,
+    pub retention_passes: IntCounterVec,
 }
 
 impl Metrics {
@@ -179,6 +180,13 @@ impl Metrics {
                 "Rows removed by the retention cleaner, per table (only the instance that cleans counts).",
                 &["table"],
             ),
+            retention_passes: counter(
+                &registry,
+                "retention_passes_total",
+                "Retention passes by result: cleaned (this instance cleaned), skipped (another instance \
+                 was cleaning), failed (see the log; the next pass tries again).",
+                &["result"],
+            ),
             registry,
         };
         // Series that exist from the start read 0 rather than absent, so an alert on
@@ -189,6 +197,9 @@ impl Metrics {
         metrics.actor_restarts.with_label_values(&["delivery"]);
         for table in crate::retention::TABLES {
             metrics.retention_removed.with_label_values(&[table]);
+        }
+        for result in ["cleaned", "skipped", "failed"] {
+            metrics.retention_passes.with_label_values(&[result]);
         }
         // The two writes every event and every attempt go through.
         for operation in ["claim", "record_attempts"] {

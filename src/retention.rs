@@ -113,7 +113,14 @@ pub async fn run_cleaner(ledger: Ledger, settings: RetentionSettings, metrics: A
     loop {
         tokio::time::sleep(settings.interval()).await;
         let started = Instant::now();
-        match clean_once(&ledger, &settings, &metrics).await {
+        let result = clean_once(&ledger, &settings, &metrics).await;
+        let outcome = match &result {
+            Ok(Some(_)) => "cleaned",
+            Ok(None) => "skipped",
+            Err(_) => "failed",
+        };
+        metrics.retention_passes.with_label_values(&[outcome]).inc();
+        match result {
             Ok(Some(report)) => tracing::info!(
                 deliveries_removed = report.deliveries,
                 attempts_removed = report.attempts,

@@ -370,6 +370,14 @@ async fn the_service_removes_delivered_rows_after_a_window_in_milliseconds() {
         text.contains("webhook_delivery_retention_removed_total{table=\"deliveries\"} 2"),
         "{text}"
     );
+    assert!(
+        !text.contains("webhook_delivery_retention_passes_total{result=\"cleaned\"} 0"),
+        "{text}"
+    );
+    assert!(
+        text.contains("webhook_delivery_retention_passes_total{result=\"failed\"} 0"),
+        "{text}"
+    );
     assert!(!logged("retention pass finished", "deliveries_removed").is_empty());
     app.stop().await;
 }

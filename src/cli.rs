@@ -109,8 +109,8 @@ pub enum ReportCommand {
     ///
     /// Only answers the ledger recorded count: a request that timed out may have arrived too.
     /// And only answers it still keeps: a delivered delivery's attempts are removed
-    /// `[retention] delivered_ms` (default 7 days) after delivery; a window reaching further
-    /// back is said so on stderr.
+    /// `[retention] delivered_ms` (default 7 days) after delivery. When --since reaches further
+    /// back, stderr says so.
     Duplicates {
         /// Start of the window, inclusive, matched against when each attempt started
         /// (RFC 3339, e.g. 2026-11-25T02:00:00Z).

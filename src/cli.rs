@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use chrono::{DateTime, Utc};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::config::RetentionSettings;
 use crate::ledger::{
     BackfillOutcome, BackfillRequest, DeadLetter, Ledger, LedgerError, ReplayOutcome,
     ReplaySelector,
@@ -53,13 +54,17 @@ pub enum Command {
     /// The new deliveries are sent within a few seconds by the running service, in offset order
     /// per load; a load's later events that were already delivered are not held back, so the
     /// broker can receive a lower webhook-sequence than the last one (webhook contract §4).
-    /// Only events the ledger still holds can be backfilled. The broker must be enabled.
+    /// Only events the ledger still holds can be backfilled: retention removes an event
+    /// `[retention] delivered_ms` (default 7 days) after it was consumed, once none of its
+    /// deliveries is left. The broker must be enabled.
     Backfill(BackfillArgs),
     /// Where are we: consumer lag per partition, backlog and circuit state per broker.
     ///
     /// Reads Kafka and the ledger directly, so it works whether or not this instance is running.
     Status(StatusArgs),
-    /// Incident reports from the ledger.
+    /// Incident reports from the ledger. They see only what retention keeps: delivered
+    /// deliveries for `[retention] delivered_ms` (default 7 days), dead ones for `dead_ms`
+    /// (default 30 days).
     #[command(subcommand)]
     Report(ReportCommand),
     /// The consumer group's offsets: show them, or seed them before a first start (cutover).
@@ -108,6 +113,9 @@ pub enum ReportCommand {
     /// Webhook-ids a broker answered 2xx to more than once, then a per-broker summary.
     ///
     /// Only answers the ledger recorded count: a request that timed out may have arrived too.
+    /// And only answers it still keeps: a delivered delivery's attempts are removed
+    /// `[retention] delivered_ms` (default 7 days) after delivery. When --since reaches further
+    /// back, stderr says so.
     Duplicates {
         /// Start of the window, inclusive, matched against when each attempt started
         /// (RFC 3339, e.g. 2026-11-25T02:00:00Z).
@@ -120,6 +128,10 @@ pub enum ReportCommand {
         format: ReportFormat,
     },
     /// The full story of one event: where it was consumed, then every attempt per broker.
+    ///
+    /// Only while the ledger keeps it: delivered deliveries go `[retention] delivered_ms`
+    /// (default 7 days) after delivery, dead ones `dead_ms` (default 30 days) after they died,
+    /// and the event with its last delivery.
     Deliveries {
         /// The event's eventId, or its idempotency key (`sha256:...`) if it has no eventId.
         #[arg(long)]
@@ -138,7 +150,8 @@ pub enum ReportFormat {
 
 #[derive(Debug, Subcommand)]
 pub enum DeadLettersCommand {
-    /// List dead deliveries, oldest first.
+    /// List dead deliveries, oldest first. Dead deliveries are kept for `[retention] dead_ms`
+    /// (default 30 days) after they died, then removed with their attempts.
     List {
         #[arg(long)]
         broker: Option<String>,
@@ -151,7 +164,9 @@ pub enum DeadLettersCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Send dead deliveries again, with a fresh attempt budget and the same webhook-id.
+    /// Send dead deliveries again, with a fresh attempt budget and the same webhook-id. Only
+    /// dead deliveries the ledger still keeps (`[retention] dead_ms`, default 30 days) can be
+    /// replayed.
     Replay(ReplayArgs),
 }
 
@@ -172,8 +187,8 @@ pub struct ReplayArgs {
 pub enum CliError {
     #[error(transparent)]
     Ledger(#[from] LedgerError),
-    #[error("delivery {0} does not exist")]
-    NotFound(i64),
+    #[error("delivery {0} does not exist ({1})")]
+    NotFound(i64, String),
     #[error("delivery {0} was delivered; replaying it would send a duplicate, so it is refused")]
     AlreadyDelivered(i64),
     #[error("delivery {0} is still pending; it will be attempted without a replay")]
@@ -189,9 +204,10 @@ pub enum CliError {
     },
     #[error(
         "no event with eventId or idempotency key `{0}` in the ledger: it has not been consumed \
-         yet, or it was not a valid event (see the rejected_messages table)"
+         yet, it was not a valid event (see the rejected_messages table), or retention removed \
+         it ({1})"
     )]
-    UnknownEvent(String),
+    UnknownEvent(String, String),
     #[error("broker `{0}` does not exist (no row in the brokers table)")]
     UnknownBroker(String),
     #[error(
@@ -225,7 +241,13 @@ fn chain(context: &str, error: &dyn std::error::Error) -> String {
     message
 }
 
-pub async fn dead_letters(ledger: &Ledger, command: DeadLettersCommand) -> Result<(), CliError> {
+pub async fn dead_letters(
+    ledger: &Ledger,
+    retention: &RetentionSettings,
+    command: DeadLettersCommand,
+) -> Result<(), CliError> {
+    // stderr: stdout stays pure JSON for scripts.
+    eprintln!("note: {}", crate::retention::kept_note(retention));
     match command {
         DeadLettersCommand::List {
             broker,
@@ -258,7 +280,12 @@ pub async fn dead_letters(ledger: &Ledger, command: DeadLettersCommand) -> Resul
                     ids.len(),
                     ids
                 ),
-                ReplayOutcome::NotFound => return Err(CliError::NotFound(args.id.unwrap_or(0))),
+                ReplayOutcome::NotFound => {
+                    return Err(CliError::NotFound(
+                        args.id.unwrap_or(0),
+                        crate::retention::kept_note(retention),
+                    ))
+                }
                 ReplayOutcome::AlreadyDelivered => {
                     return Err(CliError::AlreadyDelivered(args.id.unwrap_or(0)))
                 }
@@ -271,7 +298,11 @@ pub async fn dead_letters(ledger: &Ledger, command: DeadLettersCommand) -> Resul
     Ok(())
 }
 
-pub async fn backfill(ledger: &Ledger, args: BackfillArgs) -> Result<(), CliError> {
+pub async fn backfill(
+    ledger: &Ledger,
+    retention: &RetentionSettings,
+    args: BackfillArgs,
+) -> Result<(), CliError> {
     if let Some(until) = args.until.filter(|until| *until <= args.since) {
         return Err(CliError::EmptyWindow {
             since: args.since,
@@ -285,6 +316,7 @@ pub async fn backfill(ledger: &Ledger, args: BackfillArgs) -> Result<(), CliErro
         load_id: args.load,
         dry_run: args.dry_run,
     };
+    eprintln!("note: {}", crate::retention::kept_note(retention));
     let summary = match ledger.backfill(&request).await? {
         BackfillOutcome::Done(summary) => summary,
         BackfillOutcome::UnknownBroker => return Err(CliError::UnknownBroker(args.broker)),

@@ -34,6 +34,7 @@ pub struct Settings {
     pub admin: AdminSettings,
     pub log: LogSettings,
     pub shutdown: ShutdownSettings,
+    pub retention: RetentionSettings,
 }
 
 #[derive(Clone, Deserialize)]
@@ -260,6 +261,27 @@ pub struct ShutdownSettings {
     pub drain_timeout_ms: u64,
 }
 
+/// How long finished rows stay in the ledger, and how the cleaner paces itself (src/retention.rs).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionSettings {
+    /// Off: nothing is ever removed.
+    pub enabled: bool,
+    /// Delivered deliveries (with their attempts) are removed this long after delivery; events
+    /// this long after consumption, once none of their deliveries is left.
+    pub delivered_ms: u64,
+    /// Dead deliveries (with their attempts) are removed this long after they died.
+    pub dead_ms: u64,
+    /// Rejected messages are removed this long after they were rejected.
+    pub rejected_ms: u64,
+    /// Pause between two cleaning passes.
+    pub interval_ms: u64,
+    /// Rows one cleaning statement looks at (its LIMIT).
+    pub batch_rows: u32,
+    /// Pause between two statements of a pass.
+    pub batch_pause_ms: u64,
+}
+
 impl Settings {
     /// Loads the layered configuration from `config_dir` (normally `./config`).
     pub fn load(config_dir: &Path, extra_file: Option<&Path>) -> Result<Settings, ConfigError> {
@@ -469,6 +491,19 @@ impl Settings {
                 "must be empty (mutating routes off) or at least 16 characters",
             ));
         }
+        let retention = &self.retention;
+        positive("retention.delivered_ms", retention.delivered_ms)?;
+        positive("retention.dead_ms", retention.dead_ms)?;
+        positive("retention.rejected_ms", retention.rejected_ms)?;
+        positive("retention.interval_ms", retention.interval_ms)?;
+        // Large enough to keep up with thousands of deliveries a second, small enough that one
+        // statement stays far below statement_timeout_ms and holds its row locks briefly.
+        if !(100..=50_000).contains(&retention.batch_rows) {
+            return Err(invalid(
+                "retention.batch_rows",
+                "must be between 100 and 50000",
+            ));
+        }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return Err(invalid(
                 "log.level",
@@ -549,6 +584,24 @@ impl RetrySettings {
             base_delay: Duration::from_millis(self.base_delay_ms),
             max_delay: Duration::from_millis(self.max_delay_ms),
         }
+    }
+}
+
+impl RetentionSettings {
+    pub fn delivered(&self) -> Duration {
+        Duration::from_millis(self.delivered_ms)
+    }
+    pub fn dead(&self) -> Duration {
+        Duration::from_millis(self.dead_ms)
+    }
+    pub fn rejected(&self) -> Duration {
+        Duration::from_millis(self.rejected_ms)
+    }
+    pub fn interval(&self) -> Duration {
+        Duration::from_millis(self.interval_ms)
+    }
+    pub fn batch_pause(&self) -> Duration {
+        Duration::from_millis(self.batch_pause_ms)
     }
 }
 
@@ -669,6 +722,8 @@ mod tests {
             ("[kafka]\ninitial_offsets = \"newest\"\n", "initial_offsets"),
             ("[log]\nlevel = \"info,[\"\n", "log.level"),
             ("[admin]\ntoken = \"short\"\n", "admin.token"),
+            ("[retention]\ndelivered_ms = 0\n", "retention.delivered_ms"),
+            ("[retention]\nbatch_rows = 1\n", "retention.batch_rows"),
             (
                 "[delivery]\nmax_event_id_bytes = 5000\n",
                 "delivery.max_event_id_bytes",

@@ -16,6 +16,7 @@ pub mod ledger;
 pub mod metrics;
 pub mod offsets;
 pub mod policy;
+pub mod retention;
 pub mod signing;
 pub mod ssrf;
 pub mod stall;

@@ -49,17 +49,17 @@ fn main() -> ExitCode {
                     println!("migrations applied: {applied:?}");
                 }
                 Command::DeadLetters(command) => {
-                    cli::dead_letters(&connect(&settings)?, command).await?;
+                    cli::dead_letters(&connect(&settings)?, &settings.retention, command).await?;
                 }
                 Command::Backfill(args) => {
-                    cli::backfill(&connect(&settings)?, args).await?;
+                    cli::backfill(&connect(&settings)?, &settings.retention, args).await?;
                 }
                 Command::Status(args) => {
                     kafka_properties::check(&settings.kafka)?;
                     cli::status(&settings, &connect(&settings)?, args).await?;
                 }
                 Command::Report(command) => {
-                    cli::report(&connect(&settings)?, command).await?;
+                    cli::report(&connect(&settings)?, &settings.retention, command).await?;
                 }
                 Command::Offsets(command) => {
                     cli::offsets(&settings, command).await?;

@@ -27,6 +27,8 @@ pub struct Metrics {
     pub partition_stalled: IntGaugeVec,
     pub outcome_write_stalled: IntGaugeVec,
     pub ledger_errors: IntCounterVec,
+    pub retention_removed: IntCounterVec,
+    pub retention_passes: IntCounterVec,
 }
 
 impl Metrics {
@@ -172,6 +174,19 @@ impl Metrics {
                 "Failed ledger calls by operation and kind: retryable (retried), data (rows set aside), other.",
                 &["operation", "kind"],
             ),
+            retention_removed: counter(
+                &registry,
+                "retention_removed_total",
+                "Rows removed by the retention cleaner, per table (only the instance that cleans counts).",
+                &["table"],
+            ),
+            retention_passes: counter(
+                &registry,
+                "retention_passes_total",
+                "Retention passes by result: cleaned (this instance cleaned), skipped (another instance \
+                 was cleaning), failed (see the log; the next pass tries again).",
+                &["result"],
+            ),
             registry,
         };
         // Series that exist from the start read 0 rather than absent, so an alert on
@@ -180,6 +195,12 @@ impl Metrics {
             metrics.deliveries.with_label_values(&[outcome]);
         }
         metrics.actor_restarts.with_label_values(&["delivery"]);
+        for table in crate::retention::TABLES {
+            metrics.retention_removed.with_label_values(&[table]);
+        }
+        for result in ["cleaned", "skipped", "failed"] {
+            metrics.retention_passes.with_label_values(&[result]);
+        }
         // The two writes every event and every attempt go through.
         for operation in ["claim", "record_attempts"] {
             for kind in [ErrorKind::Retryable, ErrorKind::Data, ErrorKind::Other] {

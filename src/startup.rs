@@ -168,6 +168,11 @@ impl Application {
         })?;
         let admin_handle = admin_server.handle();
         actix_rt::spawn(admin_server);
+        let cleaner = actix_rt::spawn(crate::retention::run_cleaner(
+            ledger.clone(),
+            settings.retention.clone(),
+            metrics.clone(),
+        ));
         let gauges = actix_rt::spawn(refresh_gauges(
             ledger.clone(),
             settings.kafka.clone(),
@@ -239,6 +244,8 @@ impl Application {
         }
         let _ = actix_rt::task::spawn_blocking(move || consumer.shutdown()).await;
         gauges.abort();
+        // Mid-pass, the cleaner's connection is closed rather than pooled: its lock goes with it.
+        cleaner.abort();
         admin_handle.stop(true).await;
         tracing::info!(instance_id = %instance_id, "stopped");
         Ok(())

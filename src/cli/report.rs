@@ -7,9 +7,16 @@ use serde::Serialize;
 
 use super::table::{one_line, or_dash, timestamp, Table};
 use super::{emit, CliError, ReportCommand, ReportFormat};
+use crate::config::RetentionSettings;
 use crate::ledger::{DeliveryStory, DuplicateDelivery, EventStory, Ledger};
 
-pub async fn report(ledger: &Ledger, command: ReportCommand) -> Result<(), CliError> {
+pub async fn report(
+    ledger: &Ledger,
+    retention: &RetentionSettings,
+    command: ReportCommand,
+) -> Result<(), CliError> {
+    // stderr: stdout stays pure CSV/JSON for the file.
+    eprintln!("note: {}", crate::retention::kept_note(retention));
     match command {
         ReportCommand::Duplicates {
             since,
@@ -19,6 +26,14 @@ pub async fn report(ledger: &Ledger, command: ReportCommand) -> Result<(), CliEr
             let until = until.unwrap_or_else(Utc::now);
             if until <= since {
                 return Err(CliError::EmptyWindow { since, until });
+            }
+            if retention.enabled && since < Utc::now() - retention.delivered() {
+                eprintln!(
+                    "note: --since {} is older than the {} the ledger keeps delivered deliveries: \
+                     duplicates delivered before then are no longer counted",
+                    timestamp(since),
+                    crate::retention::human(retention.delivered())
+                );
             }
             let duplicates = ledger.duplicate_deliveries(since, until).await?;
             let summary = summarize(&duplicates);
@@ -48,7 +63,10 @@ pub async fn report(ledger: &Ledger, command: ReportCommand) -> Result<(), CliEr
         }
         ReportCommand::Deliveries { event_id, json } => {
             let Some(story) = ledger.event_story(&event_id).await? else {
-                return Err(CliError::UnknownEvent(event_id));
+                return Err(CliError::UnknownEvent(
+                    event_id,
+                    crate::retention::kept_note(retention),
+                ));
             };
             let text = if json {
                 serde_json::to_string_pretty(&story).expect("story serializes") + "\n"

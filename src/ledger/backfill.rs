@@ -6,7 +6,8 @@
 //! (so the same `webhook-sequence` and the same owner), `ON CONFLICT DO NOTHING` (so running it
 //! twice, or over events that were delivered, creates nothing).
 //!
-//! It reaches only what the `events` table still holds.
+//! It reaches only what the `events` table still holds: retention (`[retention]`, src/retention.rs)
+//! removes an event `delivered_ms` after it was consumed once none of its deliveries is left.
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -142,6 +143,9 @@ impl Ledger {
                        AND consumed_at < $5
                      ORDER BY consumed_at, kafka_partition, kafka_offset
                      LIMIT $7
+                     -- Held until the new deliveries commit: the retention cleaner skips locked
+                     -- events, so it cannot remove one whose delivery is being created here.
+                     FOR KEY SHARE
                  ),
                  subscribed AS (
                      SELECT sc.* FROM scanned sc

@@ -77,6 +77,12 @@ const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../../sql/0012_dead_letters_by_time.sql"),
         mode: Mode::Online,
     },
+    Migration {
+        version: 13,
+        name: "rejected_by_time",
+        sql: include_str!("../../sql/0013_rejected_by_time.sql"),
+        mode: Mode::Online,
+    },
 ];
 
 /// The newest migration this build's queries need. `serve` refuses a ledger that lacks any

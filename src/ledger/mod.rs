@@ -5,6 +5,7 @@ mod backfill;
 mod dead_letters;
 mod migrations;
 mod reports;
+mod retention;
 mod tls;
 
 pub use backfill::{BackfillOutcome, BackfillRequest, BackfillSummary, BACKFILL_SCAN_ROWS};
@@ -13,6 +14,9 @@ pub use migrations::{
     known_schema_versions, latest_schema_version, SchemaStatus, REQUIRED_SCHEMA_VERSION,
 };
 pub use reports::{AttemptStory, BrokerStatus, DeliveryStory, DuplicateDelivery, EventStory};
+pub use retention::{
+    DeliveriesBatch, EventCursor, EventsBatch, RetentionSession, EVENT_WALK_START,
+};
 pub use tls::{PostgresTlsError, SslMode};
 
 use std::collections::HashMap;
@@ -519,7 +523,12 @@ impl Ledger {
                      SELECT DISTINCT ON (idempotency_key)
                             idempotency_key, event_id, load_id, status, $1, $2, kafka_offset, payload
                      FROM input ORDER BY idempotency_key, kafka_offset
-                     ON CONFLICT (idempotency_key) DO NOTHING
+                     -- An event already recorded is left as it is but locked (DO UPDATE locks the
+                     -- row even when its WHERE is false) until this claim commits: the retention
+                     -- cleaner skips locked events, so it cannot remove one while this claim adds
+                     -- a delivery to it (src/retention.rs). Only re-consumed events pay for this.
+                     ON CONFLICT (idempotency_key) DO UPDATE SET kafka_offset = events.kafka_offset
+                         WHERE false
                  ),
                  targets AS (
                      SELECT DISTINCT ON (i.idempotency_key, s.broker_id)

@@ -18,6 +18,7 @@ mod poison;
 mod rebalance;
 mod reports;
 mod restart;
+mod retention;
 mod retries;
 mod runbook;
 mod ssrf;

@@ -13,8 +13,9 @@ CREATE TABLE delivery_counts (
     broker_id       text NOT NULL,
     pending         bigint NOT NULL DEFAULT 0,
     dead            bigint NOT NULL DEFAULT 0,
-    -- The newest error written to a delivery of this pair that was still pending or dead
-    -- afterwards; cleared when the pair has nothing pending or dead left.
+    -- The newest error an outcome write left on a delivery of this pair that is still pending
+    -- (a retry); cleared when nothing of the pair is pending. /brokers reads dead rows' errors
+    -- from the rows themselves (one probe of deliveries_dead per broker).
     last_error      text,
     last_error_at   timestamptz,
     PRIMARY KEY (kafka_partition, broker_id)
@@ -37,10 +38,8 @@ BEGIN
             SET pending = c.pending + EXCLUDED.pending, dead = c.dead + EXCLUDED.dead;
     ELSIF TG_OP = 'DELETE' THEN
         UPDATE delivery_counts c SET pending = c.pending - d.pending, dead = c.dead - d.dead,
-               last_error = CASE WHEN c.pending - d.pending = 0 AND c.dead - d.dead = 0
-                                 THEN NULL ELSE c.last_error END,
-               last_error_at = CASE WHEN c.pending - d.pending = 0 AND c.dead - d.dead = 0
-                                    THEN NULL ELSE c.last_error_at END
+               last_error = CASE WHEN c.pending = d.pending THEN NULL ELSE c.last_error END,
+               last_error_at = CASE WHEN c.pending = d.pending THEN NULL ELSE c.last_error_at END
         FROM (SELECT kafka_partition, broker_id,
                      count(*) FILTER (WHERE state = 'pending') AS pending,
                      count(*) FILTER (WHERE state = 'dead') AS dead
@@ -50,7 +49,8 @@ BEGIN
         WHERE c.kafka_partition = d.kafka_partition AND c.broker_id = d.broker_id;
     ELSE
         INSERT INTO delivery_counts AS c (kafka_partition, broker_id, pending, dead, last_error, last_error_at)
-        SELECT delta.kafka_partition, delta.broker_id, delta.pending, delta.dead, e.last_error, e.updated_at
+        SELECT COALESCE(delta.kafka_partition, e.kafka_partition), COALESCE(delta.broker_id, e.broker_id),
+               COALESCE(delta.pending, 0), COALESCE(delta.dead, 0), e.last_error, e.updated_at
         FROM (SELECT kafka_partition, broker_id, sum(pending) AS pending, sum(dead) AS dead
               FROM (SELECT kafka_partition, broker_id,
                            (state = 'pending')::int AS pending, (state = 'dead')::int AS dead
@@ -59,21 +59,21 @@ BEGIN
                     SELECT kafka_partition, broker_id,
                            -(state = 'pending')::int, -(state = 'dead')::int
                     FROM old_rows WHERE state IN ('pending', 'dead')) AS moves
-              GROUP BY kafka_partition, broker_id) delta
-        LEFT JOIN (SELECT DISTINCT ON (kafka_partition, broker_id)
+              GROUP BY kafka_partition, broker_id
+              HAVING sum(pending) <> 0 OR sum(dead) <> 0) delta
+        FULL JOIN (SELECT DISTINCT ON (kafka_partition, broker_id)
                           kafka_partition, broker_id, last_error, updated_at
                    FROM new_rows
-                   WHERE state IN ('pending', 'dead') AND last_error IS NOT NULL
+                   WHERE state = 'pending' AND last_error IS NOT NULL
                    ORDER BY kafka_partition, broker_id, updated_at DESC) e
                ON e.kafka_partition = delta.kafka_partition AND e.broker_id = delta.broker_id
-        WHERE delta.pending <> 0 OR delta.dead <> 0 OR e.last_error IS NOT NULL
-        ORDER BY delta.kafka_partition, delta.broker_id
+        ORDER BY 1, 2
         ON CONFLICT (kafka_partition, broker_id) DO UPDATE SET
             pending = c.pending + EXCLUDED.pending,
             dead = c.dead + EXCLUDED.dead,
-            last_error = CASE WHEN c.pending + EXCLUDED.pending = 0 AND c.dead + EXCLUDED.dead = 0 THEN NULL
+            last_error = CASE WHEN c.pending + EXCLUDED.pending = 0 THEN NULL
                               ELSE COALESCE(EXCLUDED.last_error, c.last_error) END,
-            last_error_at = CASE WHEN c.pending + EXCLUDED.pending = 0 AND c.dead + EXCLUDED.dead = 0 THEN NULL
+            last_error_at = CASE WHEN c.pending + EXCLUDED.pending = 0 THEN NULL
                                  ELSE COALESCE(EXCLUDED.last_error_at, c.last_error_at) END;
     END IF;
     RETURN NULL;
@@ -90,7 +90,8 @@ $$;
 -- From here to the end of the transaction claims and outcome writes wait (SHARE ROW EXCLUSIVE on
 -- deliveries): no write can fall between the triggers taking over and the initial count below,
 -- so the count is exact. It reads only pending and dead rows (through their partial indexes);
--- docs/migrations.md says how long that takes on a large ledger.
+-- docs/migrations.md says how long that takes on a large ledger. Pending errors are not copied:
+-- /brokers shows a pair's error again from its next failed attempt.
 LOCK TABLE deliveries IN SHARE ROW EXCLUSIVE MODE;
 CREATE TRIGGER delivery_counts_insert AFTER INSERT ON deliveries
     REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION delivery_counts_apply();
@@ -109,10 +110,3 @@ FROM (SELECT kafka_partition, broker_id, count(*) AS pending, 0 AS dead
       SELECT kafka_partition, broker_id, 0, count(*)
       FROM deliveries WHERE state = 'dead' GROUP BY kafka_partition, broker_id) counted
 GROUP BY kafka_partition, broker_id;
--- The /brokers last error of each pair, as the old aggregate read it.
-UPDATE delivery_counts c SET last_error = e.last_error, last_error_at = e.updated_at
-FROM (SELECT DISTINCT ON (kafka_partition, broker_id) kafka_partition, broker_id, last_error, updated_at
-      FROM deliveries
-      WHERE state IN ('pending', 'dead') AND last_error IS NOT NULL
-      ORDER BY kafka_partition, broker_id, updated_at DESC) e
-WHERE c.kafka_partition = e.kafka_partition AND c.broker_id = e.broker_id;

@@ -26,7 +26,8 @@ pub struct BrokerStatus {
     pub dead: i64,
     /// How long the oldest pending delivery has existed, by the database's clock.
     pub oldest_pending_age_ms: Option<i64>,
-    /// The error of the most recently updated delivery that is still failing (pending or dead).
+    /// The newest error of a delivery still failing: the last failed attempt of a pending one,
+    /// or the newest dead letter's, whichever is more recent.
     pub last_error: Option<String>,
     pub last_error_at: Option<DateTime<Utc>>,
 }
@@ -114,8 +115,8 @@ impl Ledger {
 
     /// Every broker, in id order, with its breaker state and backlog. Brokers that still have
     /// pending or dead deliveries but no `brokers` row are listed too, so totals match the ledger.
-    /// Counts and the last error come from `delivery_counts`; the oldest pending delivery is one
-    /// index probe per broker with pending work.
+    /// Counts and the last retry error come from `delivery_counts`; the oldest pending delivery
+    /// and the newest dead letter's error are one index probe each per broker with such work.
     pub async fn broker_statuses(&self) -> Result<Vec<BrokerStatus>, LedgerError> {
         let rows = self
             .client()
@@ -137,13 +138,20 @@ impl Ledger {
                         COALESCE(c.state, 'closed'), c.since, c.open_until, c.reason, c.consecutive_failures,
                         COALESCE(k.pending, 0), COALESCE(k.dead, 0),
                         (EXTRACT(EPOCH FROM (now() - oldest.created_at)) * 1000)::int8,
-                        k.last_error, k.last_error_at
+                        CASE WHEN k.last_error_at >= dead_error.updated_at OR dead_error.updated_at IS NULL
+                             THEN k.last_error ELSE dead_error.last_error END,
+                        GREATEST(k.last_error_at, dead_error.updated_at)
                  FROM brokers b
                  FULL JOIN backlog k ON k.broker_id = b.broker_id
                  LEFT JOIN broker_circuits c ON c.broker_id = COALESCE(b.broker_id, k.broker_id)
+                 -- One probe per broker with work; LIMIT keeps each a nested index lookup.
                  LEFT JOIN LATERAL (SELECT d.created_at FROM deliveries d
                                     WHERE d.broker_id = k.broker_id AND d.state = 'pending'
                                     ORDER BY d.created_at LIMIT 1) oldest ON k.pending > 0
+                 LEFT JOIN LATERAL (SELECT d.last_error, d.updated_at FROM deliveries d
+                                    WHERE d.broker_id = k.broker_id AND d.state = 'dead'
+                                      AND d.last_error IS NOT NULL
+                                    ORDER BY d.updated_at DESC LIMIT 1) dead_error ON k.dead > 0
                  ORDER BY 1",
                 &[],
             )

@@ -288,3 +288,30 @@ async fn sweep_gauges_and_statuses_answer_from_counts_and_index_probes() {
         (2, 0, None)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrating_a_ledger_with_history_starts_the_counts_exact() {
+    // The schema before the counts existed, with pending, dead and delivered rows in it.
+    let env = TestEnv::with_schema(1, Some(12)).await;
+    env.db
+        .batch_execute(
+            "INSERT INTO deliveries (idempotency_key, broker_id, load_id, kafka_partition, kafka_offset, state)
+             SELECT 'evt:' || g, 'b' || (g % 7), 'L' || (g % 50), g % 4, g,
+                    CASE g % 5 WHEN 0 THEN 'dead' WHEN 1 THEN 'pending' ELSE 'delivered' END
+             FROM generate_series(1, 5000) g",
+        )
+        .await
+        .unwrap();
+    let applied = Ledger::connect_lazy(&env.db_url, 1)
+        .unwrap()
+        .migrate()
+        .await
+        .unwrap();
+    assert!(applied.contains(&16), "applied {applied:?}");
+    assert_counts_exact(&env, "migration 16's initial count").await;
+    assert_eq!(
+        env.count("SELECT sum(pending)::int8 + sum(dead)::int8 FROM delivery_counts")
+            .await,
+        2000
+    );
+}

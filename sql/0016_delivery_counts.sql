@@ -37,16 +37,17 @@ BEGIN
         ON CONFLICT (kafka_partition, broker_id) DO UPDATE
             SET pending = c.pending + EXCLUDED.pending, dead = c.dead + EXCLUDED.dead;
     ELSIF TG_OP = 'DELETE' THEN
-        UPDATE delivery_counts c SET pending = c.pending - d.pending, dead = c.dead - d.dead,
-               last_error = CASE WHEN c.pending = d.pending THEN NULL ELSE c.last_error END,
-               last_error_at = CASE WHEN c.pending = d.pending THEN NULL ELSE c.last_error_at END
-        FROM (SELECT kafka_partition, broker_id,
-                     count(*) FILTER (WHERE state = 'pending') AS pending,
-                     count(*) FILTER (WHERE state = 'dead') AS dead
-              FROM old_rows WHERE state IN ('pending', 'dead')
-              GROUP BY kafka_partition, broker_id
-              ORDER BY kafka_partition, broker_id) d
-        WHERE c.kafka_partition = d.kafka_partition AND c.broker_id = d.broker_id;
+        INSERT INTO delivery_counts AS c (kafka_partition, broker_id, pending, dead)
+        SELECT kafka_partition, broker_id,
+               -count(*) FILTER (WHERE state = 'pending'), -count(*) FILTER (WHERE state = 'dead')
+        FROM old_rows WHERE state IN ('pending', 'dead')
+        GROUP BY kafka_partition, broker_id
+        ORDER BY kafka_partition, broker_id
+        ON CONFLICT (kafka_partition, broker_id) DO UPDATE SET
+            pending = c.pending + EXCLUDED.pending,
+            dead = c.dead + EXCLUDED.dead,
+            last_error = CASE WHEN c.pending + EXCLUDED.pending = 0 THEN NULL ELSE c.last_error END,
+            last_error_at = CASE WHEN c.pending + EXCLUDED.pending = 0 THEN NULL ELSE c.last_error_at END;
     ELSE
         INSERT INTO delivery_counts AS c (kafka_partition, broker_id, pending, dead, last_error, last_error_at)
         SELECT COALESCE(delta.kafka_partition, e.kafka_partition), COALESCE(delta.broker_id, e.broker_id),

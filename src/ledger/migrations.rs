@@ -83,12 +83,24 @@ const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../../sql/0013_rejected_by_time.sql"),
         mode: Mode::Online,
     },
+    Migration {
+        version: 16,
+        name: "delivery_counts",
+        sql: include_str!("../../sql/0016_delivery_counts.sql"),
+        mode: Mode::Transactional,
+    },
+    Migration {
+        version: 17,
+        name: "pending_probe_indexes",
+        sql: include_str!("../../sql/0017_pending_probe_indexes.sql"),
+        mode: Mode::Online,
+    },
 ];
 
 /// The newest migration this build's queries need. `serve` refuses a ledger that lacks any
 /// migration up to this one; migrations after it (online index builds) only make things faster
 /// and may be applied while this build runs.
-pub const REQUIRED_SCHEMA_VERSION: i32 = 5;
+pub const REQUIRED_SCHEMA_VERSION: i32 = 16;
 
 /// The newest migration this build knows.
 pub fn latest_schema_version() -> i32 {

@@ -707,9 +707,16 @@ impl Ledger {
             .client()
             .await?
             .query(
-                "SELECT DISTINCT broker_id FROM deliveries
-                 WHERE state = 'pending' AND kafka_partition = ANY($1)
-                   AND next_attempt_at <= now() - $2::int8 * interval '1 millisecond'",
+                // One probe of deliveries_pending_due per (broker, partition) with pending work
+                // (from delivery_counts): bounded by those pairs, not by the pending rows. The
+                // LIMIT keeps each probe a nested index lookup whatever the statistics say.
+                "SELECT DISTINCT c.broker_id FROM delivery_counts c
+                 CROSS JOIN LATERAL (SELECT 1 FROM deliveries d
+                                     WHERE d.broker_id = c.broker_id AND d.kafka_partition = c.kafka_partition
+                                       AND d.state = 'pending'
+                                       AND d.next_attempt_at <= now() - $2::int8 * interval '1 millisecond'
+                                     ORDER BY d.next_attempt_at LIMIT 1) overdue
+                 WHERE c.kafka_partition = ANY($1) AND c.pending > 0",
                 &[&partitions, &overdue_ms],
             )
             .await?;

@@ -26,7 +26,8 @@ pub struct BrokerStatus {
     pub dead: i64,
     /// How long the oldest pending delivery has existed, by the database's clock.
     pub oldest_pending_age_ms: Option<i64>,
-    /// The error of the most recently updated delivery that is still failing (pending or dead).
+    /// The newest error of a delivery still failing: the last failed attempt of a pending one,
+    /// or the newest dead letter's, whichever is more recent.
     pub last_error: Option<String>,
     pub last_error_at: Option<DateTime<Utc>>,
 }
@@ -87,15 +88,25 @@ pub struct AttemptStory {
 
 impl Ledger {
     /// Pending and dead deliveries in the whole ledger, and the age in seconds of the oldest
-    /// pending one (0 when none): gauges.
+    /// pending one (0 when none): gauges, refreshed every few seconds by every instance. Bounded
+    /// by construction: a sum over `delivery_counts` (one row per broker and partition, kept by
+    /// triggers) and one index probe per broker with pending work, whatever the backlog.
     pub async fn delivery_totals(&self) -> Result<(i64, i64, f64), LedgerError> {
         let row = self
             .client()
             .await?
             .query_one(
-                "SELECT count(*) FILTER (WHERE state = 'pending'), count(*) FILTER (WHERE state = 'dead'),
-                        COALESCE(EXTRACT(EPOCH FROM now() - min(created_at) FILTER (WHERE state = 'pending')), 0)::float8
-                 FROM deliveries WHERE state IN ('pending', 'dead')",
+                "SELECT COALESCE(sum(pending), 0)::int8, COALESCE(sum(dead), 0)::int8,
+                        COALESCE(EXTRACT(EPOCH FROM now() - (
+                            SELECT min(oldest.created_at)
+                            FROM (SELECT DISTINCT broker_id FROM delivery_counts WHERE pending > 0) b
+                            -- LIMIT keeps this a probe of deliveries_pending_by_age per broker,
+                            -- never a join over the pending rows.
+                            CROSS JOIN LATERAL (SELECT d.created_at FROM deliveries d
+                                                WHERE d.broker_id = b.broker_id AND d.state = 'pending'
+                                                ORDER BY d.created_at LIMIT 1) oldest
+                        )), 0)::float8
+                 FROM delivery_counts",
                 &[],
             )
             .await?;
@@ -115,23 +126,21 @@ impl Ledger {
 
     /// Every broker, in id order, with its breaker state and backlog. Brokers that still have
     /// pending or dead deliveries but no `brokers` row are listed too, so totals match the ledger.
+    /// Counts and the last retry error come from `delivery_counts`; the oldest pending delivery
+    /// and the newest dead letter's error are one index probe each per broker with such work.
     pub async fn broker_statuses(&self) -> Result<Vec<BrokerStatus>, LedgerError> {
         let rows = self
             .client()
             .await?
             .query(
                 "WITH backlog AS (
-                     SELECT broker_id,
-                            count(*) FILTER (WHERE state = 'pending') AS pending,
-                            count(*) FILTER (WHERE state = 'dead') AS dead,
-                            min(created_at) FILTER (WHERE state = 'pending') AS oldest_pending,
-                            (array_agg(last_error ORDER BY updated_at DESC)
+                     SELECT broker_id, sum(pending)::int8 AS pending, sum(dead)::int8 AS dead,
+                            (array_agg(last_error ORDER BY last_error_at DESC)
                                  FILTER (WHERE last_error IS NOT NULL))[1] AS last_error,
-                            max(updated_at) FILTER (WHERE last_error IS NOT NULL) AS last_error_at
-                     FROM deliveries
-                     -- A delivered row has no error left; skipping them keeps this cheap.
-                     WHERE state IN ('pending', 'dead')
+                            max(last_error_at) AS last_error_at
+                     FROM delivery_counts
                      GROUP BY broker_id
+                     HAVING sum(pending) > 0 OR sum(dead) > 0
                  )
                  SELECT COALESCE(b.broker_id, k.broker_id),
                         COALESCE(b.enabled, false),
@@ -139,11 +148,21 @@ impl Ledger {
                              ELSE b.disabled_reason END,
                         COALESCE(c.state, 'closed'), c.since, c.open_until, c.reason, c.consecutive_failures,
                         COALESCE(k.pending, 0), COALESCE(k.dead, 0),
-                        (EXTRACT(EPOCH FROM (now() - k.oldest_pending)) * 1000)::int8,
-                        k.last_error, k.last_error_at
+                        (EXTRACT(EPOCH FROM (now() - oldest.created_at)) * 1000)::int8,
+                        CASE WHEN k.last_error_at >= dead_error.updated_at OR dead_error.updated_at IS NULL
+                             THEN k.last_error ELSE dead_error.last_error END,
+                        GREATEST(k.last_error_at, dead_error.updated_at)
                  FROM brokers b
                  FULL JOIN backlog k ON k.broker_id = b.broker_id
                  LEFT JOIN broker_circuits c ON c.broker_id = COALESCE(b.broker_id, k.broker_id)
+                 -- One probe per broker with work; LIMIT keeps each a nested index lookup.
+                 LEFT JOIN LATERAL (SELECT d.created_at FROM deliveries d
+                                    WHERE d.broker_id = k.broker_id AND d.state = 'pending'
+                                    ORDER BY d.created_at LIMIT 1) oldest ON k.pending > 0
+                 LEFT JOIN LATERAL (SELECT d.last_error, d.updated_at FROM deliveries d
+                                    WHERE d.broker_id = k.broker_id AND d.state = 'dead'
+                                      AND d.last_error IS NOT NULL
+                                    ORDER BY d.updated_at DESC LIMIT 1) dead_error ON k.dead > 0
                  ORDER BY 1",
                 &[],
             )

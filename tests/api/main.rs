@@ -3,6 +3,7 @@ mod backfill;
 mod circuit_breaker;
 mod classification;
 mod cli;
+mod counters;
 mod cutover;
 mod dead_letters;
 mod delivery;

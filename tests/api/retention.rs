@@ -430,7 +430,10 @@ async fn an_event_a_claim_or_backfill_is_adding_a_delivery_to_is_not_removed_und
         .unwrap();
     tokio::spawn(connection);
     // The old event without deliveries is consumed again: the claim's conflict clause locks it
-    // and the claim adds a delivery, not committed yet. Another old one is read by a backfill.
+    // and the claim adds a delivery, not committed yet (for a broker whose delivery_counts row
+    // the cleaner does not touch: a claim and the cleaner on the same (partition, broker) row
+    // queue for a moment, which an open transaction here would turn into a timeout). Another old
+    // one is read by a backfill.
     other
         .batch_execute(
             "BEGIN;
@@ -438,7 +441,7 @@ async fn an_event_a_claim_or_backfill_is_adding_a_delivery_to_is_not_removed_und
              VALUES ('k-lonely', 'L1', 'matched', 't', 0, 7, '\\x7b7d')
              ON CONFLICT (idempotency_key) DO UPDATE SET kafka_offset = events.kafka_offset WHERE false;
              INSERT INTO deliveries (idempotency_key, broker_id, load_id, kafka_partition, kafka_offset)
-             VALUES ('k-lonely', 'b1', 'L1', 0, 7);
+             VALUES ('k-lonely', 'b-claiming', 'L1', 0, 7);
              SELECT 1 FROM events WHERE idempotency_key = 'k-delivered' FOR KEY SHARE;",
         )
         .await

@@ -19,6 +19,7 @@ use crate::scenario::{BrokerClass, Scenario, System, Workload, PARTITIONS};
 use crate::settings::{write_and_load, REQUEST_TIMEOUT_MS};
 use crate::sink::Sink;
 use crate::sut::{SutLaunch, SutProcess};
+use crate::world::History;
 use crate::world::World;
 
 const WARMUP_TIMEOUT: Duration = Duration::from_secs(60);
@@ -43,6 +44,8 @@ struct Exercised {
     peak_rss_kib: Option<u64>,
     /// Cores busy per component from the clock start until everything arrived (or the deadline).
     cpu: CpuShare,
+    /// What the results table cannot show (the ledger history written before the run).
+    notes: Vec<String>,
 }
 
 pub async fn run_one(
@@ -69,10 +72,22 @@ pub async fn run_one(
     let mut lag = Vec::new();
     let exercised = exercise(context, scenario, system, &sink, &world, &label, &mut lag).await;
     let requests = sink.stop().await;
+    let mut depth_notes = Vec::new();
+    for broker in 0..scenario.brokers.len() {
+        if scenario.brokers[broker].class() != BrokerClass::Unavailable {
+            continue;
+        }
+        let id = crate::world::broker_id(broker);
+        if let Ok((pending, deepest)) = world.pending_depth(&id).await {
+            depth_notes.push(format!(
+                "{id} (answering 503) held {pending} pending deliveries at the end, {deepest} on its deepest load"
+            ));
+        }
+    }
     let undelivered = match system {
         System::Service => {
             let counted: Vec<String> = (0..scenario.brokers.len())
-                .filter(|&b| scenario.brokers[b].class() != BrokerClass::Hanging)
+                .filter(|&b| scenario.brokers[b].class().expects_deliveries())
                 .map(crate::world::broker_id)
                 .collect();
             world.undelivered(&counted).await.ok()
@@ -80,7 +95,8 @@ pub async fn run_one(
         System::Baseline => None,
     };
     world.teardown().await;
-    let exercised = exercised?;
+    let mut exercised = exercised?;
+    exercised.notes.extend(depth_notes);
 
     let mut figures = analyse(&Observations {
         events: &exercised.production.events,
@@ -110,6 +126,7 @@ pub async fn run_one(
         deadline_secs: scenario.deadline.as_secs(),
         peak_rate: scenario.workload.peak_rate(),
         lag_series,
+        notes: exercised.notes,
     })
 }
 
@@ -134,8 +151,32 @@ async fn exercise(
         })
         .collect();
     world.seed(&urls, &subscriptions).await?;
+    let mut notes = Vec::new();
+    if scenario.history_rows > 0 {
+        let rows = scenario.history_rows;
+        eprintln!("bench:   writing a ledger history of {rows} delivered deliveries");
+        let started = Instant::now();
+        let payload = crate::event::event_json(0, 0, 0);
+        let written = world
+            .write_history(&History {
+                rows,
+                brokers: scenario.brokers.len() as u32,
+                loads: scenario.loads,
+                per_load: scenario.per_load(),
+                stride: scenario.subscriber_stride(),
+                partitions: PARTITIONS,
+                payload: &payload,
+            })
+            .await?;
+        notes.push(format!(
+            "the ledger already held {written} delivered deliveries (with their attempts and \
+             events; written, vacuumed and checkpointed in {:.0} s before the system started)",
+            started.elapsed().as_secs_f64()
+        ));
+    }
     let (settings, settings_file) = write_and_load(
         world,
+        scenario.settings,
         &context.config_dir,
         context.logs_dir.join(format!("{label}.toml")),
     )?;
@@ -182,7 +223,11 @@ async fn exercise(
         &settings.kafka,
         &world.db_name,
     )
-    .await;
+    .await
+    .map(|mut exercised| {
+        exercised.notes.splice(0..0, notes);
+        exercised
+    });
     let status = sut.stop().await;
     lag.extend(sampler.stop().await);
     if outcome.is_err() {
@@ -241,7 +286,7 @@ async fn drive(
             scenario
                 .subscribers(event.load)
                 .iter()
-                .filter(|&&b| classes[b as usize] != BrokerClass::Hanging)
+                .filter(|&&b| classes[b as usize].expects_deliveries())
                 .count() as u64
         })
         .sum();
@@ -279,6 +324,7 @@ async fn drive(
         completed,
         peak_rss_kib: sut.peak_rss_kib(),
         cpu,
+        notes: Vec::new(),
     })
 }
 

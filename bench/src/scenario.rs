@@ -480,8 +480,9 @@ impl Scenario {
             _ => ", answering with different latencies".into(),
         };
         let mut text = format!(
-            "{} brokers ({healthy} healthy{answering}",
-            self.brokers.len()
+            "{} broker{} ({healthy} healthy{answering}",
+            self.brokers.len(),
+            if self.brokers.len() == 1 { "" } else { "s" }
         );
         if flaky > 0 {
             text.push_str(&format!(", {flaky} answering some 5xx/429"));
@@ -491,7 +492,7 @@ impl Scenario {
         }
         if unavailable > 0 {
             text.push_str(&format!(
-                ", {unavailable} answering 503 to everything (breaker open, deliveries piling up)"
+                ", {unavailable} answering 503 to everything, so its breaker opens and its deliveries pile up"
             ));
         }
         text.push_str(&format!(

@@ -23,6 +23,8 @@ use crate::world::History;
 use crate::world::World;
 
 const WARMUP_TIMEOUT: Duration = Duration::from_secs(60);
+/// From this many brokers on, the run notes the open-files limit the system starts with.
+const MANY_BROKERS: usize = 1_000;
 const POLL_EVERY: Duration = Duration::from_millis(100);
 
 /// What every run of one bench invocation shares.
@@ -152,6 +154,16 @@ async fn exercise(
         .collect();
     world.seed(&urls, &subscriptions).await?;
     let mut notes = Vec::new();
+    if scenario.brokers.len() >= MANY_BROKERS {
+        if let Some(limit) = std::fs::read_to_string("/proc/self/limits")
+            .ok()
+            .and_then(|limits| open_files_limit(&limits))
+        {
+            notes.push(format!(
+                "the system under test inherited a limit of {limit} open files; it holds at least one connection per broker, and more per busy broker"
+            ));
+        }
+    }
     if scenario.history_rows > 0 {
         let rows = scenario.history_rows;
         eprintln!("bench:   writing a ledger history of {rows} delivered deliveries");
@@ -358,10 +370,36 @@ async fn warm_up(
     Ok(producer)
 }
 
+/// The soft "Max open files" limit from the text of /proc/<pid>/limits.
+fn open_files_limit(limits: &str) -> Option<u64> {
+    limits
+        .lines()
+        .find_map(|line| line.strip_prefix("Max open files"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|soft| soft.parse().ok())
+}
+
 async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> Result<T, BenchError> + Send + 'static,
 ) -> Result<T, BenchError> {
     tokio::task::spawn_blocking(work)
         .await
         .map_err(|e| BenchError::io("a blocking task panicked", std::io::Error::other(e)))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::open_files_limit;
+
+    #[test]
+    fn reads_the_soft_open_files_limit() {
+        let limits = "Limit                     Soft Limit           Hard Limit           Units     \n\
+                      Max processes             95000                95000                processes \n\
+                      Max open files            20000                40000                files     \n";
+        assert_eq!(open_files_limit(limits), Some(20_000));
+        assert_eq!(
+            open_files_limit("Max open files  unlimited  unlimited  files"),
+            None
+        );
+    }
 }

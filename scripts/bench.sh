@@ -6,7 +6,9 @@
 #   scripts/bench.sh --smoke                tiny scenarios, correctness only, debug build (< 2 min);
 #                                           exits non-zero if the service lost or duplicated anything
 #   scripts/bench.sh --scenario incident    only that scenario (repeatable: healthy, incident,
-#                                           backlog, memory); --system service|baseline for one side
+#                                           backlog, memory, onebroker, hotload, manybrokers,
+#                                           growth); --system service|baseline for one side;
+#                                           --growth-rows N for a smaller growth history
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/services.sh

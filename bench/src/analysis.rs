@@ -97,8 +97,8 @@ pub fn analyse(observed: &Observations<'_>) -> Figures {
     for event in observed.events {
         for broker in (observed.subscribers)(event.load) {
             let class = match counted(broker) {
-                Some(BrokerClass::Hanging) | None => continue,
-                Some(class) => class,
+                Some(class) if class.expects_deliveries() => class,
+                _ => continue,
             };
             expected += 1;
             match first_accepted.get(&(broker, event.index)) {

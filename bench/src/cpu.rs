@@ -22,6 +22,16 @@ pub struct CpuShare {
     pub postgres: f64,
     pub tansu: f64,
     pub harness: f64,
+    /// The stretch of wall time, in seconds.
+    pub window_secs: f64,
+}
+
+impl CpuShare {
+    /// CPU time per item of work in microseconds, e.g. Postgres's per delivery:
+    /// `cores` busy over the window, divided by the items done in it.
+    pub fn micros_per(&self, cores: f64, items: u64) -> Option<f64> {
+        (items > 0).then(|| cores * self.window_secs * 1e6 / items as f64)
+    }
 }
 
 pub struct CpuSnapshot {
@@ -46,6 +56,7 @@ impl CpuSnapshot {
             postgres: cores(self.ticks.postgres, later.ticks.postgres),
             tansu: cores(self.ticks.tansu, later.ticks.tansu),
             harness: cores(self.ticks.harness, later.ticks.harness),
+            window_secs: secs,
         }
     }
 }
@@ -86,9 +97,10 @@ fn read_ticks(system_pid: u32, db_name: &str) -> CpuTicks {
     ticks
 }
 
-/// A client backend (`postgres: [cluster:] <user> <db> <host(port)> <activity>`) counts only if
-/// it serves this run's database (others' tests share the server); the postmaster and
-/// background processes (WAL writer, checkpointer...) work for everyone and count whole.
+/// A client backend (`postgres: [cluster:] <user> <db> <host(port)> <activity>`) or an
+/// autovacuum worker (`autovacuum worker <db>`) counts only if it serves this run's database
+/// (others' tests share the server); the postmaster and background processes (WAL writer,
+/// checkpointer...) work for everyone and count whole.
 fn counts_for_run(title: &str, db_name: &str) -> bool {
     let title = title.replace('\0', " ");
     let Some(rest) = title.strip_prefix("postgres: ") else {
@@ -97,6 +109,9 @@ fn counts_for_run(title: &str, db_name: &str) -> bool {
     let mut words: Vec<&str> = rest.split_whitespace().collect();
     if words.first().is_some_and(|w| w.ends_with(':')) {
         words.remove(0);
+    }
+    if let ["autovacuum", "worker", db, ..] = words[..] {
+        return db == db_name;
     }
     let is_client = words
         .get(2)
@@ -150,6 +165,18 @@ mod tests {
             "wd_bench_1"
         ));
         assert!(counts_for_run(
+            "postgres: 15/main: autovacuum worker wd_bench_1",
+            "wd_bench_1"
+        ));
+        assert!(!counts_for_run(
+            "postgres: 15/main: autovacuum worker wd_test_2",
+            "wd_bench_1"
+        ));
+        assert!(counts_for_run(
+            "postgres: 15/main: autovacuum launcher ",
+            "wd_bench_1"
+        ));
+        assert!(counts_for_run(
             "/usr/lib/postgresql/15/bin/postgres\0-D\0/var/lib",
             "wd_bench_1"
         ));
@@ -176,5 +203,8 @@ mod tests {
             (share.system, share.postgres, share.tansu, share.harness),
             (1.0, 0.5, 0.2, 0.1)
         );
+        // 1 core-second of Postgres over 10,000 deliveries: 100 µs each.
+        assert_eq!(share.micros_per(share.postgres, 10_000), Some(100.0));
+        assert_eq!(share.micros_per(share.postgres, 0), None);
     }
 }

@@ -10,7 +10,8 @@ use crate::report::{
     LagSeries, RunResult,
 };
 use crate::run::{run_one, BenchContext};
-use crate::scenario::{Scenario, ScenarioName, System};
+use crate::scenario::{Scenario, ScenarioName, SettingsProfile, System};
+use crate::settings::SHIPPED_DEFAULTS_CHANGES;
 
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
@@ -27,6 +28,10 @@ pub struct RunArgs {
     /// Where latest.md, lag.csv and lag.svg go (`--smoke` writes into its `smoke/` folder).
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/results"))]
     pub results_dir: PathBuf,
+    /// Delivered rows in `growth`'s ledger history, instead of the scenario's (10 million at
+    /// full size, 20,000 with --smoke): e.g. 1000000 for a shorter run on a busy machine.
+    #[arg(long)]
+    pub growth_rows: Option<u64>,
     /// The service's config directory (config/base.toml).
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../config"))]
     pub config_dir: PathBuf,
@@ -39,6 +44,14 @@ pub async fn run(args: RunArgs) -> Result<bool, BenchError> {
     } else {
         args.scenario.clone()
     };
+    // A scenario judged against another (hotload, growth -> backlog) needs that one's service
+    // run from the same invocation, on the same machine state.
+    let references: Vec<ScenarioName> = names
+        .iter()
+        .filter_map(|name| name.reference())
+        .filter(|reference| !names.contains(reference))
+        .collect();
+    names.extend(references.iter().copied());
     names.sort_unstable();
     names.dedup();
     let out_dir = if args.smoke {
@@ -60,19 +73,44 @@ pub async fn run(args: RunArgs) -> Result<bool, BenchError> {
     let mut failures: Vec<String> = Vec::new();
     let mut descriptions = Vec::new();
     for name in names {
-        let scenario = Scenario::new(name, args.smoke);
-        descriptions.push(format!(
-            "- **{}**: {}; {}; deadline {} s.",
+        let mut scenario = Scenario::new(name, args.smoke);
+        if let (ScenarioName::Growth, Some(rows)) = (name, args.growth_rows) {
+            scenario.history_rows = rows;
+        }
+        let mut description = format!(
+            "- **{}**: {}; {}",
             name.as_str(),
             scenario.describe_brokers(),
             scenario.workload.describe(),
-            scenario.deadline.as_secs()
-        ));
+        );
+        if scenario.history_rows > 0 {
+            description.push_str(&format!(
+                " on a ledger already holding {} delivered deliveries",
+                scenario.history_rows
+            ));
+        }
+        description.push_str(&format!("; deadline {} s", scenario.deadline.as_secs()));
+        description.push_str(match scenario.settings {
+            SettingsProfile::Bench => ".",
+            SettingsProfile::ShippedDefaults => {
+                "; settings: the SHIPPED DEFAULTS (config/base.toml), not the bench's tuning. Changed: "
+            }
+        });
+        if scenario.settings == SettingsProfile::ShippedDefaults {
+            description.push_str(SHIPPED_DEFAULTS_CHANGES);
+            description.push('.');
+        }
+        if references.contains(&name) {
+            description.push_str(" (run as the reference of another scenario: service only.)");
+        }
+        descriptions.push(description);
+        let reference_only = references.contains(&name);
         let systems = scenario
             .systems
             .iter()
             .copied()
-            .filter(|s| args.system.is_none_or(|only| only == *s));
+            .filter(|s| args.system.is_none_or(|only| only == *s))
+            .filter(|s| !reference_only || *s == System::Service);
         for system in systems {
             eprintln!("bench: {} / {}", name.as_str(), system.as_str());
             match run_one(&context, &scenario, system).await {

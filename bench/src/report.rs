@@ -22,11 +22,37 @@ pub struct RunResult {
     pub peak_rate: Option<u32>,
     /// (seconds since the run's clock start, total lag)
     pub lag_series: Vec<(f64, i64)>,
+    /// Facts about the run that the tables cannot show (a ledger history, a broker's depth).
+    pub notes: Vec<String>,
 }
 
 impl RunResult {
     fn label(&self) -> String {
         format!("{} / {}", self.scenario.as_str(), self.system.as_str())
+    }
+
+    /// Postgres CPU time per delivered pair, in microseconds: its backends for this run's
+    /// database plus the shared background processes, over the run's CPU window.
+    pub fn postgres_micros_per_delivery(&self) -> Option<f64> {
+        self.cpu
+            .micros_per(self.cpu.postgres, self.figures.delivered)
+    }
+
+    fn system_micros_per_delivery(&self) -> Option<f64> {
+        self.cpu.micros_per(self.cpu.system, self.figures.delivered)
+    }
+}
+
+/// A throughput that must stay within this share of its reference scenario's.
+const REFERENCE_TOLERANCE: f64 = 0.20;
+/// `onebroker`: one broker answering in 1 ms, with the shipped defaults.
+const ONE_BROKER_TARGET: f64 = 5_000.0;
+
+fn micros(value: Option<f64>) -> String {
+    match value {
+        Some(v) if v >= 100.0 => format!("{v:.0}"),
+        Some(v) => format!("{v:.1}"),
+        None => "n/a".into(),
     }
 }
 
@@ -181,6 +207,60 @@ pub fn verdicts(results: &[RunResult]) -> Vec<Verdict> {
             "backlog: 42,000 events x 3 brokers delivered in < 15 s",
         )),
     }
+    match service(ScenarioName::OneBroker) {
+        Some(run) => verdicts.push(Verdict {
+            target:
+                "onebroker: >= 5,000 deliveries/s, one broker answering in 1 ms, shipped defaults"
+                    .into(),
+            measured: format!(
+                "{} deliveries/s{}",
+                int(run.figures.deliveries_per_sec as u64),
+                if run.completed {
+                    ""
+                } else {
+                    " (deadline reached)"
+                }
+            ),
+            met: Some(run.figures.deliveries_per_sec >= ONE_BROKER_TARGET && run.completed),
+        }),
+        None => verdicts.push(not_run(
+            "onebroker: >= 5,000 deliveries/s, one broker answering in 1 ms, shipped defaults",
+        )),
+    }
+    for scenario in [ScenarioName::HotLoad, ScenarioName::Growth] {
+        let Some(reference) = scenario.reference() else {
+            continue;
+        };
+        let target = format!(
+            "{}: deliveries/s within {:.0} % of {}",
+            scenario.as_str(),
+            REFERENCE_TOLERANCE * 100.0,
+            reference.as_str()
+        );
+        match (service(scenario), service(reference)) {
+            (Some(run), Some(base)) => {
+                let (dps, base_dps) = (
+                    run.figures.deliveries_per_sec,
+                    base.figures.deliveries_per_sec,
+                );
+                verdicts.push(Verdict {
+                    target,
+                    measured: format!(
+                        "{} vs {} deliveries/s = {}",
+                        int(dps as u64),
+                        int(base_dps as u64),
+                        ratio(Some(dps), Some(base_dps))
+                    ),
+                    met: Some(
+                        run.completed
+                            && base_dps > 0.0
+                            && dps >= (1.0 - REFERENCE_TOLERANCE) * base_dps,
+                    ),
+                });
+            }
+            _ => verdicts.push(not_run(&target)),
+        }
+    }
     match service(ScenarioName::Memory) {
         Some(run) => verdicts.push(Verdict {
             target: format!(
@@ -267,23 +347,45 @@ pub fn markdown(results: &[RunResult], verdicts: &[Verdict], heading: &str) -> S
         );
     }
     if !results.is_empty() {
-        md.push_str("\nWhere the cores went while the system worked (average cores busy, from the clock start until the last delivery or the deadline; Tansu is shared with anything else running):\n\n");
-        md.push_str("| scenario | system | system under test | postgres (its backends + shared) | tansu | receivers + producer + sampler | total |\n");
-        md.push_str("|---|---|--:|--:|--:|--:|--:|\n");
+        md.push_str("\nWhere the cores went while the system worked (average cores busy, from the clock start until the last delivery or the deadline; Tansu is shared with anything else running). CPU per delivery is that component's CPU time over the same window divided by the pairs delivered:\n\n");
+        md.push_str("| scenario | system | system under test | postgres (its backends + shared) | tansu | receivers + producer + sampler | total | postgres CPU µs/delivery | system CPU µs/delivery |\n");
+        md.push_str("|---|---|--:|--:|--:|--:|--:|--:|--:|\n");
         for run in results {
             let c = &run.cpu;
             let _ = writeln!(
                 md,
-                "| {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
+                "| {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {} |",
                 run.scenario.as_str(),
                 run.system.as_str(),
                 c.system,
                 c.postgres,
                 c.tansu,
                 c.harness,
-                c.system + c.postgres + c.tansu + c.harness
+                c.system + c.postgres + c.tansu + c.harness,
+                micros(run.postgres_micros_per_delivery()),
+                micros(run.system_micros_per_delivery()),
             );
         }
+    }
+    let references = reference_rows(results);
+    if !references.is_empty() {
+        md.push_str("\nAgainst the reference scenario of the same run (service; `hotload`: backlog's events on few deep loads with one broker down; `growth`: backlog on a ledger with history, so backlog is its empty ledger):\n\n");
+        md.push_str("| scenario | reference | deliveries/s | reference deliveries/s | ratio | postgres CPU µs/delivery | reference postgres CPU µs/delivery | ratio |\n");
+        md.push_str("|---|---|--:|--:|--:|--:|--:|--:|\n");
+        md.push_str(&references);
+    }
+    let notes: Vec<String> = results
+        .iter()
+        .flat_map(|run| {
+            run.notes
+                .iter()
+                .map(move |note| format!("- {}: {note}", run.label()))
+        })
+        .collect();
+    if !notes.is_empty() {
+        md.push_str("\nNotes:\n\n");
+        md.push_str(&notes.join("\n"));
+        md.push('\n');
     }
     md.push_str(concat!(
         "\nLost: expected (event, broker) pairs not received by a broker that does not time out by the end of the run ",
@@ -356,6 +458,39 @@ fn ratio_rows(results: &[RunResult]) -> String {
             int(fb.duplicates),
             int(fs.lost),
             int(fb.lost),
+        );
+    }
+    rows
+}
+
+/// Each service run whose scenario has a reference, against the reference's service run.
+fn reference_rows(results: &[RunResult]) -> String {
+    let mut rows = String::new();
+    for run in results.iter().filter(|r| r.system == System::Service) {
+        let Some(reference) = run.scenario.reference() else {
+            continue;
+        };
+        let Some(base) = find(results, reference, System::Service) else {
+            continue;
+        };
+        let (pg, base_pg) = (
+            run.postgres_micros_per_delivery(),
+            base.postgres_micros_per_delivery(),
+        );
+        let _ = writeln!(
+            rows,
+            "| {} | {} | {} | {} | {} | {} | {} | {} |",
+            run.scenario.as_str(),
+            reference.as_str(),
+            int(run.figures.deliveries_per_sec as u64),
+            int(base.figures.deliveries_per_sec as u64),
+            ratio(
+                Some(run.figures.deliveries_per_sec),
+                Some(base.figures.deliveries_per_sec)
+            ),
+            micros(pg),
+            micros(base_pg),
+            ratio(pg, base_pg),
         );
     }
     rows
@@ -586,6 +721,7 @@ mod tests {
             deadline_secs: 60,
             peak_rate: Some(3_000),
             lag_series: vec![(0.0, 0), (0.5, 900), (1.0, 0)],
+            notes: Vec::new(),
         }
     }
 
@@ -669,5 +805,47 @@ mod tests {
         );
         assert_eq!(nice_ceiling(900.0), 1000.0);
         assert_eq!(nice_ceiling(1_100.0), 2000.0);
+    }
+
+    #[test]
+    fn new_scenarios_are_judged_against_their_targets_and_references() {
+        let mut backlog = run(ScenarioName::Backlog, System::Service, 10_000.0, 5_000.0);
+        backlog.cpu = CpuShare {
+            postgres: 1.0,
+            window_secs: 12.6,
+            ..CpuShare::default()
+        };
+        let mut hotload = run(ScenarioName::HotLoad, System::Service, 8_500.0, 5_000.0);
+        hotload.cpu = CpuShare {
+            postgres: 1.2,
+            window_secs: 12.6,
+            ..CpuShare::default()
+        };
+        hotload.notes = vec!["bench-broker-000 held 6,300 pending".into()];
+        let growth = run(ScenarioName::Growth, System::Service, 7_000.0, 5_000.0);
+        let onebroker = run(ScenarioName::OneBroker, System::Service, 1_300.0, 5_000.0);
+        let results = [backlog, hotload, growth, onebroker];
+        let verdicts = verdicts(&results);
+        let met = |prefix: &str| {
+            verdicts
+                .iter()
+                .find(|v| v.target.starts_with(prefix))
+                .unwrap()
+                .met
+        };
+        assert_eq!(met("hotload"), Some(true));
+        assert_eq!(met("growth"), Some(false));
+        assert_eq!(met("onebroker"), Some(false));
+        let md = markdown(&results, &verdicts, "## Results");
+        // 1.0 core x 12.6 s / 126,000 deliveries = 100 µs.
+        assert!(md.contains("| 1.00 | 100 | 0.0 |"), "{md}");
+        assert!(
+            md.contains("| hotload | backlog | 8,500 | 10,000 | 0.85x | 120 | 100 | 1.20x |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("- hotload / service: bench-broker-000 held 6,300 pending"),
+            "{md}"
+        );
     }
 }

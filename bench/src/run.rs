@@ -19,9 +19,12 @@ use crate::scenario::{BrokerClass, Scenario, System, Workload, PARTITIONS};
 use crate::settings::{write_and_load, REQUEST_TIMEOUT_MS};
 use crate::sink::Sink;
 use crate::sut::{SutLaunch, SutProcess};
+use crate::world::History;
 use crate::world::World;
 
 const WARMUP_TIMEOUT: Duration = Duration::from_secs(60);
+/// From this many brokers on, the run notes the open-files limit the system starts with.
+const MANY_BROKERS: usize = 1_000;
 const POLL_EVERY: Duration = Duration::from_millis(100);
 
 /// What every run of one bench invocation shares.
@@ -43,6 +46,8 @@ struct Exercised {
     peak_rss_kib: Option<u64>,
     /// Cores busy per component from the clock start until everything arrived (or the deadline).
     cpu: CpuShare,
+    /// What the results table cannot show (the ledger history written before the run).
+    notes: Vec<String>,
 }
 
 pub async fn run_one(
@@ -69,10 +74,22 @@ pub async fn run_one(
     let mut lag = Vec::new();
     let exercised = exercise(context, scenario, system, &sink, &world, &label, &mut lag).await;
     let requests = sink.stop().await;
+    let mut depth_notes = Vec::new();
+    for broker in 0..scenario.brokers.len() {
+        if scenario.brokers[broker].class() != BrokerClass::Unavailable {
+            continue;
+        }
+        let id = crate::world::broker_id(broker);
+        if let Ok((pending, deepest)) = world.pending_depth(&id).await {
+            depth_notes.push(format!(
+                "{id} (answering 503) held {pending} pending deliveries at the end, {deepest} on its deepest load"
+            ));
+        }
+    }
     let undelivered = match system {
         System::Service => {
             let counted: Vec<String> = (0..scenario.brokers.len())
-                .filter(|&b| scenario.brokers[b].class() != BrokerClass::Hanging)
+                .filter(|&b| scenario.brokers[b].class().expects_deliveries())
                 .map(crate::world::broker_id)
                 .collect();
             world.undelivered(&counted).await.ok()
@@ -80,7 +97,8 @@ pub async fn run_one(
         System::Baseline => None,
     };
     world.teardown().await;
-    let exercised = exercised?;
+    let mut exercised = exercised?;
+    exercised.notes.extend(depth_notes);
 
     let mut figures = analyse(&Observations {
         events: &exercised.production.events,
@@ -110,6 +128,7 @@ pub async fn run_one(
         deadline_secs: scenario.deadline.as_secs(),
         peak_rate: scenario.workload.peak_rate(),
         lag_series,
+        notes: exercised.notes,
     })
 }
 
@@ -134,8 +153,42 @@ async fn exercise(
         })
         .collect();
     world.seed(&urls, &subscriptions).await?;
+    let mut notes = Vec::new();
+    if scenario.brokers.len() >= MANY_BROKERS {
+        if let Some(limit) = std::fs::read_to_string("/proc/self/limits")
+            .ok()
+            .and_then(|limits| open_files_limit(&limits))
+        {
+            notes.push(format!(
+                "the system under test inherited a limit of {limit} open files; it holds at least one connection per broker, and more per busy broker"
+            ));
+        }
+    }
+    if scenario.history_rows > 0 {
+        let rows = scenario.history_rows;
+        eprintln!("bench:   writing a ledger history of {rows} delivered deliveries");
+        let started = Instant::now();
+        let payload = crate::event::event_json(0, 0, 0);
+        let written = world
+            .write_history(&History {
+                rows,
+                brokers: scenario.brokers.len() as u32,
+                loads: scenario.loads,
+                per_load: scenario.per_load(),
+                stride: scenario.subscriber_stride(),
+                partitions: PARTITIONS,
+                payload: &payload,
+            })
+            .await?;
+        notes.push(format!(
+            "the ledger already held {written} delivered deliveries (with their attempts and \
+             events; written, vacuumed and checkpointed in {:.0} s before the system started)",
+            started.elapsed().as_secs_f64()
+        ));
+    }
     let (settings, settings_file) = write_and_load(
         world,
+        scenario.settings,
         &context.config_dir,
         context.logs_dir.join(format!("{label}.toml")),
     )?;
@@ -182,7 +235,11 @@ async fn exercise(
         &settings.kafka,
         &world.db_name,
     )
-    .await;
+    .await
+    .map(|mut exercised| {
+        exercised.notes.splice(0..0, notes);
+        exercised
+    });
     let status = sut.stop().await;
     lag.extend(sampler.stop().await);
     if outcome.is_err() {
@@ -241,7 +298,7 @@ async fn drive(
             scenario
                 .subscribers(event.load)
                 .iter()
-                .filter(|&&b| classes[b as usize] != BrokerClass::Hanging)
+                .filter(|&&b| classes[b as usize].expects_deliveries())
                 .count() as u64
         })
         .sum();
@@ -279,6 +336,7 @@ async fn drive(
         completed,
         peak_rss_kib: sut.peak_rss_kib(),
         cpu,
+        notes: Vec::new(),
     })
 }
 
@@ -312,10 +370,36 @@ async fn warm_up(
     Ok(producer)
 }
 
+/// The soft "Max open files" limit from the text of /proc/<pid>/limits.
+fn open_files_limit(limits: &str) -> Option<u64> {
+    limits
+        .lines()
+        .find_map(|line| line.strip_prefix("Max open files"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|soft| soft.parse().ok())
+}
+
 async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> Result<T, BenchError> + Send + 'static,
 ) -> Result<T, BenchError> {
     tokio::task::spawn_blocking(work)
         .await
         .map_err(|e| BenchError::io("a blocking task panicked", std::io::Error::other(e)))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::open_files_limit;
+
+    #[test]
+    fn reads_the_soft_open_files_limit() {
+        let limits = "Limit                     Soft Limit           Hard Limit           Units     \n\
+                      Max processes             95000                95000                processes \n\
+                      Max open files            20000                40000                files     \n";
+        assert_eq!(open_files_limit(limits), Some(20_000));
+        assert_eq!(
+            open_files_limit("Max open files  unlimited  unlimited  files"),
+            None
+        );
+    }
 }

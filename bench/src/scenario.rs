@@ -16,6 +16,9 @@ pub struct Behaviour {
     pub retry_after_secs: u32,
     /// Never answers within any client's timeout.
     pub hangs: bool,
+    /// Answers every request 503 at once: the service's breaker for it opens and its
+    /// deliveries pile up in the ledger.
+    pub unavailable: bool,
 }
 
 impl Behaviour {
@@ -26,6 +29,22 @@ impl Behaviour {
             throttle_rate: 0.0,
             retry_after_secs: 0,
             hangs: false,
+            unavailable: false,
+        }
+    }
+
+    /// Healthy, but every answer takes `latency`.
+    pub fn answering_in(latency: Duration) -> Behaviour {
+        Behaviour {
+            latency,
+            ..Behaviour::healthy()
+        }
+    }
+
+    pub fn unavailable() -> Behaviour {
+        Behaviour {
+            unavailable: true,
+            ..Behaviour::healthy()
         }
     }
 
@@ -54,6 +73,8 @@ impl Behaviour {
     pub fn class(&self) -> BrokerClass {
         if self.hangs {
             BrokerClass::Hanging
+        } else if self.unavailable {
+            BrokerClass::Unavailable
         } else if self.error_rate > 0.0 || self.throttle_rate > 0.0 {
             BrokerClass::Flaky
         } else {
@@ -71,6 +92,15 @@ pub enum BrokerClass {
     Flaky,
     /// Never answers in time: excluded from loss (nothing can be delivered to it).
     Hanging,
+    /// Answers 503 to everything: excluded from loss too; its deliveries wait in the ledger.
+    Unavailable,
+}
+
+impl BrokerClass {
+    /// Whether this broker's deliveries must arrive during the run.
+    pub fn expects_deliveries(self) -> bool {
+        matches!(self, BrokerClass::Healthy | BrokerClass::Flaky)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
@@ -79,14 +109,25 @@ pub enum ScenarioName {
     Incident,
     Backlog,
     Memory,
+    #[value(name = "onebroker")]
+    OneBroker,
+    #[value(name = "hotload")]
+    HotLoad,
+    #[value(name = "manybrokers")]
+    ManyBrokers,
+    Growth,
 }
 
 impl ScenarioName {
-    pub const ALL: [ScenarioName; 4] = [
+    pub const ALL: [ScenarioName; 8] = [
         ScenarioName::Healthy,
         ScenarioName::Incident,
         ScenarioName::Backlog,
         ScenarioName::Memory,
+        ScenarioName::OneBroker,
+        ScenarioName::HotLoad,
+        ScenarioName::ManyBrokers,
+        ScenarioName::Growth,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -95,8 +136,33 @@ impl ScenarioName {
             ScenarioName::Incident => "incident",
             ScenarioName::Backlog => "backlog",
             ScenarioName::Memory => "memory",
+            ScenarioName::OneBroker => "onebroker",
+            ScenarioName::HotLoad => "hotload",
+            ScenarioName::ManyBrokers => "manybrokers",
+            ScenarioName::Growth => "growth",
         }
     }
+
+    /// The scenario this one's throughput is judged against, run in the same invocation:
+    /// `hotload` has `backlog`'s event count and brokers but few, deep loads; `growth` is
+    /// `backlog` exactly, on a ledger already holding millions of delivered rows, so `backlog`
+    /// is its empty-ledger run.
+    pub fn reference(self) -> Option<ScenarioName> {
+        match self {
+            ScenarioName::HotLoad | ScenarioName::Growth => Some(ScenarioName::Backlog),
+            _ => None,
+        }
+    }
+}
+
+/// Which configuration the service runs with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SettingsProfile {
+    /// config/base.toml plus the bench's tuning (docs/performance.md lists it).
+    Bench,
+    /// config/base.toml as shipped; only where things are (Kafka, topic, group, database URL,
+    /// admin port) and the loopback receivers' permission (allow_http, allowed_networks) change.
+    ShippedDefaults,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
@@ -177,9 +243,16 @@ pub struct Scenario {
     /// backlog), delivered or not.
     pub deadline: Duration,
     pub systems: Vec<System>,
+    pub settings: SettingsProfile,
+    /// Delivered deliveries (each with its event share and attempt) written into the ledger
+    /// before the system starts: the ledger's history.
+    pub history_rows: u64,
 }
 
 pub const PARTITIONS: i32 = 6;
+
+/// `growth`'s ledger history at full size: the issue's 10 million delivered rows.
+pub const GROWTH_HISTORY_ROWS: u64 = 10_000_000;
 
 impl Scenario {
     pub fn new(name: ScenarioName, smoke: bool) -> Scenario {
@@ -197,7 +270,9 @@ impl Scenario {
                     duration: secs(20),
                 }]),
                 deadline: secs(90),
-                systems: both,
+                systems: both.clone(),
+                settings: SettingsProfile::Bench,
+                history_rows: 0,
             },
             (ScenarioName::Incident, false) => Scenario {
                 name,
@@ -219,7 +294,9 @@ impl Scenario {
                     },
                 ]),
                 deadline: secs(90),
-                systems: both,
+                systems: both.clone(),
+                settings: SettingsProfile::Bench,
+                history_rows: 0,
             },
             (ScenarioName::Backlog, false) => Scenario {
                 name,
@@ -228,7 +305,9 @@ impl Scenario {
                 subscribers_per_load: 3,
                 workload: Workload::Backlog { events: 42_000 },
                 deadline: secs(90),
-                systems: both,
+                systems: both.clone(),
+                settings: SettingsProfile::Bench,
+                history_rows: 0,
             },
             (ScenarioName::Memory, false) => Scenario {
                 name,
@@ -237,7 +316,65 @@ impl Scenario {
                 subscribers_per_load: 3,
                 workload: Workload::Backlog { events: 100_000 },
                 deadline: secs(180),
-                systems: both,
+                systems: both.clone(),
+                settings: SettingsProfile::Bench,
+                history_rows: 0,
+            },
+            // The issue-12 scenarios run the service only: they measure its limits, which the
+            // baseline's comparison says nothing about.
+            (ScenarioName::OneBroker, smoke) => Scenario {
+                name,
+                brokers: vec![Behaviour::answering_in(Duration::from_millis(1))],
+                loads: if smoke { 40 } else { 3_000 },
+                subscribers_per_load: 1,
+                workload: Workload::Backlog {
+                    events: if smoke { 400 } else { 30_000 },
+                },
+                deadline: secs(if smoke { 30 } else { 120 }),
+                systems: vec![System::Service],
+                settings: SettingsProfile::ShippedDefaults,
+                history_rows: 0,
+            },
+            (ScenarioName::HotLoad, smoke) => {
+                // Broker 0 answers 503 to everything; the loads it follows grow while the
+                // others deliver. Same event count as `backlog`, on few loads.
+                let (brokers, loads, events) = if smoke { (4, 4, 400) } else { (20, 20, 42_000) };
+                let mut behaviours = vec![Behaviour::healthy(); brokers];
+                behaviours[0] = Behaviour::unavailable();
+                Scenario {
+                    name,
+                    brokers: behaviours,
+                    loads,
+                    subscribers_per_load: 3,
+                    workload: Workload::Backlog { events },
+                    deadline: secs(if smoke { 20 } else { 120 }),
+                    systems: vec![System::Service],
+                    settings: SettingsProfile::Bench,
+                    history_rows: 0,
+                }
+            }
+            (ScenarioName::ManyBrokers, smoke) => {
+                // Every broker follows 3 loads; every load gets 3 events.
+                let brokers = if smoke { 300 } else { 10_000 };
+                Scenario {
+                    name,
+                    brokers: vec![Behaviour::healthy(); brokers],
+                    loads: brokers as u32,
+                    subscribers_per_load: 3,
+                    workload: Workload::Backlog {
+                        events: 3 * brokers as u32,
+                    },
+                    deadline: secs(if smoke { 30 } else { 180 }),
+                    systems: vec![System::Service],
+                    settings: SettingsProfile::Bench,
+                    history_rows: 0,
+                }
+            }
+            (ScenarioName::Growth, smoke) => Scenario {
+                name,
+                systems: vec![System::Service],
+                history_rows: if smoke { 20_000 } else { GROWTH_HISTORY_ROWS },
+                ..Scenario::new(ScenarioName::Backlog, smoke)
             },
             // Smoke: a few hundred events; the baseline only where it finishes quickly.
             (ScenarioName::Healthy, true) => Scenario {
@@ -250,7 +387,9 @@ impl Scenario {
                     duration: secs(2),
                 }]),
                 deadline: secs(20),
-                systems: both,
+                systems: both.clone(),
+                settings: SettingsProfile::Bench,
+                history_rows: 0,
             },
             (ScenarioName::Incident, true) => Scenario {
                 name,
@@ -274,6 +413,8 @@ impl Scenario {
                 // Retries back off 1, 2, 4, 8 s: an unlucky delivery to a 5xx broker needs ~15 s.
                 deadline: secs(60),
                 systems: vec![System::Service],
+                settings: SettingsProfile::Bench,
+                history_rows: 0,
             },
             (ScenarioName::Backlog, true) => Scenario {
                 name,
@@ -283,6 +424,8 @@ impl Scenario {
                 workload: Workload::Backlog { events: 400 },
                 deadline: secs(20),
                 systems: vec![System::Service],
+                settings: SettingsProfile::Bench,
+                history_rows: 0,
             },
             (ScenarioName::Memory, true) => Scenario {
                 name,
@@ -292,16 +435,27 @@ impl Scenario {
                 workload: Workload::Backlog { events: 600 },
                 deadline: secs(20),
                 systems: vec![System::Service],
+                settings: SettingsProfile::Bench,
+                history_rows: 0,
             },
         }
+    }
+
+    /// How many brokers follow each load (`subscribers_per_load`, at most every broker).
+    pub fn per_load(&self) -> u32 {
+        self.subscribers_per_load.min(self.brokers.len() as u32)
+    }
+
+    /// Load `l`'s k-th subscriber is broker `(l + k * stride) % brokers`.
+    pub fn subscriber_stride(&self) -> u32 {
+        (self.brokers.len() as u32 / self.per_load().max(1)).max(1)
     }
 
     /// The brokers subscribed to `load`: `subscribers_per_load` distinct ones, spread evenly.
     pub fn subscribers(&self, load: u32) -> Vec<u16> {
         let brokers = self.brokers.len() as u32;
-        let per_load = self.subscribers_per_load.min(brokers);
-        let stride = (brokers / per_load.max(1)).max(1);
-        (0..per_load)
+        let stride = self.subscriber_stride();
+        (0..self.per_load())
             .map(|k| ((load + k * stride) % brokers) as u16)
             .collect()
     }
@@ -312,17 +466,34 @@ impl Scenario {
 
     pub fn describe_brokers(&self) -> String {
         let count = |class| self.classes().iter().filter(|&&c| c == class).count();
-        let (healthy, flaky, hanging) = (
+        let (healthy, flaky, hanging, unavailable) = (
             count(BrokerClass::Healthy),
             count(BrokerClass::Flaky),
             count(BrokerClass::Hanging),
+            count(BrokerClass::Unavailable),
         );
-        let mut text = format!("{} brokers ({healthy} healthy", self.brokers.len());
+        let latencies: std::collections::BTreeSet<u128> =
+            self.brokers.iter().map(|b| b.latency.as_millis()).collect();
+        let answering = match latencies.iter().collect::<Vec<_>>()[..] {
+            [&0] | [] => String::new(),
+            [&ms] => format!(", answering in {ms} ms"),
+            _ => ", answering with different latencies".into(),
+        };
+        let mut text = format!(
+            "{} broker{} ({healthy} healthy{answering}",
+            self.brokers.len(),
+            if self.brokers.len() == 1 { "" } else { "s" }
+        );
         if flaky > 0 {
             text.push_str(&format!(", {flaky} answering some 5xx/429"));
         }
         if hanging > 0 {
             text.push_str(&format!(", {hanging} timing out"));
+        }
+        if unavailable > 0 {
+            text.push_str(&format!(
+                ", {unavailable} answering 503 to everything, so its breaker opens and its deliveries pile up"
+            ));
         }
         text.push_str(&format!(
             "), {} loads x {} subscribers",
@@ -361,7 +532,16 @@ mod tests {
                     let mut subscribers = scenario.subscribers(load);
                     subscribers.sort_unstable();
                     subscribers.dedup();
-                    assert_eq!(subscribers.len(), 3, "{name:?} smoke={smoke} load {load}");
+                    let expected = if name == ScenarioName::OneBroker {
+                        1
+                    } else {
+                        3
+                    };
+                    assert_eq!(
+                        subscribers.len(),
+                        expected,
+                        "{name:?} smoke={smoke} load {load}"
+                    );
                 }
             }
         }
@@ -391,5 +571,62 @@ mod tests {
                 .events(),
             42_000
         );
+    }
+
+    #[test]
+    fn every_broker_of_manybrokers_follows_a_few_loads() {
+        let scenario = Scenario::new(ScenarioName::ManyBrokers, false);
+        assert_eq!(scenario.brokers.len(), 10_000);
+        let mut loads_per_broker = vec![0u32; scenario.brokers.len()];
+        for load in 0..scenario.loads {
+            for broker in scenario.subscribers(load) {
+                loads_per_broker[broker as usize] += 1;
+            }
+        }
+        assert!(loads_per_broker.iter().all(|&n| n == 3));
+    }
+
+    #[test]
+    fn hotload_has_deep_loads_and_one_unavailable_broker_that_follows_some() {
+        let scenario = Scenario::new(ScenarioName::HotLoad, false);
+        let backlog = Scenario::new(ScenarioName::Backlog, false);
+        assert_eq!(scenario.workload.events(), backlog.workload.events());
+        assert!(scenario.workload.events() / u64::from(scenario.loads) >= 2_000);
+        let unavailable: Vec<usize> = (0..scenario.brokers.len())
+            .filter(|&b| scenario.brokers[b].class() == BrokerClass::Unavailable)
+            .collect();
+        assert_eq!(unavailable, vec![0]);
+        assert!((0..scenario.loads).any(|load| scenario.subscribers(load).contains(&0)));
+        assert!(!BrokerClass::Unavailable.expects_deliveries());
+    }
+
+    #[test]
+    fn growth_is_backlog_on_a_ledger_with_history() {
+        for smoke in [false, true] {
+            let growth = Scenario::new(ScenarioName::Growth, smoke);
+            let backlog = Scenario::new(ScenarioName::Backlog, smoke);
+            assert_eq!(growth.workload, backlog.workload);
+            assert_eq!(growth.brokers, backlog.brokers);
+            assert_eq!(growth.loads, backlog.loads);
+            assert_eq!(backlog.history_rows, 0);
+            assert!(growth.history_rows > 0);
+        }
+        assert_eq!(
+            Scenario::new(ScenarioName::Growth, false).history_rows,
+            10_000_000
+        );
+        assert_eq!(
+            ScenarioName::Growth.reference(),
+            Some(ScenarioName::Backlog)
+        );
+    }
+
+    #[test]
+    fn onebroker_runs_on_the_shipped_defaults() {
+        let scenario = Scenario::new(ScenarioName::OneBroker, false);
+        assert_eq!(scenario.settings, SettingsProfile::ShippedDefaults);
+        assert_eq!(scenario.brokers.len(), 1);
+        assert_eq!(scenario.brokers[0].latency, Duration::from_millis(1));
+        assert_eq!(scenario.loads, 3_000);
     }
 }

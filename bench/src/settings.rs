@@ -7,13 +7,54 @@ use std::path::{Path, PathBuf};
 use webhook_delivery::config::Settings;
 
 use crate::error::BenchError;
+use crate::scenario::SettingsProfile;
 use crate::world::{World, KAFKA};
 
 /// One webhook attempt may take this long; the baseline's fixed timeout is the same 5 s.
 pub const REQUEST_TIMEOUT_MS: u64 = 5_000;
 
-/// The bench's overrides of config/base.toml, as TOML.
-pub fn overrides(world: &World) -> String {
+/// What the shipped-defaults profile changes in config/base.toml, as printed with the results.
+pub const SHIPPED_DEFAULTS_CHANGES: &str = "kafka.brokers, kafka.topic, kafka.group_id and \
+     postgres.url (the run's topic, group and database; sslmode as shipped), admin.bind (a free \
+     port), delivery.allow_http and delivery.allowed_networks = [\"127.0.0.0/8\"] (the receivers \
+     are plain http on loopback); nothing else";
+
+/// The run's overrides of config/base.toml, as TOML.
+pub fn overrides(world: &World, profile: SettingsProfile) -> String {
+    match profile {
+        SettingsProfile::Bench => bench_overrides(world),
+        SettingsProfile::ShippedDefaults => shipped_defaults(world),
+    }
+}
+
+/// Only where the local stack is: every tuning key keeps its value from config/base.toml.
+fn shipped_defaults(world: &World) -> String {
+    format!(
+        r#"# Written by webhook-delivery-bench for one run: the shipped defaults (config/base.toml),
+# changed only where the local stack is and to let the service reach the loopback receivers.
+[kafka]
+brokers = "{KAFKA}"
+topic = "{topic}"
+group_id = "{group}"
+
+[postgres]
+url = "{db_url}"
+
+[delivery]
+allow_http = true
+allowed_networks = ["127.0.0.0/8"]
+
+[admin]
+bind = "127.0.0.1:0"
+"#,
+        topic = world.topic,
+        group = world.group_id,
+        db_url = world.db_url,
+    )
+}
+
+/// The bench's tuning (docs/performance.md, "The bench configuration").
+fn bench_overrides(world: &World) -> String {
     format!(
         r#"# Written by webhook-delivery-bench for one run.
 [kafka]
@@ -68,11 +109,70 @@ drain_timeout_ms = 3000
 /// Writes the overrides next to the run's logs and loads them the way the service would.
 pub fn write_and_load(
     world: &World,
+    profile: SettingsProfile,
     config_dir: &Path,
     path: PathBuf,
 ) -> Result<(Settings, PathBuf), BenchError> {
-    std::fs::write(&path, overrides(world))
+    std::fs::write(&path, overrides(world, profile))
         .map_err(|e| BenchError::io(format!("writing {}", path.display()), e))?;
     let settings = Settings::load(config_dir, Some(&path))?;
     Ok((settings, path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn world() -> World {
+        World {
+            db_name: "wd_bench_x".into(),
+            db_url: "postgres://postgres@127.0.0.1:5432/wd_bench_x".into(),
+            topic: "wd-bench-x".into(),
+            group_id: "wd-bench-x-group".into(),
+        }
+    }
+
+    #[test]
+    fn the_shipped_defaults_profile_changes_no_tuning_key() {
+        let config_dir = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../config"));
+        let file =
+            std::env::temp_dir().join(format!("wd-bench-shipped-{}.toml", std::process::id()));
+        let (mut shipped, _) = write_and_load(
+            &world(),
+            SettingsProfile::ShippedDefaults,
+            config_dir,
+            file.clone(),
+        )
+        .unwrap();
+        let _ = std::fs::remove_file(&file);
+        let base = Settings::load(config_dir, None).unwrap();
+        assert_eq!(shipped.postgres.url, world().db_url);
+        assert!(shipped.delivery.allow_http);
+        shipped.delivery.allow_http = base.delivery.allow_http;
+        shipped.delivery.allowed_networks = base.delivery.allowed_networks.clone();
+        let debug = |s: &Settings| {
+            format!(
+                "{:?} {:?} {:?} {:?} {:?}",
+                s.delivery, s.retry, s.circuit_breaker, s.log, s.shutdown
+            )
+        };
+        assert_eq!(debug(&shipped), debug(&base));
+        let kafka = |s: &Settings| {
+            (
+                s.kafka.session_timeout_ms,
+                s.kafka.max_poll_interval_ms,
+                s.kafka.max_batch_messages,
+                s.kafka.client.clone(),
+            )
+        };
+        assert_eq!(kafka(&shipped), kafka(&base));
+        let postgres = |s: &Settings| {
+            (
+                s.postgres.pool_size,
+                s.postgres.statement_timeout_ms,
+                s.postgres.call_timeout_ms,
+            )
+        };
+        assert_eq!(postgres(&shipped), postgres(&base));
+    }
 }

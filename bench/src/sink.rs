@@ -11,7 +11,7 @@ use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
 
 use crate::error::BenchError;
 use crate::event::{now_micros, probe};
-use crate::scenario::{Behaviour, BrokerClass};
+use crate::scenario::Behaviour;
 
 /// What the receiver answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -19,6 +19,8 @@ pub enum Answer {
     Accepted,
     ServerError,
     Throttled,
+    /// 503 at once (a broker that is down).
+    Unavailable,
     /// Held past every client's timeout.
     TimedOut,
 }
@@ -72,7 +74,7 @@ impl Sink {
         let mut endpoints: Vec<Endpoint> = behaviours
             .iter()
             .map(|behaviour| Endpoint {
-                counted: behaviour.class() != BrokerClass::Hanging,
+                counted: behaviour.class().expects_deliveries(),
                 behaviour: behaviour.clone(),
             })
             .collect();
@@ -192,6 +194,9 @@ fn decide(behaviour: &Behaviour) -> Answer {
     if behaviour.hangs {
         return Answer::TimedOut;
     }
+    if behaviour.unavailable {
+        return Answer::Unavailable;
+    }
     let draw: f64 = rand::random();
     if draw < behaviour.error_rate {
         Answer::ServerError
@@ -243,6 +248,7 @@ async fn receive(
     match answer {
         Answer::Accepted => HttpResponse::Ok().finish(),
         Answer::ServerError => HttpResponse::InternalServerError().finish(),
+        Answer::Unavailable => HttpResponse::ServiceUnavailable().finish(),
         _ => HttpResponse::TooManyRequests()
             .insert_header((
                 "retry-after",

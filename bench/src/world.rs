@@ -107,6 +107,95 @@ impl World {
         Ok(())
     }
 
+    /// Writes a ledger history before the system starts: `shape.rows` delivered deliveries
+    /// (rounded down to whole events), each with its attempt, and their events, spread over the
+    /// last 6 days, in chunks of generate_series (seconds per million rows, not a client loop).
+    /// The rows look like the run's own: the scenario's brokers and loads, idempotency keys of
+    /// the same form (`evt:ev-<n>-h`, which interleave with the run's `evt:ev-<n>` across the
+    /// whole key index, as random producer ids would), the same payload size. Then VACUUM
+    /// ANALYZE (a production ledger is vacuumed and has statistics) and a CHECKPOINT, so the run
+    /// is not charged for writing out the history. Returns how many deliveries were written.
+    pub async fn write_history(&self, shape: &History<'_>) -> Result<u64, BenchError> {
+        const EVENTS_PER_STATEMENT: i64 = 200_000;
+        let (db, connection) = tokio_postgres::connect(&self.db_url, NoTls)
+            .await
+            .map_err(|e| BenchError::postgres("connecting to the bench database", e))?;
+        let connection = tokio::spawn(connection);
+        let per_load = i64::from(shape.per_load.max(1));
+        let events = i64::try_from(shape.rows).unwrap_or(i64::MAX) / per_load;
+        db.batch_execute("SET synchronous_commit = off")
+            .await
+            .map_err(|e| BenchError::postgres("preparing the history session", e))?;
+        let statement = db
+            .prepare(HISTORY_SQL)
+            .await
+            .map_err(|e| BenchError::postgres("preparing the history insert", e))?;
+        let started = std::time::Instant::now();
+        let mut from = 0i64;
+        while from < events {
+            let to = (from + EVENTS_PER_STATEMENT).min(events);
+            db.execute(
+                &statement,
+                &[
+                    &from,
+                    &to,
+                    &events,
+                    &i64::from(shape.loads),
+                    &per_load,
+                    &i64::from(shape.stride),
+                    &i64::from(shape.brokers),
+                    &format!("{}-history", self.topic),
+                    &shape.payload,
+                    &shape.partitions,
+                ],
+            )
+            .await
+            .map_err(|e| BenchError::postgres("writing the ledger history", e))?;
+            from = to;
+            eprintln!(
+                "bench:   ledger history: {} of {} deliveries written ({:.0} s)",
+                from * per_load,
+                events * per_load,
+                started.elapsed().as_secs_f64()
+            );
+        }
+        // One statement per call: several in one simple query form a transaction block,
+        // which VACUUM refuses.
+        for sql in [
+            "VACUUM (ANALYZE) events, deliveries, delivery_attempts",
+            "CHECKPOINT",
+        ] {
+            db.batch_execute(sql)
+                .await
+                .map_err(|e| BenchError::postgres(format!("after the ledger history: {sql}"), e))?;
+        }
+        drop(db);
+        let _ = connection.await;
+        Ok(u64::try_from(events * per_load).unwrap_or(0))
+    }
+
+    /// (pending deliveries, pending deliveries of its deepest load) of one broker.
+    pub async fn pending_depth(&self, broker_id: &str) -> Result<(u64, u64), BenchError> {
+        let (db, connection) = tokio_postgres::connect(&self.db_url, NoTls)
+            .await
+            .map_err(|e| BenchError::postgres("connecting to the bench database", e))?;
+        let connection = tokio::spawn(connection);
+        let row = db
+            .query_one(
+                "SELECT coalesce(sum(n), 0)::int8, coalesce(max(n), 0)::int8 FROM (
+                     SELECT count(*) AS n FROM deliveries
+                     WHERE broker_id = $1 AND state = 'pending' GROUP BY load_id
+                 ) per_load",
+                &[&broker_id],
+            )
+            .await
+            .map_err(|e| BenchError::postgres("counting a broker's pending deliveries", e))?;
+        drop(db);
+        let _ = connection.await;
+        let count = |i: usize| u64::try_from(row.get::<_, i64>(i)).unwrap_or(0);
+        Ok((count(0), count(1)))
+    }
+
     /// Deliveries the service's ledger still holds as not delivered, for these brokers.
     pub async fn undelivered(&self, broker_ids: &[String]) -> Result<u64, BenchError> {
         let (db, connection) = tokio_postgres::connect(&self.db_url, NoTls)
@@ -148,6 +237,56 @@ impl World {
         }
     }
 }
+
+/// The shape of a ledger history: how many delivered rows, over which brokers and loads.
+pub struct History<'a> {
+    /// Delivered deliveries to write.
+    pub rows: u64,
+    pub brokers: u32,
+    pub loads: u32,
+    /// Subscribers per load, and the stride between them (`Scenario::subscribers`).
+    pub per_load: u32,
+    pub stride: u32,
+    pub partitions: i32,
+    /// Every history event's payload (a bench event of the usual size).
+    pub payload: &'a [u8],
+}
+
+/// One chunk of history: events $1..$2 of $3, each delivered to its load's subscribers
+/// (load = event % loads, subscriber k = (load + k * stride) % brokers), with one attempt per
+/// delivery. Names follow `broker_id` and `crate::event::load_id`.
+const HISTORY_SQL: &str = "
+WITH numbered AS (
+    SELECT g,
+           g % $4::int8 AS load,
+           now() - interval '6 days' + (g::float8 / $3::int8) * interval '6 days' AS at
+    FROM generate_series($1::int8, $2::int8 - 1) g
+),
+new_events AS (
+    INSERT INTO events (idempotency_key, event_id, load_id, status, topic, kafka_partition,
+                        kafka_offset, payload, consumed_at)
+    SELECT 'evt:ev-' || g || '-h', 'ev-' || g || '-h',
+           'load-' || lpad(load::text, greatest(5, length(load::text)), '0'),
+           'delivered', $8::text, (g % $10::int4)::int4, g / $10::int4, $9::bytea, at
+    FROM numbered
+),
+new_deliveries AS (
+    INSERT INTO deliveries (idempotency_key, broker_id, load_id, kafka_partition, kafka_offset,
+                            state, attempts, next_attempt_at, created_at, updated_at, delivered_at)
+    SELECT 'evt:ev-' || g || '-h',
+           'bench-broker-' || lpad(b::text, greatest(3, length(b::text)), '0'),
+           'load-' || lpad(load::text, greatest(5, length(load::text)), '0'),
+           (g % $10::int4)::int4, g / $10::int4, 'delivered', 1, at, at,
+           at + interval '20 milliseconds', at + interval '20 milliseconds'
+    FROM numbered
+    CROSS JOIN generate_series(0, $5::int8 - 1) k
+    CROSS JOIN LATERAL (SELECT (load + k * $6::int8) % $7::int8 AS b) subscriber
+    RETURNING delivery_id, broker_id, delivered_at
+)
+INSERT INTO delivery_attempts (delivery_id, broker_id, attempt, started_at, latency_ms,
+                               status_code, outcome)
+SELECT delivery_id, broker_id, 1, delivered_at - interval '5 milliseconds', 5, 200, 'delivered'
+FROM new_deliveries";
 
 pub fn broker_id(index: usize) -> String {
     format!("bench-broker-{index:03}")

@@ -811,7 +811,12 @@ impl Ledger {
                      delivered_at = CASE WHEN i.outcome = 'delivered' THEN now() END,
                      updated_at = now()
                  FROM input i
-                 WHERE d.delivery_id = i.delivery_id AND d.state = 'pending'",
+                 -- The pending check is written so that the planner cannot estimate it: with
+                 -- statistics taken while few rows were pending (a ledger of delivered history),
+                 -- a plain `d.state = 'pending'` made it hash every pending row instead of one
+                 -- primary-key probe per outcome (docs/performance.md, \"Outcome writes\").
+                 WHERE d.delivery_id = i.delivery_id
+                   AND (CASE WHEN d.state = 'pending' THEN true END)",
             )
             .await?;
         client

@@ -5,8 +5,8 @@
 //! costs that broker's deliveries a dead letter with the reason (class `invalid_broker`), never
 //! another broker's, and nothing downstream re-checks the row.
 
+use crate::core::signing::{SecretError, SigningSecret};
 use crate::ledger::BrokerRow;
-use crate::signing::{SecretError, SigningSecret};
 
 /// Longest `broker_id` we accept. It is a log field, a metric label and a CLI column.
 pub const MAX_BROKER_ID_BYTES: usize = 200;

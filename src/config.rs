@@ -547,16 +547,16 @@ impl DeliverySettings {
     pub fn ledger_poll_interval(&self) -> Duration {
         Duration::from_millis(self.ledger_poll_interval_ms)
     }
-    pub fn event_limits(&self) -> crate::event::EventLimits {
-        crate::event::EventLimits {
+    pub fn event_limits(&self) -> crate::core::event::EventLimits {
+        crate::core::event::EventLimits {
             max_message_bytes: self.max_message_bytes,
             max_event_id_bytes: self.max_event_id_bytes,
             max_load_id_bytes: self.max_load_id_bytes,
             max_status_bytes: self.max_status_bytes,
         }
     }
-    pub fn network_policy(&self) -> crate::ssrf::NetworkPolicy {
-        crate::ssrf::NetworkPolicy {
+    pub fn network_policy(&self) -> crate::core::ssrf::NetworkPolicy {
+        crate::core::ssrf::NetworkPolicy {
             allow_http: self.allow_http,
             allowed_networks: self.allowed_networks.clone(),
         }
@@ -578,8 +578,8 @@ impl CircuitBreakerSettings {
 }
 
 impl RetrySettings {
-    pub fn policy(&self) -> crate::policy::RetryPolicy {
-        crate::policy::RetryPolicy {
+    pub fn policy(&self) -> crate::core::policy::RetryPolicy {
+        crate::core::policy::RetryPolicy {
             max_attempts: self.max_attempts,
             base_delay: Duration::from_millis(self.base_delay_ms),
             max_delay: Duration::from_millis(self.max_delay_ms),

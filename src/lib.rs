@@ -1,12 +1,11 @@
 pub mod actors;
 pub mod admin;
-pub mod bisect;
 pub mod broker;
 pub mod circuit_breaker;
 pub mod cli;
 pub mod config;
+pub mod core;
 pub mod delivery_queue;
-pub mod event;
 #[cfg(feature = "fault-injection")]
 pub mod fault_injection;
 pub mod kafka;
@@ -15,12 +14,8 @@ pub mod lease;
 pub mod ledger;
 pub mod metrics;
 pub mod offsets;
-pub mod policy;
 pub mod retention;
-pub mod signing;
-pub mod ssrf;
 pub mod stall;
 pub mod startup;
-pub mod storable;
 pub mod telemetry;
 pub mod webhook_client;

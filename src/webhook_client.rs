@@ -1,6 +1,7 @@
 //! The outbound HTTP call: one signed POST, classified into a typed result. No retries here;
 //! the policy decides what an error means.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -8,7 +9,7 @@ use awc::error::{ConnectError, SendRequestError};
 use bytes::Bytes;
 use futures::StreamExt;
 
-use crate::storable::StorableText;
+use crate::core::storable::StorableText;
 
 /// Why an attempt produced no HTTP status. Every variant is a transport failure, i.e. retryable;
 /// `class()` is the short name stored in the attempts table and logged as `error.class`.
@@ -21,7 +22,7 @@ pub enum SendError {
     #[error("could not connect: {0}")]
     Connect(#[source] ConnectError),
     #[error("refused by the SSRF guard: {0}")]
-    Refused(#[source] crate::ssrf::Refusal),
+    Refused(#[source] crate::core::ssrf::Refusal),
     #[error("TLS is not configured for this URL")]
     TlsUnavailable,
     #[error("connection failed while sending the request: {0}")]
@@ -70,8 +71,8 @@ impl SendError {
 /// connector's own error types on the way; unwrap until it is found (or is not there).
 fn find_refusal(
     error: Box<dyn std::error::Error>,
-) -> Result<crate::ssrf::Refusal, Box<dyn std::error::Error>> {
-    let error = match error.downcast::<crate::ssrf::Refusal>() {
+) -> Result<crate::core::ssrf::Refusal, Box<dyn std::error::Error>> {
+    let error = match error.downcast::<crate::core::ssrf::Refusal>() {
         Ok(refusal) => return Ok(*refusal),
         Err(error) => error,
     };
@@ -113,14 +114,34 @@ pub struct WebhookResponse {
     pub body_excerpt: StorableText,
 }
 
+/// DNS resolution for the HTTP client that drops forbidden addresses, and refuses the
+/// connection when none is left.
+pub struct GuardedResolver {
+    pub policy: Arc<crate::core::ssrf::NetworkPolicy>,
+}
+
+impl actix_tls::connect::Resolve for GuardedResolver {
+    fn lookup<'a>(
+        &'a self,
+        host: &'a str,
+        port: u16,
+    ) -> futures::future::LocalBoxFuture<'a, Result<Vec<SocketAddr>, Box<dyn std::error::Error>>>
+    {
+        Box::pin(async move {
+            let resolved: Vec<SocketAddr> = tokio::net::lookup_host((host, port)).await?.collect();
+            self.policy.screen_resolved(host, resolved)
+        })
+    }
+}
+
 /// Builds the per-broker HTTP client: no redirects (a 3xx is a permanent failure, never
 /// followed), TLS with the webpki roots, our user-agent, and DNS through the SSRF guard.
 pub fn build_client(
     user_agent: &str,
     timeout: Duration,
-    policy: Arc<crate::ssrf::NetworkPolicy>,
+    policy: Arc<crate::core::ssrf::NetworkPolicy>,
 ) -> awc::Client {
-    let resolver = actix_tls::connect::Resolver::custom(crate::ssrf::GuardedResolver { policy });
+    let resolver = actix_tls::connect::Resolver::custom(GuardedResolver { policy });
     let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
@@ -260,9 +281,11 @@ mod tests {
 
     #[test]
     fn dns_failures_are_transport_errors_and_refusals_are_not() {
-        let empty = resolver_error(Box::new(crate::ssrf::NoAddresses("tms.example.com".into())));
+        let empty = resolver_error(Box::new(crate::core::ssrf::NoAddresses(
+            "tms.example.com".into(),
+        )));
         assert_eq!(empty.class(), "dns", "{empty}");
-        let refused = resolver_error(Box::new(crate::ssrf::Refusal::ForbiddenAddress(
+        let refused = resolver_error(Box::new(crate::core::ssrf::Refusal::ForbiddenAddress(
             "10.0.0.1".parse().unwrap(),
             "private",
         )));

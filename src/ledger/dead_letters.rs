@@ -4,8 +4,8 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use super::{Ledger, LedgerError};
-use crate::event::IdempotencyKey;
-use crate::signing::webhook_id;
+use crate::core::event::IdempotencyKey;
+use crate::core::signing::webhook_id;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct DeadLetter {

@@ -31,7 +31,7 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{Row, Statement, ToStatement};
 
 use crate::config::PostgresSettings;
-use crate::event::{IdempotencyKey, ShipmentEvent};
+use crate::core::event::{IdempotencyKey, ShipmentEvent};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LedgerError {
@@ -251,7 +251,7 @@ impl std::ops::DerefMut for BoundedClient {
 const STORED_TEXT_CAP: usize = 8 * 1024;
 
 fn stored(text: &str) -> std::borrow::Cow<'_, str> {
-    crate::storable::storable(text, STORED_TEXT_CAP)
+    crate::core::storable::storable(text, STORED_TEXT_CAP)
 }
 
 /// tokio-postgres says only "db error" at the top; the server's message and SQLSTATE are what

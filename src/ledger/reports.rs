@@ -6,8 +6,8 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use super::{Ledger, LedgerError};
-use crate::event::IdempotencyKey;
-use crate::signing::webhook_id;
+use crate::core::event::IdempotencyKey;
+use crate::core::signing::webhook_id;
 
 /// One broker as `status` shows it.
 #[derive(Debug, Clone, Serialize)]

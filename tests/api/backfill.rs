@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use chrono::Utc;
 use futures::FutureExt;
-use webhook_delivery::event::IdempotencyKey;
-use webhook_delivery::signing::webhook_id;
+use webhook_delivery::core::event::IdempotencyKey;
+use webhook_delivery::core::signing::webhook_id;
 
 use crate::helpers::*;
 

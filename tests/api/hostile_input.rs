@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, TestRunner};
-use webhook_delivery::event::{check_storable_text, parse_event, EventLimits, RejectReason};
+use webhook_delivery::core::event::{check_storable_text, parse_event, EventLimits, RejectReason};
+use webhook_delivery::core::storable::StorableText;
 use webhook_delivery::ledger::Ledger;
-use webhook_delivery::storable::StorableText;
 use wiremock::ResponseTemplate;
 
 use crate::helpers::*;
@@ -609,7 +609,7 @@ const PROPTEST_LIMITS: EventLimits = EventLimits {
     max_status_bytes: 32,
 };
 
-fn assert_storable_event(event: &webhook_delivery::event::ShipmentEvent) {
+fn assert_storable_event(event: &webhook_delivery::core::event::ShipmentEvent) {
     if let Some(id) = &event.event_id {
         check_storable_text(id, PROPTEST_LIMITS.max_event_id_bytes).unwrap();
     }

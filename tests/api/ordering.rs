@@ -199,7 +199,7 @@ async fn order_holds_when_most_deliveries_wait_in_the_ledger() {
 /// pending predecessor it reports is the other claim's delivery of the same load.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn claims_of_one_partition_never_overlap_even_across_instances() {
-    use webhook_delivery::event::{parse_event, EventLimits};
+    use webhook_delivery::core::event::{parse_event, EventLimits};
     use webhook_delivery::ledger::Ledger;
 
     let env = TestEnv::new(1).await;

@@ -78,7 +78,7 @@ fn the_gzip_bomb_is_a_valid_gzip_stream() {
 /// The client on its own: it asks for `identity`, and a body compressed anyway is not read.
 #[actix_rt::test]
 async fn the_client_asks_for_identity_and_leaves_a_compressed_body_unread() {
-    use webhook_delivery::ssrf::NetworkPolicy;
+    use webhook_delivery::core::ssrf::NetworkPolicy;
     use webhook_delivery::webhook_client::{build_client, send, WebhookRequest};
 
     let server = receiver(
@@ -413,8 +413,8 @@ fn debug_output_never_shows_a_secret_or_the_database_password() {
     use std::io::Write;
     use webhook_delivery::broker::BrokerEndpoint;
     use webhook_delivery::config::Settings;
+    use webhook_delivery::core::signing::SigningSecret;
     use webhook_delivery::ledger::BrokerRow;
-    use webhook_delivery::signing::SigningSecret;
 
     let secrets = [
         "PgPassw0rd-in-userinfo",

@@ -116,8 +116,8 @@ async fn a_killed_process_loses_nothing_and_resends_nothing_already_delivered() 
     let ids = ids_received(&receiver).await;
     assert_eq!(ids.len(), 30, "no event lost");
     for key in delivered_before {
-        let id = webhook_delivery::signing::webhook_id(
-            &webhook_delivery::event::IdempotencyKey::from_stored(key),
+        let id = webhook_delivery::core::signing::webhook_id(
+            &webhook_delivery::core::event::IdempotencyKey::from_stored(key),
         );
         assert_eq!(
             ids[&id], 1,

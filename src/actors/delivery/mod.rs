@@ -25,13 +25,13 @@ use crate::actors::idempotency::{
 use crate::broker::{BrokerEndpoint, EndpointError};
 use crate::circuit_breaker::{BreakerConfig, CircuitBreaker, Transition};
 use crate::config::DeliverySettings;
+use crate::core::policy::{classify, parse_retry_after, AttemptResult, RetryPolicy, Verdict};
+use crate::core::signing::{signature_header, webhook_id};
 use crate::delivery_queue::{Finish, LoadQueues};
 use crate::lease::LeaseBook;
 use crate::ledger::CircuitRecord;
 use crate::ledger::{AttemptOutcome, AttemptRecord, PendingDelivery};
 use crate::metrics::circuit_state_value;
-use crate::policy::{classify, parse_retry_after, AttemptResult, RetryPolicy, Verdict};
-use crate::signing::{signature_header, webhook_id};
 use crate::webhook_client::{self, WebhookRequest};
 
 /// How long a loaded broker row is trusted before it is read again (URL or secret changes).
@@ -155,7 +155,7 @@ pub struct DeliveryActor {
     broker_id: String,
     deps: DeliveryDeps,
     client: awc::Client,
-    network_policy: std::sync::Arc<crate::ssrf::NetworkPolicy>,
+    network_policy: std::sync::Arc<crate::core::ssrf::NetworkPolicy>,
     endpoint: Endpoint,
     lanes: LoadQueues<PendingDelivery>,
     breaker: CircuitBreaker,

@@ -9,7 +9,7 @@ use std::time::Duration;
 use actix::{Addr, MailboxError};
 
 use super::{ClaimBatch, IdempotencyActor, RecordRejected};
-use crate::bisect::write_in_order;
+use crate::core::bisect::write_in_order;
 use crate::ledger::{ClaimedDelivery, ErrorKind, LedgerError, RejectedMessage};
 
 /// How much of a refused event's value is kept in `rejected_messages`.

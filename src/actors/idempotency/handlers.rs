@@ -3,7 +3,7 @@ use std::time::Duration;
 use actix::{Handler, Message, ResponseFuture};
 
 use super::IdempotencyActor;
-use crate::event::ShipmentEvent;
+use crate::core::event::ShipmentEvent;
 use crate::ledger::{
     AttemptRecord, BrokerRow, CircuitRecord, ClaimedDelivery, LedgerError, PendingDelivery,
     RejectedMessage,

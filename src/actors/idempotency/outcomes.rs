@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use super::LedgerWatch;
-use crate::bisect::write_in_order;
+use crate::core::bisect::write_in_order;
 use crate::ledger::{AttemptOutcome, AttemptRecord, ErrorKind, Ledger, LedgerError};
 
 /// Writes `records` around the rows the database refuses (`first_error` is what the whole

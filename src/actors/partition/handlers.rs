@@ -8,7 +8,7 @@ use rdkafka::Message as _;
 use super::PartitionActor;
 use crate::actors::delivery_supervisor::RouteDeliveries;
 use crate::actors::idempotency::{claim_until_stored, ClaimBatch, ReleaseLease};
-use crate::event::{parse_event, RejectReason, ShipmentEvent};
+use crate::core::event::{parse_event, RejectReason, ShipmentEvent};
 use crate::ledger::RejectedMessage;
 
 /// How much of a rejected message's value is kept in `rejected_messages`.

@@ -34,7 +34,7 @@ pub struct PartitionDeps {
     pub instance_id: String,
     pub lease: Duration,
     pub request_timeout: Duration,
-    pub event_limits: crate::event::EventLimits,
+    pub event_limits: crate::core::event::EventLimits,
     pub max_batch_messages: usize,
     pub metrics: Arc<crate::metrics::Metrics>,
     pub health: crate::admin::Health,

@@ -1,7 +1,8 @@
 //! The outbound guard: which webhook URLs and addresses we are willing to call. A broker row is
 //! written by another system; without this, a URL pointing at 169.254.169.254 or an internal
 //! admin port would make us a proxy into our own network. The address check runs again at
-//! connect time, on the addresses actually resolved, so DNS tricks cannot bypass it.
+//! connect time, on the addresses actually resolved (the HTTP client's resolver in
+//! src/webhook_client.rs calls `screen_resolved`), so DNS tricks cannot bypass it.
 //!
 //! The refused ranges are the IANA special-purpose registries (IPv4 and IPv6, RFC 6890 and
 //! updates) minus the few entries that are globally reachable anycast services nobody hosts a
@@ -10,7 +11,7 @@
 //! with a public-looking IPv6 one. README.md lists the same table; a test keeps them equal.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, LazyLock};
+use std::sync::LazyLock;
 
 use ipnet::IpNet;
 
@@ -153,26 +154,6 @@ fn forbidden_kind(ip: IpAddr) -> Option<&'static str> {
         .map(|(_, kind)| *kind)
 }
 
-/// DNS resolution for the HTTP client that drops forbidden addresses, and refuses the
-/// connection when none is left.
-pub struct GuardedResolver {
-    pub policy: Arc<NetworkPolicy>,
-}
-
-impl actix_tls::connect::Resolve for GuardedResolver {
-    fn lookup<'a>(
-        &'a self,
-        host: &'a str,
-        port: u16,
-    ) -> futures::future::LocalBoxFuture<'a, Result<Vec<SocketAddr>, Box<dyn std::error::Error>>>
-    {
-        Box::pin(async move {
-            let resolved: Vec<SocketAddr> = tokio::net::lookup_host((host, port)).await?.collect();
-            self.policy.screen_resolved(host, resolved)
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -308,7 +289,7 @@ mod tests {
 
     #[test]
     fn every_range_is_valid_and_listed_in_the_readme() {
-        let readme = include_str!("../README.md");
+        let readme = include_str!("../../README.md");
         for (net, kind) in REFUSED_RANGES {
             assert!(net.parse::<IpNet>().is_ok(), "{net}");
             assert!(

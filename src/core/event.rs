@@ -180,7 +180,7 @@ pub fn parse_event(
     // serde_json's messages name a line and column, but are made storable anyway: the reason is
     // written to the ledger and no text derived from input is trusted there.
     let value: serde_json::Value = serde_json::from_str(text).map_err(|e| {
-        RejectReason::Malformed(crate::storable::storable(&e.to_string(), 512).into_owned())
+        RejectReason::Malformed(crate::core::storable::storable(&e.to_string(), 512).into_owned())
     })?;
     let fields = value.as_object().ok_or(RejectReason::NotAnObject)?;
     let string = |field: &'static str| match fields.get(field) {

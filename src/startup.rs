@@ -10,7 +10,7 @@ use actix::Actor;
 
 use crate::actors::delivery::DeliveryDeps;
 use crate::actors::delivery_supervisor::{DeliverySupervisor, DrainDeliveries};
-use crate::actors::idempotency::{IdempotencyActor, LedgerWatch};
+use crate::actors::ledger_gateway::{LedgerGateway, LedgerWatch};
 use crate::actors::partition::PartitionDeps;
 use crate::actors::partition_supervisor::{PartitionSupervisor, StopPartitions};
 use crate::admin::{self, AdminState, Health};
@@ -113,7 +113,7 @@ impl Application {
         let health = Health::default();
         let leases = LeaseBook::default();
         let stalls = StallBook::default();
-        let ledger_actor = IdempotencyActor::new(
+        let ledger_actor = LedgerGateway::new(
             ledger.clone(),
             LedgerWatch {
                 metrics: metrics.clone(),

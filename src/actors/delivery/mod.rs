@@ -19,8 +19,8 @@ use rand::Rng;
 
 pub use handlers::*;
 
-use crate::actors::idempotency::{
-    DisableBroker, IdempotencyActor, LoadBroker, LoadPending, RecordAttempts, RecordCircuit,
+use crate::actors::ledger_gateway::{
+    DisableBroker, LedgerGateway, LoadBroker, LoadPending, RecordAttempts, RecordCircuit,
 };
 use crate::broker::{BrokerEndpoint, EndpointError};
 use crate::circuit_breaker::{BreakerConfig, CircuitBreaker, Transition};
@@ -41,7 +41,7 @@ const MAILBOX_MESSAGES: usize = 64;
 
 #[derive(Clone)]
 pub struct DeliveryDeps {
-    pub ledger: Addr<IdempotencyActor>,
+    pub ledger: Addr<LedgerGateway>,
     pub leases: LeaseBook,
     pub settings: DeliverySettings,
     pub retry: RetryPolicy,

@@ -12,7 +12,7 @@ use actix::{Actor, ActorFutureExt, Addr, AsyncContext, Context, WrapFuture};
 pub use handlers::*;
 
 use crate::actors::delivery::{DeliveryActor, DeliveryDeps, LedgerHasMore};
-use crate::actors::idempotency::FindBrokersWithOverdueWork;
+use crate::actors::ledger_gateway::FindBrokersWithOverdueWork;
 
 /// The sweep only nudges brokers with work due for longer than this. What a DeliveryActor holds
 /// goes out within moments of coming due, so nudging on merely-due work would make every busy

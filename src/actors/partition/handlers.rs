@@ -7,7 +7,7 @@ use rdkafka::Message as _;
 
 use super::PartitionActor;
 use crate::actors::delivery_supervisor::RouteDeliveries;
-use crate::actors::idempotency::{claim_until_stored, ClaimBatch, ReleaseLease};
+use crate::actors::ledger_gateway::{claim_until_stored, ClaimBatch, ReleaseLease};
 use crate::core::event::{parse_event, RejectReason, ShipmentEvent};
 use crate::ledger::RejectedMessage;
 

@@ -20,7 +20,7 @@ pub use reader::{read_partition, PartitionReader};
 pub use tenure::{StoreDecision, Tenure};
 
 use crate::actors::delivery_supervisor::{DeliverySupervisor, LeaseAcquired};
-use crate::actors::idempotency::{AcquireLease, IdempotencyActor};
+use crate::actors::ledger_gateway::{AcquireLease, LedgerGateway};
 use crate::kafka::EventConsumer;
 use crate::lease::LeaseBook;
 
@@ -28,7 +28,7 @@ use crate::lease::LeaseBook;
 #[derive(Clone)]
 pub struct PartitionDeps {
     pub topic: String,
-    pub ledger: Addr<IdempotencyActor>,
+    pub ledger: Addr<LedgerGateway>,
     pub deliveries: Addr<DeliverySupervisor>,
     pub leases: LeaseBook,
     pub instance_id: String,

@@ -1,6 +1,8 @@
-//! IdempotencyActor: the one owner of the Postgres pool. Every ledger read and write in the
-//! running service goes through its messages. Handlers run concurrently (up to the pool size);
-//! the ledger's unique constraints, not this actor, are what make claims idempotent.
+//! LedgerGateway: the running service's one door to the ledger. It owns the Postgres pool, and
+//! every ledger read and write of the actors goes through its messages: claims, outcome writes
+//! (group-committed), leases, breaker transitions, broker rows, pending loads. Handlers run
+//! concurrently (up to the pool size); the ledger's unique constraints, not this actor, are what
+//! make claims idempotent.
 
 mod claim;
 mod handlers;
@@ -47,7 +49,7 @@ impl LedgerWatch {
     }
 }
 
-pub struct IdempotencyActor {
+pub struct LedgerGateway {
     ledger: Ledger,
     watch: LedgerWatch,
     /// Attempt outcomes from every DeliveryActor wait here while a write is in flight, and all
@@ -67,9 +69,9 @@ struct QueuedOutcomes {
     saved: oneshot::Sender<Result<(), String>>,
 }
 
-impl IdempotencyActor {
+impl LedgerGateway {
     pub fn new(ledger: Ledger, watch: LedgerWatch) -> Self {
-        IdempotencyActor {
+        LedgerGateway {
             ledger,
             watch,
             queued_outcomes: Vec::new(),
@@ -193,7 +195,7 @@ fn outcome_stall_name(broker_id: &str) -> String {
     format!("outcome writes of broker {broker_id}")
 }
 
-impl Actor for IdempotencyActor {
+impl Actor for LedgerGateway {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {

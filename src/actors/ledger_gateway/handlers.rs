@@ -2,7 +2,7 @@ use std::time::Duration;
 
 use actix::{Handler, Message, ResponseFuture};
 
-use super::IdempotencyActor;
+use super::LedgerGateway;
 use crate::core::event::ShipmentEvent;
 use crate::ledger::{
     AttemptRecord, BrokerRow, CircuitRecord, ClaimedDelivery, LedgerError, PendingDelivery,
@@ -19,7 +19,7 @@ pub struct ClaimBatch {
     pub rejected: Vec<RejectedMessage>,
 }
 
-impl Handler<ClaimBatch> for IdempotencyActor {
+impl Handler<ClaimBatch> for LedgerGateway {
     type Result = ResponseFuture<Result<Vec<ClaimedDelivery>, LedgerError>>;
 
     fn handle(&mut self, msg: ClaimBatch, _: &mut Self::Context) -> Self::Result {
@@ -59,7 +59,7 @@ pub struct RecordRejected {
     pub refused_by_ledger: usize,
 }
 
-impl Handler<RecordRejected> for IdempotencyActor {
+impl Handler<RecordRejected> for LedgerGateway {
     type Result = ResponseFuture<Result<(), LedgerError>>;
 
     fn handle(&mut self, msg: RecordRejected, _: &mut Self::Context) -> Self::Result {
@@ -95,7 +95,7 @@ pub struct LoadPending {
     pub limit: usize,
 }
 
-impl Handler<LoadPending> for IdempotencyActor {
+impl Handler<LoadPending> for LedgerGateway {
     type Result = ResponseFuture<Result<Vec<PendingDelivery>, LedgerError>>;
 
     fn handle(&mut self, msg: LoadPending, _: &mut Self::Context) -> Self::Result {
@@ -117,7 +117,7 @@ pub struct FindBrokersWithOverdueWork {
     pub overdue_for: Duration,
 }
 
-impl Handler<FindBrokersWithOverdueWork> for IdempotencyActor {
+impl Handler<FindBrokersWithOverdueWork> for LedgerGateway {
     type Result = ResponseFuture<Result<Vec<String>, LedgerError>>;
 
     fn handle(&mut self, msg: FindBrokersWithOverdueWork, _: &mut Self::Context) -> Self::Result {
@@ -138,7 +138,7 @@ pub struct LoadBroker {
     pub broker_id: String,
 }
 
-impl Handler<LoadBroker> for IdempotencyActor {
+impl Handler<LoadBroker> for LedgerGateway {
     type Result = ResponseFuture<Result<Option<BrokerRow>, LedgerError>>;
 
     fn handle(&mut self, msg: LoadBroker, _: &mut Self::Context) -> Self::Result {
@@ -161,7 +161,7 @@ pub struct RecordAttempts {
     pub records: Vec<AttemptRecord>,
 }
 
-impl Handler<RecordAttempts> for IdempotencyActor {
+impl Handler<RecordAttempts> for LedgerGateway {
     type Result = ResponseFuture<Result<(), String>>;
 
     fn handle(&mut self, msg: RecordAttempts, ctx: &mut Self::Context) -> Self::Result {
@@ -186,7 +186,7 @@ pub struct DisableBroker {
     pub reason: String,
 }
 
-impl Handler<DisableBroker> for IdempotencyActor {
+impl Handler<DisableBroker> for LedgerGateway {
     type Result = ResponseFuture<Result<(), LedgerError>>;
 
     fn handle(&mut self, msg: DisableBroker, _: &mut Self::Context) -> Self::Result {
@@ -211,7 +211,7 @@ pub struct AcquireLease {
     pub lease: Duration,
 }
 
-impl Handler<AcquireLease> for IdempotencyActor {
+impl Handler<AcquireLease> for LedgerGateway {
     type Result = ResponseFuture<Result<bool, LedgerError>>;
 
     fn handle(&mut self, msg: AcquireLease, _: &mut Self::Context) -> Self::Result {
@@ -235,7 +235,7 @@ pub struct ReleaseLease {
     pub linger: Duration,
 }
 
-impl Handler<ReleaseLease> for IdempotencyActor {
+impl Handler<ReleaseLease> for LedgerGateway {
     type Result = ResponseFuture<Result<(), LedgerError>>;
 
     fn handle(&mut self, msg: ReleaseLease, _: &mut Self::Context) -> Self::Result {
@@ -255,7 +255,7 @@ impl Handler<ReleaseLease> for IdempotencyActor {
 #[rtype(result = "()")]
 pub struct RecordCircuit(pub CircuitRecord);
 
-impl Handler<RecordCircuit> for IdempotencyActor {
+impl Handler<RecordCircuit> for LedgerGateway {
     type Result = ResponseFuture<()>;
 
     fn handle(&mut self, msg: RecordCircuit, _: &mut Self::Context) -> Self::Result {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use actix::{Addr, MailboxError};
 
-use super::{ClaimBatch, IdempotencyActor, RecordRejected};
+use super::{ClaimBatch, LedgerGateway, RecordRejected};
 use crate::core::bisect::write_in_order;
 use crate::ledger::{ClaimedDelivery, ErrorKind, LedgerError, RejectedMessage};
 
@@ -35,7 +35,7 @@ impl ClaimFailure {
 /// Claims `claim.events` and records `claim.rejected`, retrying until both are stored.
 /// Returns the new deliveries in offset order. `last_offset` is only for the log.
 pub async fn claim_until_stored(
-    ledger: Addr<IdempotencyActor>,
+    ledger: Addr<LedgerGateway>,
     claim: ClaimBatch,
     last_offset: i64,
 ) -> Vec<ClaimedDelivery> {

@@ -113,7 +113,7 @@ impl Application {
         let health = Health::default();
         let leases = LeaseBook::default();
         let stalls = StallBook::default();
-        let ledger_actor = LedgerGateway::new(
+        let ledger_gateway = LedgerGateway::new(
             ledger.clone(),
             LedgerWatch {
                 metrics: metrics.clone(),
@@ -124,7 +124,7 @@ impl Application {
         )
         .start();
         let deliveries = DeliverySupervisor::new(DeliveryDeps {
-            ledger: ledger_actor.clone(),
+            ledger: ledger_gateway.clone(),
             leases: leases.clone(),
             settings: settings.delivery.clone(),
             retry: settings.retry.policy(),
@@ -137,7 +137,7 @@ impl Application {
         let partitions = PartitionSupervisor::new(
             PartitionDeps {
                 topic: settings.kafka.topic.clone(),
-                ledger: ledger_actor,
+                ledger: ledger_gateway,
                 deliveries: deliveries.clone(),
                 leases: leases.clone(),
                 instance_id: instance_id.clone(),

@@ -15,9 +15,11 @@ pub const REQUEST_TIMEOUT_MS: u64 = 5_000;
 
 /// What the shipped-defaults profile changes in config/base.toml, as printed with the results.
 pub const SHIPPED_DEFAULTS_CHANGES: &str = "kafka.brokers, kafka.topic, kafka.group_id and \
-     postgres.url (the run's topic, group and database; sslmode as shipped), admin.bind (a free \
-     port), delivery.allow_http and delivery.allowed_networks = [\"127.0.0.0/8\"] (the receivers \
-     are plain http on loopback); nothing else";
+     postgres.url (the run's topic, group and database; sslmode as shipped), \
+     kafka.initial_offsets = \"earliest\" (a first deployment's starting point, which has no \
+     default: the backlog is already in the topic), admin.bind (a free port), \
+     delivery.allow_http and delivery.allowed_networks = [\"127.0.0.0/8\"] (the receivers are \
+     plain http on loopback); nothing else";
 
 /// The run's overrides of config/base.toml, as TOML.
 pub fn overrides(world: &World, profile: SettingsProfile) -> String {
@@ -36,6 +38,7 @@ fn shipped_defaults(world: &World) -> String {
 brokers = "{KAFKA}"
 topic = "{topic}"
 group_id = "{group}"
+initial_offsets = "earliest"
 
 [postgres]
 url = "{db_url}"

@@ -63,7 +63,7 @@ pub async fn run(args: RunArgs) -> Result<bool, BenchError> {
     std::fs::create_dir_all(&logs_dir)
         .map_err(|e| BenchError::io(format!("creating {}", logs_dir.display()), e))?;
     let context = BenchContext {
-        run_id: crate::core::event::now_micros().to_string()[4..12].to_owned(),
+        run_id: crate::event::now_micros().to_string()[4..12].to_owned(),
         config_dir: args.config_dir.clone(),
         logs_dir,
         settle: Duration::from_secs(if args.smoke { 1 } else { 3 }),

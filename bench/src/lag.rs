@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use webhook_delivery::config::KafkaSettings;
 use webhook_delivery::offsets::partition_offsets;
 
-use crate::core::event::now_micros;
+use crate::event::now_micros;
 
 pub const SAMPLE_EVERY: Duration = Duration::from_millis(500);
 const READ_TIMEOUT: Duration = Duration::from_secs(2);

@@ -10,7 +10,7 @@ use rdkafka::message::Message;
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::{ClientConfig, ClientContext};
 
-use crate::core::event::{event_json, load_of, marker_json, now_micros, FLUSH_LOAD};
+use crate::event::{event_json, load_of, marker_json, now_micros, FLUSH_LOAD};
 use crate::error::BenchError;
 use crate::scenario::Phase;
 use crate::world::KAFKA;
@@ -127,7 +127,7 @@ impl EventProducer {
         let load = load_of(index, self.loads);
         let produced_at = now_micros();
         let value = event_json(index, load, produced_at);
-        self.send(&crate::core::event::load_id(load), &value, None, index)?;
+        self.send(&crate::event::load_id(load), &value, None, index)?;
         self.sent.push((load, produced_at));
         Ok(())
     }

@@ -9,7 +9,7 @@ use webhook_delivery::config::KafkaSettings;
 use webhook_delivery::offsets::partition_offsets;
 
 use crate::analysis::{analyse, Observations};
-use crate::core::event::{now_micros, WARMUP_LOAD};
+use crate::event::{now_micros, WARMUP_LOAD};
 use crate::cpu::{CpuShare, CpuSnapshot};
 use crate::error::BenchError;
 use crate::lag::{LagPoint, LagSampler};
@@ -168,7 +168,7 @@ async fn exercise(
         let rows = scenario.history_rows;
         eprintln!("bench:   writing a ledger history of {rows} delivered deliveries");
         let started = Instant::now();
-        let payload = crate::core::event::event_json(0, 0, 0);
+        let payload = crate::event::event_json(0, 0, 0);
         let written = world
             .write_history(&History {
                 rows,

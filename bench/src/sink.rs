@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
 
-use crate::core::event::{now_micros, probe};
+use crate::event::{now_micros, probe};
 use crate::error::BenchError;
 use crate::scenario::Behaviour;
 

@@ -61,7 +61,7 @@ impl SutProcess {
         Ok(SutProcess {
             child,
             started: Instant::now(),
-            started_micros: crate::core::event::now_micros(),
+            started_micros: crate::event::now_micros(),
         })
     }
 

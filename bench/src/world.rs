@@ -9,7 +9,7 @@ use rdkafka::ClientConfig;
 use tokio_postgres::NoTls;
 use webhook_delivery::ledger::Ledger;
 
-use crate::core::event::{load_id, WARMUP_LOAD};
+use crate::event::{load_id, WARMUP_LOAD};
 use crate::error::BenchError;
 
 pub const KAFKA: &str = "127.0.0.1:9092";
@@ -254,7 +254,7 @@ pub struct History<'a> {
 
 /// One chunk of history: events $1..$2 of $3, each delivered to its load's subscribers
 /// (load = event % loads, subscriber k = (load + k * stride) % brokers), with one attempt per
-/// delivery. Names follow `broker_id` and `crate::core::event::load_id`.
+/// delivery. Names follow `broker_id` and `crate::event::load_id`.
 const HISTORY_SQL: &str = "
 WITH numbered AS (
     SELECT g,

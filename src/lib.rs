@@ -4,6 +4,7 @@ pub mod broker;
 pub mod circuit_breaker;
 pub mod cli;
 pub mod config;
+pub mod core;
 pub mod delivery_queue;
 pub mod event;
 #[cfg(feature = "fault-injection")]

@@ -68,6 +68,9 @@ pub struct Delivery<P> {
 pub struct Claimed<P> {
     pub delivery: Delivery<P>,
     pub pending_predecessor: Option<i64>,
+    /// When the claim was sent to the ledger (before it committed). A ledger page read after
+    /// that may have loaded, sent and finished the delivery already.
+    pub claimed_at: Millis,
 }
 
 /// Why a broker gets no requests (a broken row, a disabled broker, a URL the SSRF guard
@@ -107,6 +110,8 @@ pub struct Outcome<R> {
     pub order: Order,
     pub attempt: u32,
     pub decision: Decision,
+    /// When it was decided; a retry's delay counts from here.
+    pub decided_at: Millis,
     /// Why no request was made, when none was.
     pub not_sent: Option<Unusable>,
     pub report: Option<R>,
@@ -181,6 +186,10 @@ struct Sweep {
     /// Loads with a pending row this sweep saw but did not take: their later rows must not be
     /// taken either (a lane is a prefix).
     blocked: HashSet<String>,
+    /// A row was left in the ledger for lack of room.
+    skipped: bool,
+    /// One of them could have been sent at once (due, the first of its load).
+    skipped_ready: bool,
 }
 
 pub struct Scheduler<P, R> {
@@ -209,10 +218,22 @@ pub struct Scheduler<P, R> {
     /// Deliveries whose outcome was saved while a ledger page was being read: that page may
     /// still show them as pending.
     saved_during_load: HashSet<i64>,
+    /// When the last ledger page was taken in, or dead letters were last replayed. A claim
+    /// made before that is not trusted: the page may have brought its delivery in (and it may
+    /// be finished already), or the replay made an earlier delivery of its load pending again.
+    claims_stale_before: Option<Millis>,
     /// The earliest retry time of a delivery given back to the ledger to make room.
     parked_until: Option<Millis>,
+    /// The `wanted` count whose sweep reads what the last replay made pending.
+    replay_read_by: Option<u64>,
+    /// Loads whose head was awaiting the save of its outcome when dead letters were replayed:
+    /// if the outcome was already committed as dead, the replay made it pending again, so once
+    /// saved the lane is read again from the ledger instead of moving on.
+    replay_suspects: HashSet<String>,
     /// A sweep stopped for lack of room: look again once half the room is free.
     overflowed: bool,
+    /// Since the last sweep, a lane ended or a retry started waiting.
+    room_changed: bool,
     draining: bool,
     commands: VecDeque<Command<P, R>>,
 }
@@ -241,8 +262,12 @@ impl<P: Clone, R: Clone> Scheduler<P, R> {
             sweep: None,
             loading: None,
             saved_during_load: HashSet::new(),
+            claims_stale_before: None,
             parked_until: None,
+            replay_read_by: None,
+            replay_suspects: HashSet::new(),
             overflowed: false,
+            room_changed: false,
             draining: false,
             commands: VecDeque::new(),
         }
@@ -309,8 +334,18 @@ impl<P: Clone, R: Clone> Scheduler<P, R> {
         &self.config
     }
 
+    /// Is the broker row known to be usable (requests may be made)?
+    pub fn endpoint_usable(&self) -> bool {
+        matches!(self.endpoint, EndpointState::Known { usable: Ok(()), .. })
+    }
+
     pub fn holds_lease(&self, partition: i32) -> bool {
         self.leases.contains_key(&partition)
+    }
+
+    /// The generation of the lease held on `partition`, if one is.
+    pub fn lease_generation(&self, partition: i32) -> Option<u64> {
+        self.leases.get(&partition).copied()
     }
 
     /// True when the ledger may hold rows this scheduler wants but has not read yet.
@@ -329,15 +364,21 @@ impl<P: Clone, R: Clone> Scheduler<P, R> {
     // ---- inputs --------------------------------------------------------------------------
 
     /// Deliveries fresh from a claim (the fast path). One joins its lane only when its newest
-    /// pending predecessor is held here; otherwise (or when there is no room) it stays in the
-    /// ledger for a load to pick up behind its predecessors.
+    /// pending predecessor is held here and nothing since it was claimed makes that stale (see
+    /// `claims_stale_before`); otherwise, or when there is no room, it stays in the ledger for a
+    /// page to pick up behind its predecessors.
     pub fn claimed(&mut self, now: Millis, claimed: Vec<Claimed<P>>) {
         for Claimed {
             delivery,
             pending_predecessor,
+            claimed_at,
         } in claimed
         {
             if self.lanes.holds(delivery.id) || !self.holds_lease(delivery.partition) {
+                continue;
+            }
+            if self.claims_stale_before.is_some_and(|at| at >= claimed_at) {
+                self.wanted += 1;
                 continue;
             }
             let follows = match pending_predecessor {
@@ -346,15 +387,28 @@ impl<P: Clone, R: Clone> Scheduler<P, R> {
                     .lanes
                     .holds_order(&delivery.load, (delivery.partition, offset)),
             };
-            let blocked = self
-                .sweep
-                .as_ref()
-                .is_some_and(|sweep| sweep.blocked.contains(&delivery.load));
-            if !follows || blocked || !self.make_room_for(&delivery, now) {
+            // Until the sweep after a replay is done, a held predecessor says nothing about
+            // earlier deliveries the replay made pending again.
+            let replay_unread = self.replay_read_by.is_some_and(|w| self.done < w)
+                && self.lanes.has_lane(&delivery.load);
+            let blocked = replay_unread
+                || self
+                    .sweep
+                    .as_ref()
+                    .is_some_and(|sweep| sweep.blocked.contains(&delivery.load));
+            if !follows || blocked {
                 self.wanted += 1;
                 continue;
             }
-            self.hold(delivery, now);
+            match self.make_room_for(&delivery, now) {
+                None => self.wanted += 1,
+                Some(evicted) => {
+                    if let (Some(sweep), Some(load)) = (&mut self.sweep, evicted) {
+                        sweep.blocked.insert(load);
+                    }
+                    self.hold(delivery, now);
+                }
+            }
         }
         self.drive(now);
     }
@@ -370,11 +424,20 @@ impl<P: Clone, R: Clone> Scheduler<P, R> {
     /// scheduler may hold of their loads, so everything not started is given back and read
     /// again in order.
     pub fn replayed(&mut self, now: Millis) {
-        let loads: Vec<String> = self.lanes.loads().map(|(l, _, _)| l.to_owned()).collect();
-        for load in loads {
+        let loads: Vec<(String, Head)> = self
+            .lanes
+            .loads()
+            .map(|(load, head, _)| (load.to_owned(), head))
+            .collect();
+        for (load, head) in loads {
+            if head == Head::AwaitingSave {
+                self.replay_suspects.insert(load.clone());
+            }
             self.lanes.forget_lane(&load);
         }
+        self.claims_stale_before = Some(now);
         self.restart_sweep();
+        self.replay_read_by = Some(self.wanted);
         self.drive(now);
     }
 
@@ -384,12 +447,12 @@ impl<P: Clone, R: Clone> Scheduler<P, R> {
             return;
         }
         self.loading = None;
+        self.claims_stale_before = Some(now);
         let saved_meanwhile = std::mem::take(&mut self.saved_during_load);
         let Some(mut sweep) = self.sweep.take() else {
             return self.drive(now);
         };
         let full_page = rows.len() >= self.page_size();
-        let mut out_of_room = false;
         for row in rows {
             sweep.after = Some((row.partition, row.offset));
             if self.lanes.holds(row.id) || saved_meanwhile.contains(&row.id) {
@@ -398,10 +461,16 @@ impl<P: Clone, R: Clone> Scheduler<P, R> {
             if !self.holds_lease(row.partition) || sweep.blocked.contains(&row.load) {
                 continue;
             }
-            if self.make_room_for(&row, now) {
+            if let Some(evicted) = self.make_room_for(&row, now) {
+                // The evicted load's rows after this point must wait for the next sweep.
+                sweep.blocked.extend(evicted);
+                if sweep.blocked.contains(&row.load) {
+                    continue;
+                }
                 self.hold(row, now);
             } else {
-                out_of_room = true;
+                sweep.skipped = true;
+                sweep.skipped_ready |= row.due_in.is_zero() && !self.lanes.has_lane(&row.load);
                 if !row.due_in.is_zero() {
                     let due = now + row.due_in;
                     self.parked_until = Some(self.parked_until.map_or(due, |p| p.min(due)));
@@ -416,7 +485,12 @@ impl<P: Clone, R: Clone> Scheduler<P, R> {
             // Read to the end, or memory is full of what can go now: either way this sweep
             // did what it could. What it could not take is read again once room frees up.
             self.done = self.done.max(sweep.started_at);
-            self.overflowed |= out_of_room || full_page;
+            self.overflowed |= sweep.skipped || full_page;
+            if sweep.skipped_ready && self.has_waiting_lane(now) {
+                // A retry started waiting after a ready row was skipped: read again, so the
+                // retry gives way to it.
+                self.wanted += 1;
+            }
         }
         self.drive(now);
     }
@@ -503,6 +577,7 @@ impl<P: Clone, R: Clone> Scheduler<P, R> {
             }
         };
         self.decide(
+            now,
             &flight.load,
             flight.id,
             flight.attempt,
@@ -539,7 +614,7 @@ impl<P: Clone, R: Clone> Scheduler<P, R> {
         }
         for outcome in batch {
             let retry = match outcome.decision {
-                Decision::RetryIn(delay) => Some((now + delay, outcome.attempt)),
+                Decision::RetryIn(delay) => Some((outcome.decided_at + delay, outcome.attempt)),
                 _ => {
                     if self.loading.is_some() {
                         self.saved_during_load.insert(outcome.delivery_id);
@@ -549,6 +624,15 @@ impl<P: Clone, R: Clone> Scheduler<P, R> {
             };
             self.lanes
                 .saved(&outcome.load, outcome.delivery_id, retry, now);
+            if retry.is_some() || !self.lanes.has_lane(&outcome.load) {
+                // A retry now waits in memory, or a lane ended: rows left in the ledger for
+                // lack of room may fit (or be owed the retry's place) now.
+                self.room_changed = true;
+            }
+            if self.replay_suspects.remove(&outcome.load) && retry.is_none() {
+                self.forget_load(&outcome.load);
+                self.wanted += 1;
+            }
         }
         self.drive(now);
     }
@@ -617,9 +701,10 @@ impl<P: Clone, R: Clone> Scheduler<P, R> {
     }
 
     /// The shell restarted (a panic was contained). Requests in flight are gone; their answers,
-    /// if any still arrive, are ignored. Outcomes decided but not saved are kept and written
-    /// (again), and their lanes stay blocked until they are; everything else is read again
-    /// from the ledger.
+    /// if any still arrive, are ignored. Outcomes decided but not saved are kept, and their
+    /// lanes stay blocked until they are saved; a write already under way is not written again
+    /// (its answer is still awaited: writing it twice could mark a delivery dead again after an
+    /// operator replayed it). Everything else is read again from the ledger.
     pub fn restarted(&mut self, now: Millis) {
         self.epoch += 1;
         for (_, flight) in self.in_flight.drain() {
@@ -627,9 +712,6 @@ impl<P: Clone, R: Clone> Scheduler<P, R> {
         }
         self.breaker.abandon_probes();
         self.lanes.keep_only_awaiting_save();
-        if let Some((_, batch)) = self.saving.take() {
-            self.outbox.splice(0..0, batch);
-        }
         self.endpoint = EndpointState::Unknown;
         self.loading_endpoint = false;
         self.loading = None;
@@ -680,15 +762,16 @@ impl<P: Clone, R: Clone> Scheduler<P, R> {
     }
 
     /// Is there room to hold `delivery`? When memory is full and it would be a ready head of a
-    /// load not held, deliveries waiting for a retry give way (they stay pending in the ledger
-    /// and come back when due).
-    fn make_room_for(&mut self, delivery: &Delivery<P>, now: Millis) -> bool {
+    /// load not held, a delivery waiting for a retry gives way (it stays pending in the ledger
+    /// and comes back when due). `None`: no room; `Some(evicted)`: room, and the load that
+    /// gave some up, if one did.
+    fn make_room_for(&mut self, delivery: &Delivery<P>, now: Millis) -> Option<Option<String>> {
         if self.lanes.len() < self.config.capacity {
-            return true;
+            return Some(None);
         }
         let ready_head = delivery.due_in.is_zero() && !self.lanes.has_lane(&delivery.load);
         if !ready_head {
-            return false;
+            return None;
         }
         // The waiting lane with the most entries gives up its last one.
         let victim = self
@@ -703,24 +786,21 @@ impl<P: Clone, R: Clone> Scheduler<P, R> {
             })
             .max_by_key(|(load, _, len)| (*len, load.to_string()))
             .map(|(load, _, _)| load.to_owned());
-        let Some(victim) = victim else {
-            return false;
-        };
+        let victim = victim?;
         if let Some((head, _)) = self.lanes.head(&victim) {
             let due = head.not_before;
             self.parked_until = Some(self.parked_until.map_or(due, |p| p.min(due)));
         }
         self.lanes.evict_back(&victim, 1);
-        if let Some(sweep) = &mut self.sweep {
-            sweep.blocked.insert(victim);
-        }
         self.overflowed = true;
-        true
+        Some(Some(victim))
     }
 
     /// Records a decision: the lane waits for its save; the outcome joins the next write.
+    #[allow(clippy::too_many_arguments)]
     fn decide(
         &mut self,
+        now: Millis,
         load: &str,
         id: i64,
         attempt: u32,
@@ -739,6 +819,7 @@ impl<P: Clone, R: Clone> Scheduler<P, R> {
             order,
             attempt,
             decision,
+            decided_at: now,
             not_sent,
             report,
         };
@@ -791,6 +872,15 @@ impl<P: Clone, R: Clone> Scheduler<P, R> {
             self.overflowed = false;
             self.wanted += 1;
         }
+        if self.overflowed
+            && self.room_changed
+            && self.sweep.is_none()
+            && self.has_waiting_lane(now)
+        {
+            // The ledger holds rows that did not fit, and a retry holds room they may need.
+            self.room_changed = false;
+            self.wanted += 1;
+        }
         if !self.draining {
             if let Some(endpoint) = self.endpoint_now(now) {
                 self.start_ready(now, endpoint);
@@ -817,7 +907,15 @@ impl<P: Clone, R: Clone> Scheduler<P, R> {
                 let decision = Decision::Dead {
                     reason: unusable.reason.clone(),
                 };
-                self.decide(&load, id, attempt, decision, Some(unusable.clone()), None);
+                self.decide(
+                    now,
+                    &load,
+                    id,
+                    attempt,
+                    decision,
+                    Some(unusable.clone()),
+                    None,
+                );
                 continue;
             }
             if attempt > self.config.retry.max_attempts {
@@ -826,7 +924,7 @@ impl<P: Clone, R: Clone> Scheduler<P, R> {
                 let decision = Decision::Dead {
                     reason: format!("gave up after {} attempts", attempt - 1),
                 };
-                self.decide(&load, id, attempt - 1, decision, None, None);
+                self.decide(now, &load, id, attempt - 1, decision, None, None);
                 continue;
             }
             if self.in_flight.len() >= self.config.max_in_flight || !self.breaker.may_request() {
@@ -890,10 +988,13 @@ impl<P: Clone, R: Clone> Scheduler<P, R> {
             if self.wanted <= self.done || !has_room {
                 return;
             }
+            self.room_changed = false;
             self.sweep = Some(Sweep {
                 started_at: self.wanted,
                 after: None,
                 blocked: HashSet::new(),
+                skipped: false,
+                skipped_ready: false,
             });
         }
         let after = self.sweep.as_ref().and_then(|s| s.after);

@@ -44,6 +44,7 @@ fn claim(id: i64, load: &str, offset: i64, predecessor: Option<i64>) -> Claimed<
     Claimed {
         delivery: delivery(id, load, offset),
         pending_predecessor: predecessor,
+        claimed_at: Millis(5),
     }
 }
 
@@ -323,36 +324,42 @@ fn answers_from_before_a_restart_are_ignored() {
 fn an_unsaved_outcome_survives_a_restart_and_blocks_its_load() {
     let (mut s, _) = ready(CONFIG);
     let t = Millis(10);
-    s.claimed(t, vec![claim(1, "A", 1, None)]);
+    s.claimed(t, vec![claim(1, "A", 1, None), claim(2, "B", 2, None)]);
     let mut out = drain(&mut s, t);
     let sent = sends(&mut out);
     finish(&mut s, t, sent[0].0, OK);
     let mut out = drain(&mut s, t);
-    let lost_write = writes(&mut out);
+    let under_way = writes(&mut out);
+    finish(&mut s, t, sent[1].0, OK);
     s.restarted(t);
-    let rows = [delivery(1, "A", 1), delivery(2, "A", 2)];
+    let rows = [
+        delivery(1, "A", 1),
+        delivery(3, "A", 3),
+        delivery(2, "B", 2),
+    ];
     let mut out = Vec::new();
     answer_loads(&mut s, t, &mut out, &rows);
     assert!(
         sends(&mut out).is_empty(),
-        "1 is decided; 2 waits for its save"
+        "1 and 2 are decided; 3 waits for 1's save"
     );
-    let rewrite = writes(&mut out);
-    assert_eq!(rewrite[0].1[0].delivery_id, 1, "written again");
-    s.outcomes_saved(t, lost_write[0].0);
-    let mut out = drain(&mut s, t);
     assert!(
-        sends(&mut out).is_empty(),
-        "the old write's answer is not this incarnation's"
+        writes(&mut out).is_empty(),
+        "the write under way is not repeated"
     );
-    s.outcomes_saved(t, rewrite[0].0);
+    s.outcomes_saved(t, under_way[0].0);
     let mut out = drain(&mut s, t);
     assert_eq!(
         sends(&mut out)
             .iter()
             .map(|(_, id)| *id)
             .collect::<Vec<_>>(),
-        vec![2]
+        vec![3]
+    );
+    let next = writes(&mut out);
+    assert_eq!(
+        next[0].1[0].delivery_id, 2,
+        "the unsaved one is written next"
     );
 }
 
@@ -522,4 +529,49 @@ fn a_draining_scheduler_starts_nothing_and_reports_when_saved() {
     assert!(sends(&mut out).is_empty());
     s.outcomes_saved(t, writes(&mut out)[0].0);
     assert!(s.is_drained());
+}
+
+/// A claim made before a page was taken in may describe a delivery that page brought in and
+/// that is finished by now: it goes through the ledger instead.
+#[test]
+fn a_claim_older_than_the_last_page_is_not_trusted() {
+    let (mut s, _) = ready(CONFIG);
+    let t = Millis(10);
+    s.ledger_has_more(t);
+    let mut out = Vec::new();
+    answer_loads(&mut s, t, &mut out, &[delivery(1, "A", 1)]);
+    let sent = sends(&mut out);
+    finish(&mut s, t, sent[0].0, OK);
+    save_all(&mut s, t);
+    // The claim of 1 (made at 5, before the page at 10) arrives now.
+    s.claimed(t, vec![claim(1, "A", 1, None)]);
+    let mut out = drain(&mut s, t);
+    assert!(sends(&mut out).is_empty(), "delivered once, never again");
+}
+
+/// After a replay, a held predecessor does not prove that nothing earlier is pending.
+#[test]
+fn claims_wait_for_the_sweep_after_a_replay() {
+    let (mut s, _) = ready(CONFIG);
+    let t = Millis(10);
+    s.claimed(t, vec![claim(4, "A", 4, None)]);
+    let mut out = drain(&mut s, t);
+    let in_flight = sends(&mut out);
+    s.replayed(Millis(20));
+    let mut fresh = claim(7, "A", 7, Some(4));
+    fresh.claimed_at = Millis(30);
+    s.claimed(Millis(30), vec![fresh]);
+    finish(&mut s, Millis(30), in_flight[0].0, OK);
+    // The sweep finds the replayed 2 before 7.
+    let rows = [delivery(2, "A", 2), delivery(7, "A", 7)];
+    let mut sent = Vec::new();
+    for _ in 0..5 {
+        let mut out = Vec::new();
+        answer_loads(&mut s, Millis(30), &mut out, &rows);
+        sent.extend(sends(&mut out).into_iter().map(|(_, id)| id));
+        for (token, _) in writes(&mut out) {
+            s.outcomes_saved(Millis(30), token);
+        }
+    }
+    assert_eq!(sent, vec![2]);
 }

@@ -35,12 +35,13 @@ impl Handler<ClaimBatch> for IdempotencyActor {
     }
 }
 
+/// One page of a broker's pending deliveries, in (partition, offset) order after `after`.
 #[derive(Message)]
 #[rtype(result = "Result<Vec<PendingDelivery>, LedgerError>")]
 pub struct LoadPending {
     pub broker_id: String,
     pub partitions: Vec<i32>,
-    pub exclude: Vec<i64>,
+    pub after: Option<(i32, i64)>,
     pub limit: usize,
 }
 
@@ -51,7 +52,7 @@ impl Handler<LoadPending> for IdempotencyActor {
         let ledger = self.ledger.clone();
         Box::pin(async move {
             ledger
-                .pending_for_broker(&msg.broker_id, &msg.partitions, &msg.exclude, msg.limit)
+                .pending_for_broker(&msg.broker_id, &msg.partitions, msg.after, msg.limit)
                 .await
         })
     }

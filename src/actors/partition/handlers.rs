@@ -153,10 +153,13 @@ impl Handler<Revoke> for PartitionActor {
         if let Some(stop) = self.stop_reading.take() {
             let _ = stop.send(());
         }
-        self.deps.leases.revoke(self.partition);
-        self.deps.deliveries.do_send(PartitionRevoked {
-            partition: self.partition,
-        });
+        if let Some(generation) = self.lease_generation.take() {
+            self.deps.leases.revoke(self.partition, generation);
+            self.deps.deliveries.do_send(PartitionRevoked {
+                partition: self.partition,
+                generation,
+            });
+        }
         // Requests already in flight may run for up to request_timeout: the lease lingers that
         // long so the next owner cannot overlap with them.
         let release = self.deps.ledger.send(ReleaseLease {

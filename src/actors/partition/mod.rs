@@ -14,7 +14,7 @@ use tokio::sync::oneshot;
 
 pub use handlers::*;
 
-use crate::actors::delivery_supervisor::{DeliverySupervisor, LeaseAcquired};
+use crate::actors::delivery_supervisor::{DeliverySupervisor, LeaseAcquired, PartitionRevoked};
 use crate::actors::idempotency::{AcquireLease, IdempotencyActor};
 use crate::kafka::{EventConsumer, PartitionQueue};
 use crate::lease::LeaseBook;
@@ -41,7 +41,8 @@ pub struct PartitionActor {
     consumer: Arc<EventConsumer>,
     queue: Option<PartitionQueue>,
     stop_reading: Option<oneshot::Sender<()>>,
-    lease_held: bool,
+    /// The generation of the lease this actor holds (see LeaseBook), if it holds one.
+    lease_generation: Option<u64>,
     revoked: bool,
 }
 
@@ -58,7 +59,7 @@ impl PartitionActor {
             consumer,
             queue: Some(queue),
             stop_reading: None,
-            lease_held: false,
+            lease_generation: None,
             revoked: false,
         }
     }
@@ -79,32 +80,40 @@ impl PartitionActor {
             let (topic, partition) = (act.deps.topic.as_str(), act.partition);
             match result {
                 Ok(Ok(true)) => {
+                    let acquired = act.lease_generation.is_none();
+                    let generation = *act
+                        .lease_generation
+                        .get_or_insert_with(|| act.deps.leases.next_generation());
                     act.deps
                         .leases
-                        .grant(partition, requested_at + act.deps.lease);
-                    if !act.lease_held {
-                        act.lease_held = true;
+                        .grant(partition, generation, requested_at + act.deps.lease);
+                    if acquired {
                         tracing::info!(topic, partition, "partition lease acquired");
-                        act.deps.deliveries.do_send(LeaseAcquired { partition });
+                        act.deps.deliveries.do_send(LeaseAcquired {
+                            partition,
+                            generation,
+                        });
                     }
                 }
-                Ok(Ok(false)) => {
-                    if act.lease_held {
+                Ok(Ok(false)) => match act.lease_generation.take() {
+                    Some(generation) => {
                         tracing::warn!(
                             topic,
                             partition,
                             "partition lease lost to another instance"
                         );
-                    } else {
-                        tracing::info!(
-                            topic,
+                        act.deps.leases.revoke(partition, generation);
+                        act.deps.deliveries.do_send(PartitionRevoked {
                             partition,
-                            "waiting for another instance's lease on this partition to end"
-                        );
+                            generation,
+                        });
                     }
-                    act.lease_held = false;
-                    act.deps.leases.revoke(partition);
-                }
+                    None => tracing::info!(
+                        topic,
+                        partition,
+                        "waiting for another instance's lease on this partition to end"
+                    ),
+                },
                 // Keep what we have: it runs out by itself if the database stays away.
                 Ok(Err(error)) => {
                     tracing::warn!(topic, partition, error.message = %error, "lease renewal failed")

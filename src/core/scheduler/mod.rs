@@ -348,9 +348,9 @@ impl<P: Clone, R: Clone> Scheduler<P, R> {
         self.leases.get(&partition).copied()
     }
 
-    /// True when the ledger may hold rows this scheduler wants but has not read yet.
-    pub fn ledger_load_pending(&self) -> bool {
-        self.loading.is_some() || self.sweep.is_some() || self.wanted > self.done
+    /// True while a sweep of the ledger is under way (a page asked for or more to read).
+    pub fn ledger_read_in_flight(&self) -> bool {
+        self.loading.is_some() || self.sweep.is_some()
     }
 
     /// Draining and nothing left to finish: every request answered, every outcome saved.

@@ -13,6 +13,7 @@ mod reports;
 mod restart;
 mod retries;
 mod runbook;
+mod scheduling;
 mod ssrf;
 mod status;
 mod supervision;

@@ -204,6 +204,8 @@ pub struct Scheduler<P, R> {
     newest_lease: HashMap<i32, u64>,
     endpoint: EndpointState,
     loading_endpoint: bool,
+    /// The row is known to have changed since it was read (see `broker_changed`).
+    endpoint_outdated: bool,
     endpoint_retry_at: Option<Millis>,
     in_flight: HashMap<AttemptToken, InFlight>,
     outbox: Vec<Outcome<R>>,
@@ -251,6 +253,7 @@ impl<P: Clone, R: Clone> Scheduler<P, R> {
             newest_lease: HashMap::new(),
             endpoint: EndpointState::Unknown,
             loading_endpoint: false,
+            endpoint_outdated: false,
             endpoint_retry_at: None,
             in_flight: HashMap::new(),
             outbox: Vec::new(),
@@ -288,7 +291,11 @@ impl<P: Clone, R: Clone> Scheduler<P, R> {
         });
         let endpoint_due = match &self.endpoint {
             EndpointState::Known { at, .. } if !self.lanes.is_empty() && !self.loading_endpoint => {
-                let refresh = *at + self.config.endpoint_refresh;
+                let refresh = if self.endpoint_outdated {
+                    Millis(0)
+                } else {
+                    *at + self.config.endpoint_refresh
+                };
                 Some(
                     self.endpoint_retry_at
                         .map_or(refresh, |retry| retry.max(refresh)),
@@ -374,6 +381,13 @@ impl<P: Clone, R: Clone> Scheduler<P, R> {
             claimed_at,
         } in claimed
         {
+            // A claim creates deliveries only for enabled brokers: one made after we read the
+            // row as unusable says the row changed (re-enabled). Read it again before acting.
+            if let EndpointState::Known { usable: Err(_), at } = &self.endpoint {
+                if claimed_at > *at {
+                    self.endpoint_outdated = true;
+                }
+            }
             if self.lanes.holds(delivery.id) || !self.holds_lease(delivery.partition) {
                 continue;
             }
@@ -681,6 +695,7 @@ impl<P: Clone, R: Clone> Scheduler<P, R> {
     pub fn broker_loaded(&mut self, now: Millis, usable: Result<(), Unusable>) {
         self.loading_endpoint = false;
         self.endpoint_retry_at = None;
+        self.endpoint_outdated = false;
         self.endpoint = EndpointState::Known { usable, at: now };
         self.drive(now);
     }
@@ -694,9 +709,7 @@ impl<P: Clone, R: Clone> Scheduler<P, R> {
     /// The broker row changed (enabled, URL, secrets): read it again before the next decision
     /// that depends on it.
     pub fn broker_changed(&mut self, now: Millis) {
-        if let EndpointState::Known { at, .. } = &mut self.endpoint {
-            *at = Millis(0);
-        }
+        self.endpoint_outdated = true;
         self.drive(now);
     }
 
@@ -842,7 +855,7 @@ impl<P: Clone, R: Clone> Scheduler<P, R> {
             EndpointState::Unknown => (None, true),
             EndpointState::Known { usable, at } => (
                 Some(usable.clone()),
-                now >= *at + self.config.endpoint_refresh,
+                self.endpoint_outdated || now >= *at + self.config.endpoint_refresh,
             ),
         };
         let may_load = self.endpoint_retry_at.is_none_or(|at| now >= at);

@@ -575,3 +575,49 @@ fn claims_wait_for_the_sweep_after_a_replay() {
     }
     assert_eq!(sent, vec![2]);
 }
+
+/// Bug 1 as observed: the broker is re-enabled and new events are claimed within the row's
+/// refresh period. The claims prove the row changed; they are not dead-lettered on the old read.
+#[test]
+fn a_claim_after_the_row_was_read_unusable_reads_it_again() {
+    let mut s = Sched::new(CONFIG, Millis(0));
+    s.lease_gained(Millis(0), 0, 1);
+    s.claimed(Millis(0), vec![claim(1, "A", 1, None)]);
+    while let Some(c) = s.poll_command() {
+        match c {
+            Command::LoadBroker => s.broker_loaded(
+                Millis(1),
+                Err(Unusable {
+                    class: "invalid_broker",
+                    reason: "broker disabled".into(),
+                }),
+            ),
+            Command::LoadPending { token, .. } => s.loaded(Millis(1), token, Vec::new()),
+            _ => {}
+        }
+    }
+    let t = Millis(100);
+    let mut fresh = claim(2, "B", 2, None);
+    fresh.claimed_at = Millis(50);
+    s.claimed(t, vec![fresh]);
+    let mut reads = 0;
+    let mut out = Vec::new();
+    while let Some(c) = s.poll_command() {
+        match c {
+            Command::LoadBroker => {
+                reads += 1;
+                s.broker_loaded(t, Ok(()));
+            }
+            Command::LoadPending { token, .. } => s.loaded(t, token, Vec::new()),
+            other => out.push(other),
+        }
+    }
+    assert_eq!(reads, 1, "the row is read again");
+    assert_eq!(
+        sends(&mut out)
+            .iter()
+            .map(|(_, id)| *id)
+            .collect::<Vec<_>>(),
+        vec![2]
+    );
+}

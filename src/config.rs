@@ -564,8 +564,8 @@ impl DeliverySettings {
 }
 
 impl CircuitBreakerSettings {
-    pub fn breaker_config(&self) -> crate::circuit_breaker::BreakerConfig {
-        crate::circuit_breaker::BreakerConfig {
+    pub fn breaker_config(&self) -> crate::core::breaker::BreakerConfig {
+        crate::core::breaker::BreakerConfig {
             failure_threshold: self.failure_threshold,
             failure_ratio: self.failure_ratio,
             min_requests: self.min_requests,

@@ -1,11 +1,9 @@
 pub mod actors;
 pub mod admin;
 pub mod broker;
-pub mod circuit_breaker;
 pub mod cli;
 pub mod config;
 pub mod core;
-pub mod delivery_queue;
 #[cfg(feature = "fault-injection")]
 pub mod fault_injection;
 pub mod kafka;

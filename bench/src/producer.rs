@@ -10,8 +10,8 @@ use rdkafka::message::Message;
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::{ClientConfig, ClientContext};
 
-use crate::event::{event_json, load_of, marker_json, now_micros, FLUSH_LOAD};
 use crate::error::BenchError;
+use crate::event::{event_json, load_of, marker_json, now_micros, FLUSH_LOAD};
 use crate::scenario::Phase;
 use crate::world::KAFKA;
 

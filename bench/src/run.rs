@@ -9,9 +9,9 @@ use webhook_delivery::config::KafkaSettings;
 use webhook_delivery::offsets::partition_offsets;
 
 use crate::analysis::{analyse, Observations};
-use crate::event::{now_micros, WARMUP_LOAD};
 use crate::cpu::{CpuShare, CpuSnapshot};
 use crate::error::BenchError;
+use crate::event::{now_micros, WARMUP_LOAD};
 use crate::lag::{LagPoint, LagSampler};
 use crate::producer::{EventProducer, Production};
 use crate::report::RunResult;

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
 
-use crate::event::{now_micros, probe};
 use crate::error::BenchError;
+use crate::event::{now_micros, probe};
 use crate::scenario::Behaviour;
 
 /// What the receiver answered.

@@ -9,8 +9,8 @@ use rdkafka::ClientConfig;
 use tokio_postgres::NoTls;
 use webhook_delivery::ledger::Ledger;
 
-use crate::event::{load_id, WARMUP_LOAD};
 use crate::error::BenchError;
+use crate::event::{load_id, WARMUP_LOAD};
 
 pub const KAFKA: &str = "127.0.0.1:9092";
 const ADMIN_DB_URL: &str = "postgres://postgres@127.0.0.1:5432/test";

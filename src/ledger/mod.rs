@@ -295,10 +295,13 @@ pub struct PendingDelivery {
 /// A delivery created by a claim. `pending_predecessor_offset` is the offset of the newest
 /// earlier delivery of the same (broker, load) that was still pending when it was claimed
 /// (another delivery of the same claim included): it must not be sent before that one.
+/// `claimed_at` is taken before the claim was sent, so it is no later than the commit (the
+/// scheduler distrusts claims older than its last ledger page).
 #[derive(Debug, Clone)]
 pub struct ClaimedDelivery {
     pub delivery: PendingDelivery,
     pub pending_predecessor_offset: Option<i64>,
+    pub claimed_at: std::time::Instant,
 }
 
 /// A `brokers` row as another system wrote it: unchecked text. `broker::BrokerEndpoint::from_row`
@@ -491,6 +494,7 @@ impl Ledger {
         if events.is_empty() {
             return Ok(Vec::new());
         }
+        let claimed_at = std::time::Instant::now();
         let keys: Vec<&str> = events.iter().map(|(_, e)| e.key.as_str()).collect();
         let event_ids: Vec<Option<&str>> =
             events.iter().map(|(_, e)| e.event_id.as_deref()).collect();
@@ -607,6 +611,7 @@ impl Ledger {
                         payload: event.payload.clone(),
                     },
                     pending_predecessor_offset: row.get(5),
+                    claimed_at,
                 }
             })
             .collect())
@@ -646,19 +651,19 @@ impl Ledger {
     /// per-load order (docs/design.md 4): a load lives in one partition, and a LIMIT over offset
     /// order cuts each partition's rows at one offset. Offset order (rather than partition, then
     /// offset) lets the index `deliveries_pending_by_offset` stop at the LIMIT without a sort.
+    /// One page of a broker's pending deliveries in `partitions`, in (partition, offset) order,
+    /// after `after`: a range scan of `deliveries_pending` bounded by `limit`. The scheduler
+    /// walks the pages with a cursor, so rows it cannot use now (behind a retry) never hide the
+    /// ones it can.
     pub async fn pending_for_broker(
         &self,
         broker_id: &str,
         partitions: &[i32],
-        exclude: &[i64],
+        after: Option<(i32, i64)>,
         limit: usize,
     ) -> Result<Vec<PendingDelivery>, LedgerError> {
-        // The held rows are skipped here rather than in SQL: `NOT (id = ANY(...))` with a full
-        // mailbox's worth of ids turns the ordered index walk into a scan and sort of the whole
-        // backlog. Of the first `limit + held` rows in offset order at most `held` are held, so
-        // what remains is still every unheld row below one offset: a per-load prefix.
-        let held: std::collections::HashSet<i64> = exclude.iter().copied().collect();
-        let fetch = i64::try_from(limit + held.len()).unwrap_or(i64::MAX);
+        let (after_partition, after_offset) = after.unwrap_or((i32::MIN, i64::MIN));
+        let fetch = i64::try_from(limit).unwrap_or(i64::MAX);
         let client = self.client().await?;
         let statement = client
             .prepare_cached(
@@ -667,17 +672,25 @@ impl Ledger {
                         e.payload, e.event_id
                  FROM deliveries d JOIN events e ON e.idempotency_key = d.idempotency_key
                  WHERE d.broker_id = $1 AND d.state = 'pending' AND d.kafka_partition = ANY($2)
-                 ORDER BY d.kafka_offset
-                 LIMIT $3",
+                   AND (d.kafka_partition, d.kafka_offset) > ($3, $4)
+                 ORDER BY d.kafka_partition, d.kafka_offset
+                 LIMIT $5",
             )
             .await?;
         let rows = client
-            .query(&statement, &[&broker_id, &partitions, &fetch])
+            .query(
+                &statement,
+                &[
+                    &broker_id,
+                    &partitions,
+                    &after_partition,
+                    &after_offset,
+                    &fetch,
+                ],
+            )
             .await?;
         Ok(rows
             .iter()
-            .filter(|row| !held.contains(&row.get::<_, i64>(0)))
-            .take(limit)
             .map(|row| PendingDelivery {
                 delivery_id: row.get(0),
                 key: IdempotencyKey::from_stored(row.get(1)),

@@ -22,6 +22,7 @@ mod restart;
 mod retention;
 mod retries;
 mod runbook;
+mod scheduling;
 mod ssrf;
 mod status;
 mod supervision;

@@ -1,7 +1,7 @@
 use actix::{Handler, Message, ResponseFuture};
 
-use super::{BrokerSnapshot, DeliveryActor};
-use crate::delivery_queue::Inserted;
+use super::{millis, BrokerSnapshot, DeliveryActor};
+use crate::core::scheduler::{Claimed, Delivery, IoToken};
 use crate::ledger::ClaimedDelivery;
 
 /// New deliveries for this broker, fresh from a claim (the fast path).
@@ -15,42 +15,34 @@ impl Handler<Deliver> for DeliveryActor {
     type Result = ();
 
     fn handle(&mut self, msg: Deliver, ctx: &mut Self::Context) {
-        self.guarded(ctx, "deliver", |act, ctx| act.accept(msg.claimed, ctx));
+        let claimed = msg
+            .claimed
+            .into_iter()
+            .map(|claimed| {
+                let row = claimed.delivery;
+                Claimed {
+                    delivery: Delivery {
+                        id: row.delivery_id,
+                        load: row.load_id.clone(),
+                        partition: row.partition,
+                        offset: row.offset,
+                        attempts: row.attempts,
+                        due_in: row.due_in,
+                        item: row,
+                    },
+                    pending_predecessor: claimed.pending_predecessor_offset,
+                    claimed_at: millis(claimed.claimed_at),
+                }
+            })
+            .collect();
+        self.guarded(ctx, "deliver", |act, ctx| {
+            act.step(ctx, |s, now| s.claimed(now, claimed))
+        });
     }
 }
 
-impl DeliveryActor {
-    /// The fast path. Every pending delivery of a load up to `covered_through` is held here or
-    /// was finished here (lanes fill in offset order, from claims and from ledger loads), so a
-    /// new delivery may join only if its newest pending predecessor is covered. Otherwise it
-    /// stays in the ledger and a load picks it up behind its predecessors; other loads are not
-    /// affected.
-    fn accept(&mut self, claimed: Vec<ClaimedDelivery>, ctx: &mut <Self as actix::Actor>::Context) {
-        for claimed in claimed {
-            let delivery = claimed.delivery;
-            let predecessor_held = match claimed.pending_predecessor_offset {
-                None => true,
-                Some(offset) => self
-                    .lanes
-                    .covered_through(&delivery.load_id)
-                    .is_some_and(|(_, covered)| covered >= offset),
-            };
-            if !predecessor_held {
-                self.want_ledger_load();
-                continue;
-            }
-            let (id, order) = (delivery.delivery_id, (delivery.partition, delivery.offset));
-            let load_id = delivery.load_id.clone();
-            if self.lanes.insert(id, &load_id, order, None, delivery) == Inserted::Full {
-                self.want_ledger_load();
-            }
-        }
-        self.dispatch(ctx);
-    }
-}
-
-/// The ledger may hold pending deliveries that are not in memory (the mailbox was full, a lease
-/// was acquired, or the sweep found overdue work).
+/// The ledger may hold pending deliveries that are not in memory (the mailbox was full, or the
+/// sweep found overdue work).
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct LedgerHasMore;
@@ -59,23 +51,91 @@ impl Handler<LedgerHasMore> for DeliveryActor {
     type Result = ();
 
     fn handle(&mut self, _: LedgerHasMore, ctx: &mut Self::Context) {
-        self.want_ledger_load();
-        self.guarded(ctx, "dispatch", Self::dispatch);
+        self.guarded(ctx, "ledger_has_more", |act, ctx| {
+            act.step(ctx, |s, now| s.ledger_has_more(now))
+        });
     }
 }
 
-/// A partition was revoked: forget its queued deliveries (in-flight ones finish).
+/// Dead letters were put back in the queue (admin API): read the ledger again so a replayed
+/// delivery goes before later ones of its load.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct ForgetPartition {
-    pub partition: i32,
-}
+pub struct Replayed;
 
-impl Handler<ForgetPartition> for DeliveryActor {
+impl Handler<Replayed> for DeliveryActor {
     type Result = ();
 
-    fn handle(&mut self, msg: ForgetPartition, _: &mut Self::Context) {
-        self.lanes.forget_partition(msg.partition);
+    fn handle(&mut self, _: Replayed, ctx: &mut Self::Context) {
+        self.guarded(ctx, "replayed", |act, ctx| {
+            act.step(ctx, |s, now| s.replayed(now))
+        });
+    }
+}
+
+/// This instance took a partition's lease (as `generation`): its pending deliveries are ours.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct LeaseGained {
+    pub partition: i32,
+    pub generation: u64,
+}
+
+impl Handler<LeaseGained> for DeliveryActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: LeaseGained, ctx: &mut Self::Context) {
+        self.guarded(ctx, "lease_gained", |act, ctx| {
+            act.step(ctx, |s, now| {
+                s.lease_gained(now, msg.partition, msg.generation)
+            })
+        });
+    }
+}
+
+/// A partition's lease `generation` ended: forget its queued deliveries (in-flight ones
+/// finish). A late message about an older generation changes nothing.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct LeaseLost {
+    pub partition: i32,
+    pub generation: u64,
+}
+
+impl Handler<LeaseLost> for DeliveryActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: LeaseLost, ctx: &mut Self::Context) {
+        self.guarded(ctx, "lease_lost", |act, ctx| {
+            act.step(ctx, |s, now| {
+                s.lease_lost(now, msg.partition, msg.generation)
+            })
+        });
+    }
+}
+
+/// The answer to a `WriteOutcomes`, sent by a task outside the actor's context so that it
+/// arrives even across a restart.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct OutcomesWritten {
+    pub token: IoToken,
+    pub saved: bool,
+}
+
+impl Handler<OutcomesWritten> for DeliveryActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: OutcomesWritten, ctx: &mut Self::Context) {
+        self.guarded(ctx, "outcomes_written", |act, ctx| {
+            act.step(ctx, |s, now| {
+                if msg.saved {
+                    s.outcomes_saved(now, msg.token)
+                } else {
+                    s.outcomes_save_failed(now, msg.token)
+                }
+            })
+        });
     }
 }
 
@@ -87,11 +147,12 @@ pub struct Drain;
 impl Handler<Drain> for DeliveryActor {
     type Result = ResponseFuture<()>;
 
-    fn handle(&mut self, _: Drain, _: &mut Self::Context) -> Self::Result {
-        self.is_draining = true;
+    fn handle(&mut self, _: Drain, ctx: &mut Self::Context) -> Self::Result {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.draining.push(tx);
-        self.notify_drained_if_idle();
+        self.guarded(ctx, "drain", |act, ctx| {
+            act.step(ctx, |s, now| s.drain(now))
+        });
         Box::pin(async move {
             let _ = rx.await;
         })
@@ -107,5 +168,19 @@ impl Handler<Snapshot> for DeliveryActor {
 
     fn handle(&mut self, _: Snapshot, _: &mut Self::Context) -> Self::Result {
         actix::MessageResult(self.snapshot())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn the_shell_clock_is_monotonic_from_its_origin() {
+        let earlier = Instant::now();
+        let later = earlier + Duration::from_millis(1_500);
+        assert!(millis(later).since(millis(earlier)) >= Duration::from_millis(1_499));
     }
 }

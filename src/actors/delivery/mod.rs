@@ -1,20 +1,21 @@
-//! DeliveryActor: one per broker. Owns the broker's HTTP client, its in-memory lanes (one per
-//! load, bounded by `delivery.mailbox_capacity`) and its in-flight limit. The ledger is the truth
-//! (docs/design.md 1): whatever is not in memory is pending in the ledger and is loaded in
-//! (partition, offset) order when there is room.
-//!
-//! One attempt is four small steps: `dispatch` picks what may go, `attempt` makes the call,
-//! `record_outcome` classifies it with the policy, `save_outcomes` writes a batch to the ledger
-//! and only then frees the load's lane for its next delivery.
+//! DeliveryActor: one per broker, a thin shell around the broker's pure scheduler
+//! ([`crate::core::scheduler::Scheduler`]). Every input (a claim, an answer, a saved outcome,
+//! a ledger page, a broker row, a lease change, a timer) goes to the scheduler with the time;
+//! the actor then carries out the commands the scheduler queued: make a request, log a
+//! decision, write outcomes, read the ledger or the broker row, disable the broker, log a
+//! breaker transition, and sets one timer for the scheduler's next wakeup. The decisions (which
+//! delivery goes next, per-load order, the breaker, retries, room, replays, restarts) are all in
+//! the scheduler and proven by the simulator in tests/simulation.rs.
 
 mod handlers;
 
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use actix::{
     Actor, ActorContext, ActorFutureExt, Addr, AsyncContext, Context, SpawnHandle, WrapFuture,
 };
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use rand::Rng;
 
 pub use handlers::*;
@@ -22,15 +23,18 @@ pub use handlers::*;
 use crate::actors::ledger_gateway::{
     DisableBroker, LedgerGateway, LoadBroker, LoadPending, RecordAttempts, RecordCircuit,
 };
-use crate::broker::{BrokerEndpoint, EndpointError};
-use crate::circuit_breaker::{BreakerConfig, CircuitBreaker, Transition};
+use crate::broker::BrokerEndpoint;
 use crate::config::DeliverySettings;
-use crate::core::policy::{classify, parse_retry_after, AttemptResult, RetryPolicy, Verdict};
+use crate::core::breaker::{BreakerConfig, Transition};
+use crate::core::policy::{parse_retry_after, AttemptResult, RetryPolicy};
+use crate::core::scheduler::{
+    AttemptToken, Command, Decision, Delivery, IoToken, NotMade, Outcome, Scheduler,
+    SchedulerConfig, Unusable,
+};
 use crate::core::signing::{signature_header, webhook_id};
-use crate::delivery_queue::{Finish, LoadQueues};
+use crate::core::Millis;
 use crate::lease::LeaseBook;
-use crate::ledger::CircuitRecord;
-use crate::ledger::{AttemptOutcome, AttemptRecord, PendingDelivery};
+use crate::ledger::{AttemptOutcome, AttemptRecord, CircuitRecord, PendingDelivery};
 use crate::metrics::circuit_state_value;
 use crate::webhook_client::{self, WebhookRequest};
 
@@ -50,21 +54,22 @@ pub struct DeliveryDeps {
     pub instance_id: String,
 }
 
-enum Endpoint {
-    Unknown,
-    Loading,
-    Loaded {
-        endpoint: Result<BrokerEndpoint, Unusable>,
-        at: Instant,
-    },
+/// The shell's clock for the scheduler: milliseconds since the process first asked.
+pub fn millis(at: Instant) -> Millis {
+    static ORIGIN: OnceLock<Instant> = OnceLock::new();
+    let origin = *ORIGIN.get_or_init(Instant::now);
+    Millis(u64::try_from(at.saturating_duration_since(origin).as_millis()).unwrap_or(u64::MAX))
 }
 
-/// Why a broker's endpoint gets no requests: a broken `brokers` row, or a URL the SSRF guard
-/// refuses. Decided once per endpoint load; each delivery is then dead-lettered with it.
-#[derive(Clone)]
-struct Unusable {
-    class: &'static str,
-    reason: String,
+/// The wall-clock time of a scheduler instant, for logs and the admin API.
+fn wall_clock(at: Millis) -> DateTime<Utc> {
+    let now = millis(Instant::now());
+    let offset = |d: Duration| chrono::Duration::from_std(d).unwrap_or_default();
+    if at <= now {
+        Utc::now() - offset(now.since(at))
+    } else {
+        Utc::now() + offset(at.since(now))
+    }
 }
 
 /// A broker's live state on this instance (admin API `GET /brokers`).
@@ -72,16 +77,17 @@ struct Unusable {
 pub struct BrokerSnapshot {
     pub broker_id: String,
     pub circuit_state: &'static str,
-    pub circuit_since: chrono::DateTime<Utc>,
-    pub circuit_open_until: Option<chrono::DateTime<Utc>>,
+    pub circuit_since: DateTime<Utc>,
+    pub circuit_open_until: Option<DateTime<Utc>>,
     pub consecutive_failures: u32,
     pub in_flight: usize,
     pub in_memory: usize,
 }
 
-/// What one attempt produced, in the terms the policy and the ledger need.
-struct AttemptReport {
-    started_at: chrono::DateTime<Utc>,
+/// What one request produced, in the terms the log line and the ledger need.
+#[derive(Debug, Clone)]
+pub struct AttemptReport {
+    started_at: DateTime<Utc>,
     latency: Duration,
     result: AttemptResult,
     status_code: Option<u16>,
@@ -92,7 +98,7 @@ struct AttemptReport {
 impl AttemptReport {
     fn from_response(
         response: Result<webhook_client::WebhookResponse, webhook_client::SendError>,
-        started_at: chrono::DateTime<Utc>,
+        started_at: DateTime<Utc>,
         latency: Duration,
     ) -> AttemptReport {
         let (result, status_code, error) = match response {
@@ -112,7 +118,8 @@ impl AttemptReport {
                     )
                 }),
             ),
-            // The SSRF guard refused the resolved address: permanent, like a bad URL.
+            // The SSRF guard refused the resolved address: permanent, like a bad URL, and no
+            // request reached the broker.
             Err(error @ webhook_client::SendError::Refused(_)) => (
                 AttemptResult::RequestInvalid,
                 None,
@@ -132,23 +139,6 @@ impl AttemptReport {
             error,
         }
     }
-
-    /// A request we decided not to make (invalid broker row, refused URL).
-    fn not_sent(class: &'static str, reason: String) -> AttemptReport {
-        AttemptReport {
-            started_at: Utc::now(),
-            latency: Duration::ZERO,
-            result: AttemptResult::RequestInvalid,
-            status_code: None,
-            error: Some((class, reason)),
-        }
-    }
-}
-
-/// An attempt whose outcome is decided but not yet written to the ledger.
-struct UnsavedOutcome {
-    load_id: String,
-    record: AttemptRecord,
 }
 
 pub struct DeliveryActor {
@@ -156,20 +146,10 @@ pub struct DeliveryActor {
     deps: DeliveryDeps,
     client: awc::Client,
     network_policy: std::sync::Arc<crate::core::ssrf::NetworkPolicy>,
-    endpoint: Endpoint,
-    lanes: LoadQueues<PendingDelivery>,
-    breaker: CircuitBreaker,
-    /// Attempts started whose outcome is not yet saved.
-    in_flight: usize,
-    /// Bumped whenever pending deliveries may exist in the ledger that are not in `lanes`.
-    ledger_load_wanted: u64,
-    /// The `ledger_load_wanted` value at the start of the last load that found everything.
-    ledger_load_done: u64,
-    loading_from_ledger: bool,
-    unsaved: Vec<UnsavedOutcome>,
-    saving: bool,
+    scheduler: Scheduler<PendingDelivery, AttemptReport>,
+    /// The broker's endpoint as last read, when usable (the scheduler knows whether it is).
+    endpoint: Option<BrokerEndpoint>,
     draining: Vec<tokio::sync::oneshot::Sender<()>>,
-    is_draining: bool,
     wakeup: Option<SpawnHandle>,
 }
 
@@ -181,105 +161,97 @@ impl DeliveryActor {
             deps.settings.request_timeout(),
             network_policy.clone(),
         );
-        let lanes = LoadQueues::new(deps.settings.mailbox_capacity);
-        let breaker = CircuitBreaker::new(deps.breaker, Instant::now());
+        let config = SchedulerConfig {
+            capacity: deps.settings.mailbox_capacity,
+            max_in_flight: deps.settings.max_in_flight_per_broker,
+            request_timeout: deps.settings.request_timeout(),
+            endpoint_refresh: ENDPOINT_REFRESH,
+            retry: deps.retry,
+            breaker: deps.breaker,
+        };
+        let now = Instant::now();
+        let mut scheduler = Scheduler::new(config, millis(now));
+        // Leases taken before this actor existed.
+        for (partition, generation) in deps.leases.held_generations(now) {
+            scheduler.lease_gained(millis(now), partition, generation);
+        }
         DeliveryActor {
             network_policy,
-            breaker,
             broker_id,
             deps,
             client,
-            endpoint: Endpoint::Unknown,
-            lanes,
-            in_flight: 0,
-            // A new actor knows nothing yet: look in the ledger first.
-            ledger_load_wanted: 1,
-            ledger_load_done: 0,
-            loading_from_ledger: false,
-            unsaved: Vec::new(),
-            saving: false,
+            scheduler,
+            endpoint: None,
             draining: Vec::new(),
-            is_draining: false,
             wakeup: None,
         }
     }
 
-    /// Starts as many attempts as the in-flight limit allows, then arranges to be called again.
-    fn dispatch(&mut self, ctx: &mut Context<Self>) {
-        if self.is_draining {
-            return;
-        }
-        let endpoint = match &self.endpoint {
-            Endpoint::Loaded { endpoint, at } if at.elapsed() < ENDPOINT_REFRESH => {
-                endpoint.clone()
-            }
-            Endpoint::Loading => return,
-            _ => return self.load_endpoint(ctx),
-        };
-        let now = Instant::now();
-        let request_timeout = self.deps.settings.request_timeout();
-        while self.in_flight < self.deps.settings.max_in_flight_per_broker
-            && self.lanes.has_ready(now)
-        {
-            // While the circuit is open the deliveries just wait: no request, no attempt spent.
-            let (allowed, transition) = self.breaker.try_acquire(now);
-            if let Some(transition) = transition {
-                self.log_transition(&transition);
-            }
-            if !allowed {
-                break;
-            }
-            let Some((load_id, delivery)) = self.lanes.pop_ready(now) else {
-                break;
-            };
-            let delivery = delivery.clone();
-            if !self
-                .deps
-                .leases
-                .may_send(delivery.partition, now, request_timeout)
-            {
-                // Not ours to send (any more): it stays pending for the partition's owner.
-                self.lanes.forget_lane(&load_id);
-                continue;
-            }
-            #[cfg(feature = "fault-injection")]
-            crate::fault_injection::maybe_panic_in_delivery(&self.broker_id);
-            self.in_flight += 1;
-            match &endpoint {
-                Ok(endpoint) => self.attempt(ctx, load_id, delivery, endpoint),
-                Err(unusable) => self.record_outcome(
-                    ctx,
-                    load_id,
-                    &delivery,
-                    AttemptReport::not_sent(unusable.class, unusable.reason.clone()),
-                ),
-            }
-        }
-        self.load_from_ledger(ctx);
-        self.schedule_wakeup(ctx);
-        self.update_gauges();
-    }
-
-    fn update_gauges(&self) {
-        let metrics = &self.deps.metrics;
-        let broker = [self.broker_id.as_str()];
-        metrics
-            .mailbox_depth
-            .with_label_values(&broker)
-            .set(self.lanes.len() as i64);
-        metrics
-            .in_flight
-            .with_label_values(&broker)
-            .set(self.in_flight as i64);
-    }
-
-    fn attempt(
+    /// Feeds one input to the scheduler (with the time) and carries out what it asks for.
+    fn step(
         &mut self,
         ctx: &mut Context<Self>,
-        load_id: String,
-        delivery: PendingDelivery,
-        endpoint: &BrokerEndpoint,
+        input: impl FnOnce(&mut Scheduler<PendingDelivery, AttemptReport>, Millis),
     ) {
+        input(&mut self.scheduler, millis(Instant::now()));
+        self.execute(ctx);
+    }
+
+    fn execute(&mut self, ctx: &mut Context<Self>) {
+        while let Some(command) = self.scheduler.poll_command() {
+            match command {
+                Command::Send {
+                    token,
+                    item,
+                    attempt,
+                    ..
+                } => self.send(ctx, token, item, attempt),
+                Command::Decided { outcome, item } => self.log_decision(&outcome, &item),
+                Command::WriteOutcomes { token, outcomes } => {
+                    self.write_outcomes(ctx, token, outcomes)
+                }
+                Command::LoadPending {
+                    token,
+                    partitions,
+                    after,
+                    limit,
+                } => self.load_pending(ctx, token, partitions, after, limit),
+                Command::LoadBroker => self.load_broker(ctx),
+                Command::DisableBroker { delivery_id } => self.disable_broker(delivery_id),
+                Command::BreakerChanged(transition) => self.log_transition(&transition),
+            }
+        }
+        self.schedule_wakeup(ctx);
+        self.update_gauges();
+        if self.scheduler.is_drained() {
+            for waiter in self.draining.drain(..) {
+                let _ = waiter.send(());
+            }
+        }
+    }
+
+    /// Makes one request, unless the partition's lease no longer covers it.
+    fn send(
+        &mut self,
+        ctx: &mut Context<Self>,
+        token: AttemptToken,
+        delivery: PendingDelivery,
+        attempt: u32,
+    ) {
+        let request_timeout = self.deps.settings.request_timeout();
+        let lease_covers =
+            self.deps
+                .leases
+                .may_send(delivery.partition, Instant::now(), request_timeout);
+        let Some(endpoint) = self.endpoint.clone().filter(|_| lease_covers) else {
+            // Not ours to send (any more), or the row vanished from under us: it stays pending.
+            let now = millis(Instant::now());
+            self.scheduler
+                .attempt_not_made(now, token, NotMade::LeaseLapsed);
+            return;
+        };
+        #[cfg(feature = "fault-injection")]
+        crate::fault_injection::maybe_panic_in_delivery(&self.broker_id);
         let started_at = Utc::now();
         let id = webhook_id(&delivery.key);
         let request = WebhookRequest {
@@ -295,108 +267,60 @@ impl DeliveryActor {
             sequence: delivery.offset,
             body: delivery.payload.clone(),
         };
+        tracing::debug!(broker_id = %self.broker_id, delivery_id = delivery.delivery_id,
+            load_id = %delivery.load_id, attempt, "sending webhook");
         let client = self.client.clone();
-        let timeout = self.deps.settings.request_timeout();
         let max_response_bytes = self.deps.settings.max_response_bytes;
         let call = async move {
-            webhook_client::send(&client, &request, timeout, max_response_bytes).await
+            webhook_client::send(&client, &request, request_timeout, max_response_bytes).await
         };
+        // Spawned in the actor's context: a restart cancels it (the scheduler forgets it too).
         ctx.spawn(
             call.into_actor(self)
                 .map(move |(result, latency), act, ctx| {
-                    act.guarded(ctx, "record_outcome", move |act, ctx| {
+                    act.guarded(ctx, "attempt_finished", move |act, ctx| {
                         let report = AttemptReport::from_response(result, started_at, latency);
-                        act.record_outcome(ctx, load_id, &delivery, report);
+                        let jitter = rand::rng().random::<f64>();
+                        act.step(ctx, |s, now| {
+                            s.attempt_finished(now, token, report.result.clone(), jitter, report)
+                        });
                     });
                 }),
         );
     }
 
-    /// Applies the policy to one attempt, logs it, and queues it for the ledger.
-    fn record_outcome(
-        &mut self,
-        ctx: &mut Context<Self>,
-        load_id: String,
-        delivery: &PendingDelivery,
-        report: AttemptReport,
-    ) {
-        let AttemptReport {
-            started_at,
-            latency,
-            result,
-            status_code,
-            error,
-        } = report;
-        let attempt = delivery.attempts + 1;
-        let verdict = classify(&result);
-        let breaker_change = match (&result, verdict) {
-            (AttemptResult::RequestInvalid, _) => None,
-            (_, Verdict::Retry) => self.breaker.on_failure(Instant::now()),
-            _ => self.breaker.on_success(Instant::now()),
-        };
-        if let Some(transition) = breaker_change {
-            self.log_transition(&transition);
-        }
-        let outcome = match verdict {
-            Verdict::Delivered => AttemptOutcome::Delivered,
-            Verdict::Retry => {
-                let retry_after = match &result {
-                    AttemptResult::Responded { retry_after, .. } => *retry_after,
-                    _ => None,
-                };
-                match self
-                    .deps
-                    .retry
-                    .next_delay(attempt, retry_after, rand::rng().random::<f64>())
-                {
-                    Some(delay) => AttemptOutcome::RetryIn(delay),
-                    None => AttemptOutcome::Dead {
-                        reason: format!("gave up after {attempt} attempts"),
-                    },
-                }
-            }
-            Verdict::Dead => AttemptOutcome::Dead {
-                reason: match (&error, status_code) {
-                    (_, Some(code)) => format!("permanent failure: HTTP {code}"),
-                    (Some((_, message)), None) => message.clone(),
-                    (None, None) => "permanent failure".to_owned(),
-                },
-            },
-            Verdict::DeadAndDisableBroker => AttemptOutcome::Dead {
-                reason: "broker answered 410 Gone; broker disabled".to_owned(),
-            },
-        };
+    /// One log line and the metrics for a decided attempt.
+    fn log_decision(&self, outcome: &Outcome<AttemptReport>, delivery: &PendingDelivery) {
         let metrics = &self.deps.metrics;
+        let ledger_outcome = ledger_outcome(outcome);
         metrics
             .deliveries
-            .with_label_values(&[outcome.as_str()])
+            .with_label_values(&[ledger_outcome.as_str()])
             .inc();
-        let result_class = match (&result, status_code) {
-            (AttemptResult::RequestInvalid, _) => "not_sent",
-            (_, Some(code)) => match code {
-                200..=299 => "2xx",
-                300..=399 => "3xx",
-                400..=499 => "4xx",
-                _ => "5xx",
-            },
+        let report = outcome.report.as_ref();
+        let status_code = report.and_then(|r| r.status_code);
+        let result_class = match (report.map(|r| &r.result), status_code) {
+            (None | Some(AttemptResult::RequestInvalid), _) => "not_sent",
+            (_, Some(200..=299)) => "2xx",
+            (_, Some(300..=399)) => "3xx",
+            (_, Some(400..=499)) => "4xx",
+            (_, Some(_)) => "5xx",
             (_, None) => "transport_error",
         };
         metrics.attempts.with_label_values(&[result_class]).inc();
-        if result != AttemptResult::RequestInvalid {
+        let latency = report.map_or(Duration::ZERO, |r| r.latency);
+        if result_class != "not_sent" {
             metrics
                 .attempt_duration
-                .with_label_values(&[outcome.as_str()])
+                .with_label_values(&[ledger_outcome.as_str()])
                 .observe(latency.as_secs_f64());
         }
-        let (error_class, error_message) = match error {
-            Some((class, message)) => (Some(class), Some(message)),
-            None => (None, None),
-        };
-        let retry_in_ms = match outcome {
-            AttemptOutcome::RetryIn(delay) => Some(delay.as_millis() as u64),
+        let (error_class, error_message) = error_of(outcome);
+        let retry_in_ms = match outcome.decision {
+            Decision::RetryIn(delay) => Some(delay.as_millis() as u64),
             _ => None,
         };
-        let fields_event_id = delivery
+        let event_id = delivery
             .event_id
             .as_deref()
             .unwrap_or(delivery.key.as_str());
@@ -405,14 +329,14 @@ impl DeliveryActor {
                 tracing::$level!(
                     partition = delivery.partition,
                     offset = delivery.offset,
-                    event_id = fields_event_id,
+                    event_id,
                     load_id = %delivery.load_id,
                     broker_id = %self.broker_id,
                     delivery_id = delivery.delivery_id,
-                    attempt,
+                    attempt = outcome.attempt,
                     status_code,
                     latency_ms = latency.as_millis() as u64,
-                    outcome = outcome.as_str(),
+                    outcome = ledger_outcome.as_str(),
                     retry_in_ms,
                     error.class = error_class,
                     error.message = error_message.as_deref(),
@@ -420,126 +344,136 @@ impl DeliveryActor {
                 )
             };
         }
-        match &outcome {
-            AttemptOutcome::Delivered => log_attempt!(info, "webhook delivered"),
-            AttemptOutcome::RetryIn(_) => log_attempt!(warn, "webhook attempt failed; will retry"),
-            AttemptOutcome::Dead { .. } => log_attempt!(warn, "webhook dead-lettered"),
+        match &outcome.decision {
+            Decision::Delivered => log_attempt!(info, "webhook delivered"),
+            Decision::RetryIn(_) => log_attempt!(warn, "webhook attempt failed; will retry"),
+            Decision::Dead { .. } => log_attempt!(warn, "webhook dead-lettered"),
         }
-        if verdict == Verdict::DeadAndDisableBroker {
-            self.deps.ledger.do_send(DisableBroker {
-                broker_id: self.broker_id.clone(),
-                reason: format!(
-                    "answered 410 Gone at {} (delivery {})",
-                    Utc::now().to_rfc3339(),
-                    delivery.delivery_id
-                ),
-            });
-            tracing::warn!(broker_id = %self.broker_id, "broker disabled after 410 Gone; its pending deliveries will be dead-lettered");
-            self.endpoint = Endpoint::Unknown;
-        }
-        self.unsaved.push(UnsavedOutcome {
-            load_id,
-            record: AttemptRecord {
-                delivery_id: delivery.delivery_id,
-                broker_id: self.broker_id.clone(),
-                attempt,
-                started_at,
-                latency,
-                status_code,
-                error_class,
-                error_message,
-                outcome,
-            },
-        });
-        self.save_outcomes(ctx);
     }
 
-    /// Writes decided outcomes in one round trip; the lanes move on only once they are saved,
-    /// so a crash can never leave a later event of a load delivered before an earlier one.
-    fn save_outcomes(&mut self, ctx: &mut Context<Self>) {
-        if self.saving || self.unsaved.is_empty() {
-            return;
-        }
-        self.saving = true;
-        let batch = std::mem::take(&mut self.unsaved);
-        let records = batch.iter().map(|u| u.record.clone()).collect();
-        let save = self.deps.ledger.send(RecordAttempts { records });
-        ctx.spawn(save.into_actor(self).map(move |result, act, ctx| {
-            act.guarded(ctx, "save_outcomes", move |act, ctx| {
-            act.saving = false;
-            let error = match result {
-                Ok(Ok(())) => None,
-                Ok(Err(error)) => Some(error.to_string()),
-                Err(error) => Some(error.to_string()),
-            };
-            if let Some(error) = error {
-                tracing::error!(broker_id = %act.broker_id, error.message = %error, outcomes = batch.len(),
-                    "could not save delivery outcomes; retrying in 1 s");
-                act.unsaved.splice(0..0, batch);
-                ctx.run_later(Duration::from_secs(1), |act, ctx| {
-                    act.guarded(ctx, "save_outcomes", Self::save_outcomes)
-                });
-                return;
-            }
-            let now = Instant::now();
-            for saved in batch {
-                act.in_flight -= 1;
-                match saved.record.outcome {
-                    AttemptOutcome::RetryIn(delay) => {
-                        if let Some(head) = act.lanes.head_mut(&saved.load_id) {
-                            head.attempts = saved.record.attempt;
-                        }
-                        act.lanes.finish(&saved.load_id, Finish::RetryAt(now + delay));
-                    }
-                    _ => act.lanes.finish(&saved.load_id, Finish::Done),
+    /// Writes decided outcomes in one round trip. The answer comes back as a message, so it
+    /// reaches the scheduler even if the actor restarts meanwhile (the write itself goes on in
+    /// the ledger actor either way).
+    fn write_outcomes(
+        &mut self,
+        ctx: &mut Context<Self>,
+        token: IoToken,
+        outcomes: Vec<Outcome<AttemptReport>>,
+    ) {
+        let records = outcomes
+            .iter()
+            .map(|outcome| {
+                let (error_class, error_message) = error_of(outcome);
+                let report = outcome.report.as_ref();
+                AttemptRecord {
+                    delivery_id: outcome.delivery_id,
+                    broker_id: self.broker_id.clone(),
+                    attempt: outcome.attempt,
+                    started_at: report
+                        .map_or_else(|| wall_clock(outcome.decided_at), |r| r.started_at),
+                    latency: report.map_or(Duration::ZERO, |r| r.latency),
+                    status_code: report.and_then(|r| r.status_code),
+                    error_class,
+                    error_message,
+                    outcome: ledger_outcome(outcome),
                 }
-            }
-            act.save_outcomes(ctx);
-            act.notify_drained_if_idle();
-            act.dispatch(ctx);
+            })
+            .collect();
+        let save = self.deps.ledger.send(RecordAttempts { records });
+        let me = ctx.address();
+        let (broker_id, count) = (self.broker_id.clone(), outcomes.len());
+        actix::spawn(async move {
+            let saved = match save.await {
+                Ok(Ok(())) => true,
+                Ok(Err(error)) => {
+                    tracing::error!(broker_id = %broker_id, error.message = %error, outcomes = count,
+                        "could not save delivery outcomes; retrying in 1 s");
+                    false
+                }
+                Err(error) => {
+                    tracing::error!(broker_id = %broker_id, error.message = %error, outcomes = count,
+                        "could not save delivery outcomes; retrying in 1 s");
+                    false
+                }
+            };
+            me.do_send(OutcomesWritten { token, saved });
+        });
+    }
+
+    fn load_pending(
+        &mut self,
+        ctx: &mut Context<Self>,
+        token: IoToken,
+        partitions: Vec<i32>,
+        after: Option<(i32, i64)>,
+        limit: usize,
+    ) {
+        let load = self.deps.ledger.send(LoadPending {
+            broker_id: self.broker_id.clone(),
+            partitions,
+            after,
+            limit,
+        });
+        ctx.spawn(load.into_actor(self).map(move |result, act, ctx| {
+            act.guarded(ctx, "load_pending", move |act, ctx| match result {
+                Ok(Ok(rows)) => {
+                    let rows = rows
+                        .into_iter()
+                        .map(|row| Delivery {
+                            id: row.delivery_id,
+                            load: row.load_id.clone(),
+                            partition: row.partition,
+                            offset: row.offset,
+                            attempts: row.attempts,
+                            due_in: row.due_in,
+                            item: row,
+                        })
+                        .collect();
+                    act.step(ctx, |s, now| s.loaded(now, token, rows));
+                }
+                Ok(Err(error)) => {
+                    tracing::warn!(broker_id = %act.broker_id, error.message = %error,
+                        "could not load pending deliveries; the next sweep retries");
+                    act.step(ctx, |s, now| s.load_failed(now, token));
+                }
+                Err(_) => act.step(ctx, |s, now| s.load_failed(now, token)),
             });
         }));
     }
 
-    fn load_endpoint(&mut self, ctx: &mut Context<Self>) {
-        self.endpoint = Endpoint::Loading;
+    fn load_broker(&mut self, ctx: &mut Context<Self>) {
         let load = self.deps.ledger.send(LoadBroker {
             broker_id: self.broker_id.clone(),
         });
         ctx.spawn(load.into_actor(self).map(|result, act, ctx| {
-            act.guarded(ctx, "load_endpoint", move |act, ctx| {
-            let endpoint = match result {
-                Ok(Ok(row)) => act.usable_endpoint(BrokerEndpoint::from_row(row.as_ref())),
-                Ok(Err(error)) => {
-                    tracing::warn!(broker_id = %act.broker_id, error.message = %error, "could not load broker; retrying in 1 s");
-                    act.endpoint = Endpoint::Unknown;
-                    ctx.run_later(Duration::from_secs(1), |act, ctx| {
-                        act.guarded(ctx, "dispatch", Self::dispatch)
-                    });
-                    return;
+            act.guarded(ctx, "load_broker", move |act, ctx| match result {
+                Ok(Ok(row)) => {
+                    let usable = act.usable_endpoint(row.as_ref());
+                    if let Err(unusable) = &usable {
+                        tracing::warn!(broker_id = %act.broker_id, error.class = unusable.class,
+                            error.message = %unusable.reason,
+                            "broker cannot receive webhooks; its deliveries are dead-lettered until the row is fixed and they are replayed");
+                    }
+                    act.endpoint = usable.as_ref().ok().cloned();
+                    act.step(ctx, |s, now| s.broker_loaded(now, usable.map(|_| ())));
                 }
-                Err(_) => return,
-            };
-            if let Err(unusable) = &endpoint {
-                tracing::warn!(broker_id = %act.broker_id, error.class = unusable.class, error.message = %unusable.reason,
-                    "broker cannot receive webhooks; its deliveries are dead-lettered until the row is fixed and they are replayed");
-            }
-            act.endpoint = Endpoint::Loaded {
-                endpoint,
-                at: Instant::now(),
-            };
-            act.dispatch(ctx);
+                Ok(Err(error)) => {
+                    tracing::warn!(broker_id = %act.broker_id, error.message = %error,
+                        "could not load broker; retrying in 1 s");
+                    act.step(ctx, |s, now| s.broker_load_failed(now));
+                }
+                Err(_) => act.step(ctx, |s, now| s.broker_load_failed(now)),
             });
         }));
     }
 
-    /// A loaded broker row, checked once: broken rows and URLs the SSRF guard refuses get no
-    /// requests.
+    /// A broker row, checked once per read: broken rows, disabled brokers and URLs the SSRF
+    /// guard refuses get no requests.
     fn usable_endpoint(
         &self,
-        endpoint: Result<BrokerEndpoint, EndpointError>,
+        row: Option<&crate::ledger::BrokerRow>,
     ) -> Result<BrokerEndpoint, Unusable> {
-        let endpoint = endpoint.map_err(|reason| Unusable {
+        let endpoint = BrokerEndpoint::from_row(row).map_err(|reason| Unusable {
             class: "invalid_broker",
             reason: format!("broker {}: {reason}", self.broker_id),
         })?;
@@ -552,71 +486,21 @@ impl DeliveryActor {
         Ok(endpoint)
     }
 
-    /// Some pending deliveries may be in the ledger but not in memory: load them when there is
-    /// room (see `load_from_ledger`).
-    pub(super) fn want_ledger_load(&mut self) {
-        self.ledger_load_wanted += 1;
-    }
-
-    /// Loads pending deliveries from the ledger when some may be missing from memory and at
-    /// least half the lanes' capacity is free (or they are empty).
-    fn load_from_ledger(&mut self, ctx: &mut Context<Self>) {
-        let room = self.lanes.room();
-        if self.ledger_load_done >= self.ledger_load_wanted
-            || self.loading_from_ledger
-            || self.is_draining
-            || (room < self.deps.settings.mailbox_capacity / 2 && !self.lanes.is_empty())
-            || room == 0
-        {
-            return;
-        }
-        let partitions = self.deps.leases.held(Instant::now());
-        let started_at = self.ledger_load_wanted;
-        if partitions.is_empty() {
-            // Nothing is ours to send; a lease acquisition asks again.
-            self.ledger_load_done = started_at;
-            return;
-        }
-        self.loading_from_ledger = true;
-        let load = self.deps.ledger.send(LoadPending {
+    fn disable_broker(&mut self, delivery_id: i64) {
+        self.endpoint = None;
+        self.deps.ledger.do_send(DisableBroker {
             broker_id: self.broker_id.clone(),
-            partitions,
-            exclude: self.lanes.known_ids(),
-            limit: room,
+            reason: format!(
+                "answered 410 Gone at {} (delivery {delivery_id})",
+                Utc::now().to_rfc3339()
+            ),
         });
-        ctx.spawn(load.into_actor(self).map(move |result, act, ctx| {
-            act.guarded(ctx, "load_from_ledger", move |act, ctx| {
-            act.loading_from_ledger = false;
-            let rows = match result {
-                Ok(Ok(rows)) => rows,
-                Ok(Err(error)) => {
-                    tracing::warn!(broker_id = %act.broker_id, error.message = %error, "could not load pending deliveries; the next sweep retries");
-                    return;
-                }
-                Err(_) => return,
-            };
-            // Fewer rows than asked for: everything pending at the start of this load is held
-            // now. Anything wanted since then needs another load.
-            if rows.len() < room {
-                act.ledger_load_done = started_at;
-            }
-            let now = Instant::now();
-            for row in rows {
-                let not_before = (!row.due_in.is_zero()).then(|| now + row.due_in);
-                let (id, order) = (row.delivery_id, (row.partition, row.offset));
-                let load_id = row.load_id.clone();
-                act.lanes.insert(id, &load_id, order, not_before, row);
-            }
-            act.dispatch(ctx);
-            });
-        }));
+        tracing::warn!(broker_id = %self.broker_id, delivery_id,
+            "broker disabled after 410 Gone; its pending deliveries will be dead-lettered");
     }
 
     fn log_transition(&self, transition: &Transition) {
-        let open_until_at = transition.open_until.map(|until| {
-            let left = until.saturating_duration_since(Instant::now());
-            Utc::now() + chrono::Duration::from_std(left).unwrap_or_default()
-        });
+        let open_until_at = transition.open_until.map(wall_clock);
         let open_until = open_until_at.map(|at| at.to_rfc3339());
         self.deps
             .metrics
@@ -647,18 +531,26 @@ impl DeliveryActor {
         if let Some(handle) = self.wakeup.take() {
             ctx.cancel_future(handle);
         }
-        let breaker_reopens = self.breaker.open_until().filter(|_| !self.lanes.is_empty());
-        let next = match (self.lanes.next_wakeup(), breaker_reopens) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        if let Some(at) = next {
-            let delay = at.saturating_duration_since(Instant::now());
-            self.wakeup = Some(ctx.run_later(delay, |act, ctx| {
+        let now = millis(Instant::now());
+        if let Some(at) = self.scheduler.next_wakeup(now) {
+            self.wakeup = Some(ctx.run_later(at.since(now), |act, ctx| {
                 act.wakeup = None;
-                act.guarded(ctx, "dispatch", Self::dispatch);
+                act.guarded(ctx, "tick", |act, ctx| act.step(ctx, |s, now| s.tick(now)));
             }));
         }
+    }
+
+    fn update_gauges(&self) {
+        let metrics = &self.deps.metrics;
+        let broker = [self.broker_id.as_str()];
+        metrics
+            .mailbox_depth
+            .with_label_values(&broker)
+            .set(self.scheduler.held() as i64);
+        metrics
+            .in_flight
+            .with_label_values(&broker)
+            .set(self.scheduler.in_flight() as i64);
     }
 
     /// Runs one step of delivery code with panics contained: a panic is logged with the broker
@@ -689,30 +581,54 @@ impl DeliveryActor {
 
     /// What the admin API shows for this broker from memory.
     pub(super) fn snapshot(&self) -> BrokerSnapshot {
-        let since = Utc::now()
-            - chrono::Duration::from_std(self.breaker.since().elapsed()).unwrap_or_default();
-        let open_until = self.breaker.open_until().map(|until| {
-            Utc::now()
-                + chrono::Duration::from_std(until.saturating_duration_since(Instant::now()))
-                    .unwrap_or_default()
-        });
+        let breaker = self.scheduler.breaker();
         BrokerSnapshot {
             broker_id: self.broker_id.clone(),
-            circuit_state: self.breaker.state().name(),
-            circuit_since: since,
-            circuit_open_until: open_until,
-            consecutive_failures: self.breaker.consecutive_failures(),
-            in_flight: self.in_flight,
-            in_memory: self.lanes.len(),
+            circuit_state: breaker.state().name(),
+            circuit_since: wall_clock(breaker.since()),
+            circuit_open_until: breaker.open_until().map(wall_clock),
+            consecutive_failures: breaker.consecutive_failures(),
+            in_flight: self.scheduler.in_flight(),
+            in_memory: self.scheduler.held(),
         }
     }
+}
 
-    fn notify_drained_if_idle(&mut self) {
-        if self.is_draining && self.in_flight == 0 && !self.saving && self.unsaved.is_empty() {
-            for waiter in self.draining.drain(..) {
-                let _ = waiter.send(());
+/// The outcome as the ledger stores it. A request that failed permanently without an answer
+/// (the SSRF guard refused the address at connect time) is dead for the reason it failed.
+fn ledger_outcome(outcome: &Outcome<AttemptReport>) -> AttemptOutcome {
+    match &outcome.decision {
+        Decision::Delivered => AttemptOutcome::Delivered,
+        Decision::RetryIn(delay) => AttemptOutcome::RetryIn(*delay),
+        Decision::Dead { reason } => {
+            let unanswered = outcome.report.as_ref().and_then(|r| match r {
+                AttemptReport {
+                    status_code: None,
+                    result: AttemptResult::RequestInvalid,
+                    error: Some((_, message)),
+                    ..
+                } => Some(message.clone()),
+                _ => None,
+            });
+            AttemptOutcome::Dead {
+                reason: unanswered.unwrap_or_else(|| reason.clone()),
             }
         }
+    }
+}
+
+/// The error class and message of an attempt: the request's, or why none was made.
+fn error_of(outcome: &Outcome<AttemptReport>) -> (Option<&'static str>, Option<String>) {
+    match (&outcome.report, &outcome.not_sent) {
+        (Some(report), _) => match &report.error {
+            Some((class, message)) => (Some(*class), Some(message.clone())),
+            None => (None, None),
+        },
+        (None, Some(unusable)) => (Some(unusable.class), Some(unusable.reason.clone())),
+        (None, None) => match &outcome.decision {
+            Decision::Dead { reason } => (Some("attempts_exhausted"), Some(reason.clone())),
+            _ => (None, None),
+        },
     }
 }
 
@@ -726,14 +642,15 @@ impl Actor for DeliveryActor {
             .metrics
             .circuit_state
             .with_label_values(&[self.broker_id.as_str()])
-            .set(circuit_state_value(self.breaker.state().name()));
-        self.guarded(ctx, "dispatch", Self::dispatch);
+            .set(circuit_state_value(self.scheduler.breaker().state().name()));
+        self.guarded(ctx, "start", |act, ctx| act.step(ctx, |s, now| s.tick(now)));
     }
 }
 
 impl actix::Supervised for DeliveryActor {
-    /// Forget everything held in memory and start over from the ledger. The breaker's state
-    /// and outcomes already decided but not yet saved are kept.
+    /// Requests in flight were cancelled with the old context; the scheduler forgets them,
+    /// keeps the outcomes decided but not yet saved, and reads everything else again from the
+    /// ledger. The breaker's state is kept.
     fn restarting(&mut self, _: &mut Self::Context) {
         tracing::warn!(broker_id = %self.broker_id, "delivery actor restarted; reloading its pending deliveries from the ledger");
         self.deps
@@ -741,12 +658,8 @@ impl actix::Supervised for DeliveryActor {
             .actor_restarts
             .with_label_values(&["delivery"])
             .inc();
-        self.lanes = LoadQueues::new(self.deps.settings.mailbox_capacity);
-        self.endpoint = Endpoint::Unknown;
-        self.in_flight = self.unsaved.len();
-        self.want_ledger_load();
-        self.loading_from_ledger = false;
-        self.saving = false;
+        self.endpoint = None;
         self.wakeup = None;
+        self.scheduler.restarted(millis(Instant::now()));
     }
 }

@@ -6,7 +6,7 @@ use futures::future::join_all;
 
 use super::DeliverySupervisor;
 use crate::actors::delivery::{
-    BrokerSnapshot, Deliver, Drain, ForgetPartition, LedgerHasMore, Snapshot,
+    BrokerSnapshot, Deliver, Drain, LeaseGained, LeaseLost, LedgerHasMore, Replayed, Snapshot,
 };
 use crate::ledger::ClaimedDelivery;
 
@@ -39,19 +39,24 @@ impl Handler<RouteDeliveries> for DeliverySupervisor {
     }
 }
 
-/// This instance now holds a partition's lease: its pending deliveries are ours to send.
+/// This instance now holds a partition's lease (as `generation`): its pending deliveries are
+/// ours to send.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct LeaseAcquired {
     pub partition: i32,
+    pub generation: u64,
 }
 
 impl Handler<LeaseAcquired> for DeliverySupervisor {
     type Result = ();
 
-    fn handle(&mut self, _: LeaseAcquired, ctx: &mut Self::Context) {
+    fn handle(&mut self, msg: LeaseAcquired, ctx: &mut Self::Context) {
         for actor in self.actors.values() {
-            actor.do_send(LedgerHasMore);
+            actor.do_send(LeaseGained {
+                partition: msg.partition,
+                generation: msg.generation,
+            });
         }
         // A partition just taken over may hold any amount of pending work, due or not yet
         // overdue: wake every broker that has some, without the sweep's grace period.
@@ -59,10 +64,12 @@ impl Handler<LeaseAcquired> for DeliverySupervisor {
     }
 }
 
+/// A partition's lease `generation` ended (revoked, or lost to another instance).
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct PartitionRevoked {
     pub partition: i32,
+    pub generation: u64,
 }
 
 impl Handler<PartitionRevoked> for DeliverySupervisor {
@@ -70,9 +77,26 @@ impl Handler<PartitionRevoked> for DeliverySupervisor {
 
     fn handle(&mut self, msg: PartitionRevoked, _: &mut Self::Context) {
         for actor in self.actors.values() {
-            actor.do_send(ForgetPartition {
+            actor.do_send(LeaseLost {
                 partition: msg.partition,
+                generation: msg.generation,
             });
+        }
+    }
+}
+
+/// Dead letters were put back in the queue: every broker's actor reads its ledger again, so
+/// replayed deliveries go before later ones of their loads.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct DeliveriesReplayed;
+
+impl Handler<DeliveriesReplayed> for DeliverySupervisor {
+    type Result = ();
+
+    fn handle(&mut self, _: DeliveriesReplayed, _: &mut Self::Context) {
+        for actor in self.actors.values() {
+            actor.do_send(Replayed);
         }
     }
 }

@@ -86,12 +86,13 @@ impl Handler<RecordRejected> for LedgerGateway {
     }
 }
 
+/// One page of a broker's pending deliveries, in (partition, offset) order after `after`.
 #[derive(Message)]
 #[rtype(result = "Result<Vec<PendingDelivery>, LedgerError>")]
 pub struct LoadPending {
     pub broker_id: String,
     pub partitions: Vec<i32>,
-    pub exclude: Vec<i64>,
+    pub after: Option<(i32, i64)>,
     pub limit: usize,
 }
 
@@ -103,7 +104,7 @@ impl Handler<LoadPending> for LedgerGateway {
         let watch = self.watch.clone();
         Box::pin(async move {
             ledger
-                .pending_for_broker(&msg.broker_id, &msg.partitions, &msg.exclude, msg.limit)
+                .pending_for_broker(&msg.broker_id, &msg.partitions, msg.after, msg.limit)
                 .await
                 .inspect_err(|error| watch.count("load_pending", error))
         })

@@ -19,7 +19,7 @@ pub use handlers::*;
 pub use reader::{read_partition, PartitionReader};
 pub use tenure::{StoreDecision, Tenure};
 
-use crate::actors::delivery_supervisor::{DeliverySupervisor, LeaseAcquired};
+use crate::actors::delivery_supervisor::{DeliverySupervisor, LeaseAcquired, PartitionRevoked};
 use crate::actors::ledger_gateway::{AcquireLease, LedgerGateway};
 use crate::kafka::EventConsumer;
 use crate::lease::LeaseBook;
@@ -142,7 +142,9 @@ async fn keep_lease(
     }
     let (topic, partition) = (deps.topic.as_str(), tenure.partition);
     let is_over = || tenure.is_revoked() || tenure.is_actor_stopped();
-    let mut held = false;
+    // The generation of the lease held now; a new one for every acquisition, so that a late
+    // revoke of an older one cannot take this one away (LeaseBook).
+    let mut generation: Option<u64> = None;
     let mut ticks = tokio::time::interval(deps.lease / 4);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -164,37 +166,50 @@ async fn keep_lease(
                 lease: deps.lease,
             })
             .await;
-        // Revoked meanwhile: the Revoke handler gives the lease up.
+        // Revoked meanwhile: the supervisor withdrew the grant, the Revoke handler gives the
+        // lease row up.
         if is_over() {
             return;
         }
         match result {
             Ok(Ok(true)) => {
-                deps.leases.grant(partition, requested_at + deps.lease);
-                // A revocation clears the book after it marks the tenure: checking after granting
-                // means a grant never outlives a revocation.
-                if tenure.is_revoked() {
-                    deps.leases.revoke(partition);
-                    return;
-                }
-                if !held {
-                    held = true;
+                let held = *generation.get_or_insert_with(|| deps.leases.next_generation());
+                deps.leases
+                    .grant(partition, held, requested_at + deps.lease);
+                let announced = tenure.hold_lease(held, || {
                     tracing::info!(topic, partition, "partition lease acquired");
-                    deps.deliveries.do_send(LeaseAcquired { partition });
+                    deps.deliveries.do_send(LeaseAcquired {
+                        partition,
+                        generation: held,
+                    });
+                });
+                // Revoked between the check above and the grant: withdraw it, unannounced.
+                if !announced {
+                    deps.leases.revoke(partition, held);
+                    return;
                 }
             }
             Ok(Ok(false)) => {
-                if held {
-                    tracing::warn!(topic, partition, "partition lease lost to another instance");
-                } else {
-                    tracing::info!(
+                generation = None;
+                match tenure.lose_lease() {
+                    Some(lost) => {
+                        tracing::warn!(
+                            topic,
+                            partition,
+                            "partition lease lost to another instance"
+                        );
+                        deps.leases.revoke(partition, lost);
+                        deps.deliveries.do_send(PartitionRevoked {
+                            partition,
+                            generation: lost,
+                        });
+                    }
+                    None => tracing::info!(
                         topic,
                         partition,
                         "waiting for another instance's lease on this partition to end"
-                    );
+                    ),
                 }
-                held = false;
-                deps.leases.revoke(partition);
             }
             // Keep what we have: it runs out by itself if the database stays away.
             Ok(Err(error)) => {

@@ -37,6 +37,9 @@ struct Progress {
     /// The batch handed to the actor and not yet in the ledger (first, last offset).
     in_hand: Option<(i64, i64)>,
     ended: bool,
+    /// The generation of the lease this tenure holds in the LeaseBook (announced to the
+    /// DeliverySupervisor), if any.
+    lease_generation: Option<u64>,
 }
 
 pub struct Tenure {
@@ -87,6 +90,36 @@ impl Tenure {
         let mut revoked = self.revoked.subscribe();
         // The sender lives in self, so the channel cannot close while this runs.
         let _ = revoked.wait_for(|revoked| *revoked).await;
+    }
+
+    /// Records a granted lease; `announce` runs (under the tenure's lock, so that it cannot
+    /// interleave with [`Tenure::revoke_lease`]) when the generation is new. False when the tenure
+    /// was revoked meanwhile: the caller withdraws the grant, and nothing was announced.
+    pub fn hold_lease(&self, generation: u64, announce: impl FnOnce()) -> bool {
+        let mut progress = self.lock();
+        if self.is_revoked() {
+            return false;
+        }
+        if progress.lease_generation.replace(generation) != Some(generation) {
+            announce();
+        }
+        true
+    }
+
+    /// The lease was lost (another instance holds it): the generation it held, if any.
+    pub fn lose_lease(&self) -> Option<u64> {
+        self.lock().lease_generation.take()
+    }
+
+    /// Revokes the tenure and withdraws the lease it held, if any (`withdraw` runs under the
+    /// same lock as [`Tenure::hold_lease`], so a grant is either withdrawn here or never
+    /// announced).
+    pub fn revoke_lease(&self, withdraw: impl FnOnce(u64)) {
+        let mut progress = self.lock();
+        self.revoke();
+        if let Some(generation) = progress.lease_generation.take() {
+            withdraw(generation);
+        }
     }
 
     /// The drain window is over: nothing more is stored under this tenure.

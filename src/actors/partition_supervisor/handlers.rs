@@ -116,9 +116,13 @@ impl PartitionSupervisor {
     /// sending this partition's deliveries. The lease is given up by the actor once its batch is
     /// over (see `Revoke`).
     fn let_go(&self, partition: i32, assignment: &Assignment) {
-        assignment.tenure.revoke();
-        self.deps.leases.revoke(partition);
-        self.deps.deliveries.do_send(PartitionRevoked { partition });
+        assignment.tenure.revoke_lease(|generation| {
+            self.deps.leases.revoke(partition, generation);
+            self.deps.deliveries.do_send(PartitionRevoked {
+                partition,
+                generation,
+            });
+        });
     }
 }
 

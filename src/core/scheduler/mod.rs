@@ -1,0 +1,1039 @@
+//! The delivery scheduler of one broker, without I/O (in the style of quinn-proto): the shell
+//! feeds it inputs (deliveries claimed or loaded, attempts finished, outcomes saved, leases,
+//! broker row changes, timers, restarts) with the time, and carries out the commands it queues
+//! (send, write outcomes, load from the ledger, load the broker row, disable the broker, log a
+//! breaker transition). `next_wakeup` says when to call `tick` if nothing else happens.
+//!
+//! What it decides, and the rules that keep it right:
+//! - **Lanes** (one per load, [`Lanes`]): at most one delivery of a load started and not yet
+//!   saved; a lane holds a prefix of its load's pending deliveries in offset order.
+//! - **Slots**: at most `max_in_flight` requests out. A slot is free as soon as the answer is
+//!   in; only that load's lane waits for the outcome to be saved.
+//! - **Breaker** ([`CircuitBreaker`]): a probe slot is taken only for a request really made.
+//! - **Room**: at most `capacity` deliveries held. Deliveries waiting for a retry give way to a
+//!   ready delivery of another load (they are evicted; the ledger still has them).
+//! - **Ledger loads** walk the broker's pending rows in (partition, offset) order with a cursor,
+//!   page by page, so rows that cannot be used now (behind a retry) do not hide the ones that
+//!   can. A row whose outcome was saved while the page was being read is not taken back.
+//! - **Generations**: a lease is (partition, generation), so a stale revoke cannot drop a newer
+//!   lease; requests carry the incarnation (`epoch`) that started them, so after a restart the
+//!   answers to the old incarnation's requests are ignored.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::time::Duration;
+
+use super::breaker::{BreakerConfig, CircuitBreaker, ProbeId, RequestOutcome, Transition};
+use super::lanes::{Entry, Head, Lanes, Order};
+use super::Millis;
+use crate::core::policy::{classify, AttemptResult, RetryPolicy, Verdict};
+
+#[cfg(test)]
+mod tests;
+
+/// How long to wait before retrying a failed outcome write or broker row read.
+const RETRY_IO_AFTER: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SchedulerConfig {
+    /// Deliveries held in memory at most (`delivery.mailbox_capacity`).
+    pub capacity: usize,
+    /// Requests out at once (`delivery.max_in_flight_per_broker`).
+    pub max_in_flight: usize,
+    /// A request's time limit; a half-open probe unanswered for longer than this (plus a
+    /// second) counts as failed.
+    pub request_timeout: Duration,
+    /// How long a loaded broker row is trusted before it is read again.
+    pub endpoint_refresh: Duration,
+    pub retry: RetryPolicy,
+    pub breaker: BreakerConfig,
+}
+
+/// A pending delivery as the scheduler sees it; `item` is whatever the shell needs to send it.
+#[derive(Debug, Clone)]
+pub struct Delivery<P> {
+    pub id: i64,
+    pub load: String,
+    pub partition: i32,
+    pub offset: i64,
+    /// Attempts already made.
+    pub attempts: u32,
+    /// How long until it may be attempted (zero when due).
+    pub due_in: Duration,
+    pub item: P,
+}
+
+/// A delivery fresh from a claim, with the offset of the newest earlier delivery of the same
+/// (broker, load) that was pending when it was claimed.
+#[derive(Debug, Clone)]
+pub struct Claimed<P> {
+    pub delivery: Delivery<P>,
+    pub pending_predecessor: Option<i64>,
+    /// When the claim was sent to the ledger (before it committed). A ledger page read after
+    /// that may have loaded, sent and finished the delivery already.
+    pub claimed_at: Millis,
+}
+
+/// Why a broker gets no requests (a broken row, a disabled broker, a URL the SSRF guard
+/// refuses): its deliveries are dead-lettered with this, without a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unusable {
+    pub class: &'static str,
+    pub reason: String,
+}
+
+/// Identifies one request: the incarnation that started it and a sequence number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AttemptToken {
+    pub epoch: u32,
+    pub seq: u64,
+}
+
+/// Identifies one ledger read or outcome write, so a late answer from before a restart (or
+/// from an abandoned load) is recognised.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct IoToken(u64);
+
+/// What the scheduler decided for one attempt.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    Delivered,
+    RetryIn(Duration),
+    Dead { reason: String },
+}
+
+/// A decided attempt, to be written to the ledger. `report` is the shell's record of the
+/// request (timings, status, error); `None` for a delivery dead-lettered without a request.
+#[derive(Debug, Clone)]
+pub struct Outcome<R> {
+    pub delivery_id: i64,
+    pub load: String,
+    pub order: Order,
+    pub attempt: u32,
+    pub decision: Decision,
+    /// When it was decided; a retry's delay counts from here.
+    pub decided_at: Millis,
+    /// Why no request was made, when none was.
+    pub not_sent: Option<Unusable>,
+    pub report: Option<R>,
+}
+
+/// Why a started request was not made after all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotMade {
+    /// The partition's lease no longer covers a request started now: the delivery stays
+    /// pending for the partition's owner.
+    LeaseLapsed,
+}
+
+#[derive(Debug, Clone)]
+pub enum Command<P, R> {
+    /// Make this request. Answer with `attempt_finished` or `attempt_not_made`.
+    Send {
+        token: AttemptToken,
+        delivery_id: i64,
+        load: String,
+        attempt: u32,
+        item: P,
+    },
+    /// The decision for an attempt, for the log line and the metrics (written later, in a
+    /// `WriteOutcomes`).
+    Decided { outcome: Outcome<R>, item: P },
+    /// Write these outcomes in one round trip. Answer with `outcomes_saved` or
+    /// `outcomes_save_failed`.
+    WriteOutcomes {
+        token: IoToken,
+        outcomes: Vec<Outcome<R>>,
+    },
+    /// Read up to `limit` pending rows of this broker in `partitions`, in (partition, offset)
+    /// order, after `after`. Answer with `loaded` or `load_failed`.
+    LoadPending {
+        token: IoToken,
+        partitions: Vec<i32>,
+        after: Option<Order>,
+        limit: usize,
+    },
+    /// Read the broker row. Answer with `broker_loaded` or `broker_load_failed`.
+    LoadBroker,
+    /// The broker answered 410 Gone to this delivery: disable it in the ledger.
+    DisableBroker { delivery_id: i64 },
+    /// Log (and store) a breaker state change.
+    BreakerChanged(Transition),
+}
+
+#[derive(Debug)]
+struct InFlight {
+    id: i64,
+    load: String,
+    attempt: u32,
+    probe: Option<ProbeId>,
+}
+
+#[derive(Debug)]
+enum EndpointState {
+    Unknown,
+    Known {
+        usable: Result<(), Unusable>,
+        at: Millis,
+    },
+}
+
+/// One walk over the ledger's pending rows, page by page.
+#[derive(Debug)]
+struct Sweep {
+    /// The `wanted` count when it started: everything wanted before is covered once it ends.
+    started_at: u64,
+    after: Option<Order>,
+    /// Loads with a pending row this sweep saw but did not take: their later rows must not be
+    /// taken either (a lane is a prefix).
+    blocked: HashSet<String>,
+    /// A row was left in the ledger for lack of room.
+    skipped: bool,
+    /// One of them could have been sent at once (due, the first of its load).
+    skipped_ready: bool,
+}
+
+pub struct Scheduler<P, R> {
+    config: SchedulerConfig,
+    epoch: u32,
+    next_seq: u64,
+    lanes: Lanes<P>,
+    breaker: CircuitBreaker,
+    /// Partitions whose lease this instance holds, with the lease's generation.
+    leases: BTreeMap<i32, u64>,
+    /// The newest lease generation seen per partition (a stale grant is ignored too).
+    newest_lease: HashMap<i32, u64>,
+    endpoint: EndpointState,
+    loading_endpoint: bool,
+    /// The row is known to have changed since it was read (see `broker_changed`).
+    endpoint_outdated: bool,
+    endpoint_retry_at: Option<Millis>,
+    in_flight: HashMap<AttemptToken, InFlight>,
+    outbox: Vec<Outcome<R>>,
+    saving: Option<(IoToken, Vec<Outcome<R>>)>,
+    save_retry_at: Option<Millis>,
+    /// Bumped whenever the ledger may hold pending rows that are not in memory.
+    wanted: u64,
+    /// The `wanted` value covered by the last finished sweep.
+    done: u64,
+    sweep: Option<Sweep>,
+    loading: Option<IoToken>,
+    /// Deliveries whose outcome was saved while a ledger page was being read: that page may
+    /// still show them as pending.
+    saved_during_load: HashSet<i64>,
+    /// When the last ledger page was taken in, or dead letters were last replayed. A claim
+    /// made before that is not trusted: the page may have brought its delivery in (and it may
+    /// be finished already), or the replay made an earlier delivery of its load pending again.
+    claims_stale_before: Option<Millis>,
+    /// The earliest retry time of a delivery given back to the ledger to make room.
+    parked_until: Option<Millis>,
+    /// The `wanted` count whose sweep reads what the last replay made pending.
+    replay_read_by: Option<u64>,
+    /// Loads whose head was awaiting the save of its outcome when dead letters were replayed:
+    /// if the outcome was already committed as dead, the replay made it pending again, so once
+    /// saved the lane is read again from the ledger instead of moving on.
+    replay_suspects: HashSet<String>,
+    /// A sweep stopped for lack of room: look again once half the room is free.
+    overflowed: bool,
+    /// Since the last sweep, a lane ended or a retry started waiting.
+    room_changed: bool,
+    draining: bool,
+    commands: VecDeque<Command<P, R>>,
+}
+
+impl<P: Clone, R: Clone> Scheduler<P, R> {
+    pub fn new(config: SchedulerConfig, now: Millis) -> Self {
+        let probe_timeout = config.request_timeout + Duration::from_secs(1);
+        Scheduler {
+            config,
+            epoch: 0,
+            next_seq: 0,
+            lanes: Lanes::default(),
+            breaker: CircuitBreaker::new(config.breaker, probe_timeout, now),
+            leases: BTreeMap::new(),
+            newest_lease: HashMap::new(),
+            endpoint: EndpointState::Unknown,
+            loading_endpoint: false,
+            endpoint_outdated: false,
+            endpoint_retry_at: None,
+            in_flight: HashMap::new(),
+            outbox: Vec::new(),
+            saving: None,
+            save_retry_at: None,
+            // A new scheduler knows nothing yet: look in the ledger first.
+            wanted: 1,
+            done: 0,
+            sweep: None,
+            loading: None,
+            saved_during_load: HashSet::new(),
+            claims_stale_before: None,
+            parked_until: None,
+            replay_read_by: None,
+            replay_suspects: HashSet::new(),
+            overflowed: false,
+            room_changed: false,
+            draining: false,
+            commands: VecDeque::new(),
+        }
+    }
+
+    // ---- outputs -------------------------------------------------------------------------
+
+    /// The next command to carry out, oldest first.
+    pub fn poll_command(&mut self) -> Option<Command<P, R>> {
+        self.commands.pop_front()
+    }
+
+    /// When to call `tick` if no other input arrives first. Only times after `now`: whatever
+    /// is due already and still waiting waits for an input (an answer, a save, a row).
+    pub fn next_wakeup(&self, now: Millis) -> Option<Millis> {
+        let lanes_due = self.lanes.next_due().filter(|_| {
+            self.in_flight.len() < self.config.max_in_flight && self.breaker.may_request()
+        });
+        let endpoint_due = match &self.endpoint {
+            EndpointState::Known { at, .. } if !self.lanes.is_empty() && !self.loading_endpoint => {
+                let refresh = if self.endpoint_outdated {
+                    Millis(0)
+                } else {
+                    *at + self.config.endpoint_refresh
+                };
+                Some(
+                    self.endpoint_retry_at
+                        .map_or(refresh, |retry| retry.max(refresh)),
+                )
+            }
+            EndpointState::Unknown if !self.lanes.is_empty() && !self.loading_endpoint => {
+                self.endpoint_retry_at
+            }
+            _ => None,
+        };
+        [
+            lanes_due,
+            self.breaker.deadline(),
+            self.save_retry_at,
+            self.parked_until,
+            endpoint_due,
+        ]
+        .into_iter()
+        .flatten()
+        .filter(|at| *at > now)
+        .min()
+    }
+
+    // ---- what the admin API and the invariants look at --------------------------------------
+
+    pub fn breaker(&self) -> &CircuitBreaker {
+        &self.breaker
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    pub fn held(&self) -> usize {
+        self.lanes.len()
+    }
+
+    pub fn lanes(&self) -> &Lanes<P> {
+        &self.lanes
+    }
+
+    pub fn config(&self) -> &SchedulerConfig {
+        &self.config
+    }
+
+    /// Is the broker row known to be usable (requests may be made)?
+    pub fn endpoint_usable(&self) -> bool {
+        matches!(self.endpoint, EndpointState::Known { usable: Ok(()), .. })
+    }
+
+    pub fn holds_lease(&self, partition: i32) -> bool {
+        self.leases.contains_key(&partition)
+    }
+
+    /// The generation of the lease held on `partition`, if one is.
+    pub fn lease_generation(&self, partition: i32) -> Option<u64> {
+        self.leases.get(&partition).copied()
+    }
+
+    /// True while a sweep of the ledger is under way (a page asked for or more to read).
+    pub fn ledger_read_in_flight(&self) -> bool {
+        self.loading.is_some() || self.sweep.is_some()
+    }
+
+    /// Draining and nothing left to finish: every request answered, every outcome saved.
+    pub fn is_drained(&self) -> bool {
+        self.draining
+            && self.in_flight.is_empty()
+            && self.outbox.is_empty()
+            && self.saving.is_none()
+    }
+
+    // ---- inputs --------------------------------------------------------------------------
+
+    /// Deliveries fresh from a claim (the fast path). One joins its lane only when its newest
+    /// pending predecessor is held here and nothing since it was claimed makes that stale (see
+    /// `claims_stale_before`); otherwise, or when there is no room, it stays in the ledger for a
+    /// page to pick up behind its predecessors.
+    pub fn claimed(&mut self, now: Millis, claimed: Vec<Claimed<P>>) {
+        for Claimed {
+            delivery,
+            pending_predecessor,
+            claimed_at,
+        } in claimed
+        {
+            // A claim creates deliveries only for enabled brokers: one made after we read the
+            // row as unusable says the row changed (re-enabled). Read it again before acting.
+            if let EndpointState::Known { usable: Err(_), at } = &self.endpoint {
+                if claimed_at > *at {
+                    self.endpoint_outdated = true;
+                }
+            }
+            if self.lanes.holds(delivery.id) || !self.holds_lease(delivery.partition) {
+                continue;
+            }
+            if self.claims_stale_before.is_some_and(|at| at >= claimed_at) {
+                self.wanted += 1;
+                continue;
+            }
+            let follows = match pending_predecessor {
+                None => true,
+                Some(offset) => self
+                    .lanes
+                    .holds_order(&delivery.load, (delivery.partition, offset)),
+            };
+            // Until the sweep after a replay is done, a held predecessor says nothing about
+            // earlier deliveries the replay made pending again.
+            let replay_unread = self.replay_read_by.is_some_and(|w| self.done < w)
+                && self.lanes.has_lane(&delivery.load);
+            let blocked = replay_unread
+                || self
+                    .sweep
+                    .as_ref()
+                    .is_some_and(|sweep| sweep.blocked.contains(&delivery.load));
+            if !follows || blocked {
+                self.wanted += 1;
+                continue;
+            }
+            match self.make_room_for(&delivery, now) {
+                None => self.wanted += 1,
+                Some(evicted) => {
+                    if let (Some(sweep), Some(load)) = (&mut self.sweep, evicted) {
+                        sweep.blocked.insert(load);
+                    }
+                    self.hold(delivery, now);
+                }
+            }
+        }
+        self.drive(now);
+    }
+
+    /// The ledger may hold pending deliveries that are not in memory (a claim did not fit, the
+    /// sweep found overdue work).
+    pub fn ledger_has_more(&mut self, now: Millis) {
+        self.wanted += 1;
+        self.drive(now);
+    }
+
+    /// Dead letters were put back in the queue. The replayed rows are earlier than what this
+    /// scheduler may hold of their loads, so everything not started is given back and read
+    /// again in order.
+    pub fn replayed(&mut self, now: Millis) {
+        let loads: Vec<(String, Head)> = self
+            .lanes
+            .loads()
+            .map(|(load, head, _)| (load.to_owned(), head))
+            .collect();
+        for (load, head) in loads {
+            if head == Head::AwaitingSave {
+                self.replay_suspects.insert(load.clone());
+            }
+            self.lanes.forget_lane(&load);
+        }
+        self.claims_stale_before = Some(now);
+        self.restart_sweep();
+        self.replay_read_by = Some(self.wanted);
+        self.drive(now);
+    }
+
+    /// A page of pending rows answering `LoadPending`.
+    pub fn loaded(&mut self, now: Millis, token: IoToken, rows: Vec<Delivery<P>>) {
+        if self.loading != Some(token) {
+            return;
+        }
+        self.loading = None;
+        self.claims_stale_before = Some(now);
+        let saved_meanwhile = std::mem::take(&mut self.saved_during_load);
+        let Some(mut sweep) = self.sweep.take() else {
+            return self.drive(now);
+        };
+        let full_page = rows.len() >= self.page_size();
+        for row in rows {
+            sweep.after = Some((row.partition, row.offset));
+            if self.lanes.holds(row.id) || saved_meanwhile.contains(&row.id) {
+                continue;
+            }
+            if !self.holds_lease(row.partition) || sweep.blocked.contains(&row.load) {
+                continue;
+            }
+            if let Some(evicted) = self.make_room_for(&row, now) {
+                // The evicted load's rows after this point must wait for the next sweep.
+                sweep.blocked.extend(evicted);
+                if sweep.blocked.contains(&row.load) {
+                    continue;
+                }
+                self.hold(row, now);
+            } else {
+                sweep.skipped = true;
+                sweep.skipped_ready |= row.due_in.is_zero() && !self.lanes.has_lane(&row.load);
+                if !row.due_in.is_zero() {
+                    let due = now + row.due_in;
+                    self.parked_until = Some(self.parked_until.map_or(due, |p| p.min(due)));
+                }
+                sweep.blocked.insert(row.load);
+            }
+        }
+        let room_left = self.lanes.len() < self.config.capacity || self.has_waiting_lane(now);
+        if full_page && room_left {
+            self.sweep = Some(sweep);
+        } else {
+            // Read to the end, or memory is full of what can go now: either way this sweep
+            // did what it could. What it could not take is read again once room frees up.
+            self.done = self.done.max(sweep.started_at);
+            self.overflowed |= sweep.skipped || full_page;
+            if sweep.skipped_ready && self.has_waiting_lane(now) {
+                // A retry started waiting after a ready row was skipped: read again, so the
+                // retry gives way to it.
+                self.wanted += 1;
+            }
+        }
+        self.drive(now);
+    }
+
+    /// The ledger read failed: the next `ledger_has_more` (the sweep runs every few seconds)
+    /// tries again from the start.
+    pub fn load_failed(&mut self, now: Millis, token: IoToken) {
+        if self.loading == Some(token) {
+            self.loading = None;
+            self.sweep = None;
+            self.saved_during_load.clear();
+        }
+        self.drive(now);
+    }
+
+    /// The answer to a request (or its transport failure). `jitter` is a draw from [0, 1) for
+    /// the retry delay. Answers to requests of a previous incarnation are ignored.
+    pub fn attempt_finished(
+        &mut self,
+        now: Millis,
+        token: AttemptToken,
+        result: AttemptResult,
+        jitter: f64,
+        report: R,
+    ) {
+        let Some(flight) = self.in_flight.remove(&token) else {
+            return;
+        };
+        let verdict = classify(&result);
+        let breaker_outcome = match (&result, verdict) {
+            // Refused before connecting (SSRF guard): no request reached the broker.
+            (AttemptResult::RequestInvalid, _) => None,
+            (_, Verdict::Retry) => Some(RequestOutcome::Failure),
+            _ => Some(RequestOutcome::Success),
+        };
+        match breaker_outcome {
+            Some(outcome) => {
+                let change = self.breaker.on_outcome(now, flight.probe, outcome);
+                self.log_transition(change);
+            }
+            None => self.breaker.request_not_made(flight.probe),
+        }
+        let decision = match verdict {
+            Verdict::Delivered => Decision::Delivered,
+            Verdict::Retry => {
+                let retry_after = match &result {
+                    AttemptResult::Responded { retry_after, .. } => *retry_after,
+                    _ => None,
+                };
+                match self
+                    .config
+                    .retry
+                    .next_delay(flight.attempt, retry_after, jitter)
+                {
+                    Some(delay) => Decision::RetryIn(delay),
+                    None => Decision::Dead {
+                        reason: format!("gave up after {} attempts", flight.attempt),
+                    },
+                }
+            }
+            Verdict::Dead => Decision::Dead {
+                reason: match &result {
+                    AttemptResult::Responded { status, .. } => {
+                        format!("permanent failure: HTTP {status}")
+                    }
+                    _ => "permanent failure: the request could not be made".to_owned(),
+                },
+            },
+            Verdict::DeadAndDisableBroker => {
+                self.commands.push_back(Command::DisableBroker {
+                    delivery_id: flight.id,
+                });
+                // Stop sending now; the refreshed row (disabled) confirms it later.
+                self.endpoint = EndpointState::Known {
+                    usable: Err(Unusable {
+                        class: "broker_gone",
+                        reason: "broker answered 410 Gone; broker disabled".to_owned(),
+                    }),
+                    at: now,
+                };
+                Decision::Dead {
+                    reason: "broker answered 410 Gone; broker disabled".to_owned(),
+                }
+            }
+        };
+        self.decide(
+            now,
+            &flight.load,
+            flight.id,
+            flight.attempt,
+            decision,
+            None,
+            Some(report),
+        );
+        self.drive(now);
+    }
+
+    /// A started request was not made after all (see [`NotMade`]).
+    pub fn attempt_not_made(&mut self, now: Millis, token: AttemptToken, why: NotMade) {
+        let Some(flight) = self.in_flight.remove(&token) else {
+            return;
+        };
+        self.breaker.request_not_made(flight.probe);
+        match why {
+            NotMade::LeaseLapsed => {
+                self.lanes.put_back(&flight.load, now);
+                self.forget_load(&flight.load);
+            }
+        }
+        self.drive(now);
+    }
+
+    /// The outcomes of `WriteOutcomes { token }` are committed: their lanes move on.
+    pub fn outcomes_saved(&mut self, now: Millis, token: IoToken) {
+        let Some((saving, batch)) = self.saving.take() else {
+            return;
+        };
+        if saving != token {
+            self.saving = Some((saving, batch));
+            return;
+        }
+        for outcome in batch {
+            let retry = match outcome.decision {
+                Decision::RetryIn(delay) => Some((outcome.decided_at + delay, outcome.attempt)),
+                _ => {
+                    if self.loading.is_some() {
+                        self.saved_during_load.insert(outcome.delivery_id);
+                    }
+                    None
+                }
+            };
+            self.lanes
+                .saved(&outcome.load, outcome.delivery_id, retry, now);
+            if retry.is_some() || !self.lanes.has_lane(&outcome.load) {
+                // A retry now waits in memory, or a lane ended: rows left in the ledger for
+                // lack of room may fit (or be owed the retry's place) now.
+                self.room_changed = true;
+            }
+            if self.replay_suspects.remove(&outcome.load) && retry.is_none() {
+                self.forget_load(&outcome.load);
+                self.wanted += 1;
+            }
+        }
+        self.drive(now);
+    }
+
+    /// The write failed: the batch goes back in front of the queue and is tried again.
+    pub fn outcomes_save_failed(&mut self, now: Millis, token: IoToken) {
+        if self.saving.as_ref().is_some_and(|(t, _)| *t == token) {
+            let (_, batch) = self.saving.take().expect("checked above");
+            self.outbox.splice(0..0, batch);
+            self.save_retry_at = Some(now + RETRY_IO_AFTER);
+        }
+        self.drive(now);
+    }
+
+    /// Time passed (a wakeup asked for with `next_wakeup`, or any other reason).
+    pub fn tick(&mut self, now: Millis) {
+        self.drive(now);
+    }
+
+    /// This instance holds `partition`'s lease, as `generation`. Older generations are ignored.
+    pub fn lease_gained(&mut self, now: Millis, partition: i32, generation: u64) {
+        let newest = self.newest_lease.entry(partition).or_insert(0);
+        if generation > *newest {
+            *newest = generation;
+            self.leases.insert(partition, generation);
+            self.restart_sweep();
+        }
+        self.drive(now);
+    }
+
+    /// The lease `generation` on `partition` ended. A newer lease is not touched (a stale
+    /// revoke); otherwise everything of the partition not started is forgotten (it stays
+    /// pending in the ledger for the new owner).
+    pub fn lease_lost(&mut self, now: Millis, partition: i32, generation: u64) {
+        if self.leases.get(&partition) == Some(&generation) {
+            self.leases.remove(&partition);
+            self.lanes.forget_partition(partition);
+            if self.sweep.is_some() {
+                self.restart_sweep();
+            }
+        }
+        self.drive(now);
+    }
+
+    /// The broker row as read: usable, or why not.
+    pub fn broker_loaded(&mut self, now: Millis, usable: Result<(), Unusable>) {
+        self.loading_endpoint = false;
+        self.endpoint_retry_at = None;
+        self.endpoint_outdated = false;
+        self.endpoint = EndpointState::Known { usable, at: now };
+        self.drive(now);
+    }
+
+    pub fn broker_load_failed(&mut self, now: Millis) {
+        self.loading_endpoint = false;
+        self.endpoint_retry_at = Some(now + RETRY_IO_AFTER);
+        self.drive(now);
+    }
+
+    /// The broker row changed (enabled, URL, secrets): read it again before the next decision
+    /// that depends on it.
+    pub fn broker_changed(&mut self, now: Millis) {
+        self.endpoint_outdated = true;
+        self.drive(now);
+    }
+
+    /// The shell restarted (a panic was contained). Requests in flight are gone; their answers,
+    /// if any still arrive, are ignored. Outcomes decided but not saved are kept, and their
+    /// lanes stay blocked until they are saved; a write already under way is not written again
+    /// (its answer is still awaited: writing it twice could mark a delivery dead again after an
+    /// operator replayed it). Everything else is read again from the ledger.
+    pub fn restarted(&mut self, now: Millis) {
+        self.epoch += 1;
+        for (_, flight) in self.in_flight.drain() {
+            self.breaker.request_not_made(flight.probe);
+        }
+        self.breaker.abandon_probes();
+        self.lanes.keep_only_awaiting_save();
+        self.endpoint = EndpointState::Unknown;
+        self.loading_endpoint = false;
+        self.loading = None;
+        self.sweep = None;
+        self.saved_during_load.clear();
+        self.wanted += 1;
+        self.drive(now);
+    }
+
+    /// Shutdown: start nothing new; keep saving what is decided.
+    pub fn drain(&mut self, now: Millis) {
+        self.draining = true;
+        self.drive(now);
+    }
+
+    // ---- the decisions ----------------------------------------------------------------------
+
+    fn page_size(&self) -> usize {
+        self.config.capacity.clamp(1, 1_000)
+    }
+
+    fn restart_sweep(&mut self) {
+        self.wanted += 1;
+        self.sweep = None;
+        // An answer to a page already asked for is ignored (its token no longer matches).
+        self.loading = None;
+        self.saved_during_load.clear();
+    }
+
+    /// Gives back everything of `load` not started. A sweep under way must then skip the
+    /// load's later rows (their predecessors are no longer held).
+    fn forget_load(&mut self, load: &str) {
+        self.lanes.forget_lane(load);
+        if let Some(sweep) = &mut self.sweep {
+            sweep.blocked.insert(load.to_owned());
+        }
+    }
+
+    fn hold(&mut self, delivery: Delivery<P>, now: Millis) {
+        let entry = Entry {
+            id: delivery.id,
+            order: (delivery.partition, delivery.offset),
+            attempts: delivery.attempts,
+            not_before: now + delivery.due_in,
+            item: delivery.item,
+        };
+        self.lanes.insert(&delivery.load, entry, now);
+    }
+
+    /// Is there room to hold `delivery`? When memory is full and it would be a ready head of a
+    /// load not held, a delivery waiting for a retry gives way (it stays pending in the ledger
+    /// and comes back when due). `None`: no room; `Some(evicted)`: room, and the load that
+    /// gave some up, if one did.
+    fn make_room_for(&mut self, delivery: &Delivery<P>, now: Millis) -> Option<Option<String>> {
+        if self.lanes.len() < self.config.capacity {
+            return Some(None);
+        }
+        let ready_head = delivery.due_in.is_zero() && !self.lanes.has_lane(&delivery.load);
+        if !ready_head {
+            return None;
+        }
+        // The waiting lane with the most entries gives up its last one.
+        let victim = self
+            .lanes
+            .loads()
+            .filter(|(load, head, _)| {
+                *head == Head::Idle
+                    && self
+                        .lanes
+                        .head(load)
+                        .is_some_and(|(entry, _)| entry.not_before > now)
+            })
+            .max_by_key(|(load, _, len)| (*len, load.to_string()))
+            .map(|(load, _, _)| load.to_owned());
+        let victim = victim?;
+        if let Some((head, _)) = self.lanes.head(&victim) {
+            let due = head.not_before;
+            self.parked_until = Some(self.parked_until.map_or(due, |p| p.min(due)));
+        }
+        self.lanes.evict_back(&victim, 1);
+        self.overflowed = true;
+        Some(Some(victim))
+    }
+
+    /// Records a decision: the lane waits for its save; the outcome joins the next write.
+    #[allow(clippy::too_many_arguments)]
+    fn decide(
+        &mut self,
+        now: Millis,
+        load: &str,
+        id: i64,
+        attempt: u32,
+        decision: Decision,
+        not_sent: Option<Unusable>,
+        report: Option<R>,
+    ) {
+        let Some((entry, _)) = self.lanes.head(load).filter(|(e, _)| e.id == id) else {
+            return;
+        };
+        let (order, item) = (entry.order, entry.item.clone());
+        self.lanes.responded(load);
+        let outcome = Outcome {
+            delivery_id: id,
+            load: load.to_owned(),
+            order,
+            attempt,
+            decision,
+            decided_at: now,
+            not_sent,
+            report,
+        };
+        self.commands.push_back(Command::Decided {
+            outcome: outcome.clone(),
+            item,
+        });
+        self.outbox.push(outcome);
+    }
+
+    fn log_transition(&mut self, transition: Option<Transition>) {
+        if let Some(transition) = transition {
+            self.commands.push_back(Command::BreakerChanged(transition));
+        }
+    }
+
+    /// The usable endpoint, or why not; `None` while it is being (re)read and cannot be trusted.
+    fn endpoint_now(&mut self, now: Millis) -> Option<Result<(), Unusable>> {
+        let (usable, stale) = match &self.endpoint {
+            EndpointState::Unknown => (None, true),
+            EndpointState::Known { usable, at } => (
+                Some(usable.clone()),
+                self.endpoint_outdated || now >= *at + self.config.endpoint_refresh,
+            ),
+        };
+        let may_load = self.endpoint_retry_at.is_none_or(|at| now >= at);
+        if stale && !self.loading_endpoint && may_load && !self.lanes.is_empty() {
+            self.loading_endpoint = true;
+            self.endpoint_retry_at = None;
+            self.commands.push_back(Command::LoadBroker);
+        }
+        match usable {
+            // A stale "unusable" is not acted on: the broker may have been fixed and
+            // re-enabled. Its deliveries wait for the fresh row.
+            Some(Err(_)) if stale => None,
+            other => other,
+        }
+    }
+
+    /// Runs after every input: starts what may start, writes what is decided, reads the ledger
+    /// when it may hold more.
+    fn drive(&mut self, now: Millis) {
+        let change = self.breaker.poll(now);
+        self.log_transition(change);
+        if self.parked_until.is_some_and(|at| now >= at) {
+            self.parked_until = None;
+            self.wanted += 1;
+        }
+        if self.overflowed && self.lanes.len() <= self.config.capacity / 2 {
+            self.overflowed = false;
+            self.wanted += 1;
+        }
+        if self.overflowed
+            && self.room_changed
+            && self.sweep.is_none()
+            && self.has_waiting_lane(now)
+        {
+            // The ledger holds rows that did not fit, and a retry holds room they may need.
+            self.room_changed = false;
+            self.wanted += 1;
+        }
+        if !self.draining {
+            if let Some(endpoint) = self.endpoint_now(now) {
+                self.start_ready(now, endpoint);
+            }
+        }
+        self.write_outcomes(now);
+        if !self.draining {
+            self.read_ledger(now);
+        }
+    }
+
+    fn start_ready(&mut self, now: Millis, endpoint: Result<(), Unusable>) {
+        while let Some(load) = self.lanes.next_ready(now).map(str::to_owned) {
+            let Some((head, _)) = self.lanes.head(&load) else {
+                break;
+            };
+            let (id, partition, attempt) = (head.id, head.order.0, head.attempts + 1);
+            if !self.holds_lease(partition) {
+                self.forget_load(&load);
+                continue;
+            }
+            if let Err(unusable) = &endpoint {
+                self.lanes.start(&load);
+                let decision = Decision::Dead {
+                    reason: unusable.reason.clone(),
+                };
+                self.decide(
+                    now,
+                    &load,
+                    id,
+                    attempt,
+                    decision,
+                    Some(unusable.clone()),
+                    None,
+                );
+                continue;
+            }
+            if attempt > self.config.retry.max_attempts {
+                // Loaded with its budget already spent (max_attempts was lowered).
+                self.lanes.start(&load);
+                let decision = Decision::Dead {
+                    reason: format!("gave up after {} attempts", attempt - 1),
+                };
+                self.decide(now, &load, id, attempt - 1, decision, None, None);
+                continue;
+            }
+            if self.in_flight.len() >= self.config.max_in_flight || !self.breaker.may_request() {
+                break;
+            }
+            let probe = self.breaker.request_started(now);
+            let Some(entry) = self.lanes.start(&load) else {
+                break;
+            };
+            let item = entry.item.clone();
+            self.next_seq += 1;
+            let token = AttemptToken {
+                epoch: self.epoch,
+                seq: self.next_seq,
+            };
+            self.in_flight.insert(
+                token,
+                InFlight {
+                    id,
+                    load: load.clone(),
+                    attempt,
+                    probe,
+                },
+            );
+            self.commands.push_back(Command::Send {
+                token,
+                delivery_id: id,
+                load,
+                attempt,
+                item,
+            });
+        }
+    }
+
+    fn write_outcomes(&mut self, now: Millis) {
+        if self.saving.is_some() || self.outbox.is_empty() {
+            return;
+        }
+        if self.save_retry_at.is_some_and(|at| now < at) {
+            return;
+        }
+        self.save_retry_at = None;
+        let token = self.io_token();
+        let batch = std::mem::take(&mut self.outbox);
+        self.commands.push_back(Command::WriteOutcomes {
+            token,
+            outcomes: batch.clone(),
+        });
+        self.saving = Some((token, batch));
+    }
+
+    fn read_ledger(&mut self, now: Millis) {
+        if self.loading.is_some() || self.leases.is_empty() {
+            return;
+        }
+        if self.sweep.is_none() {
+            // Wait for half the room (or a retry that can give way) rather than reading a page
+            // for every free place.
+            let has_room =
+                self.lanes.len() <= self.config.capacity / 2 || self.has_waiting_lane(now);
+            if self.wanted <= self.done || !has_room {
+                return;
+            }
+            self.room_changed = false;
+            self.sweep = Some(Sweep {
+                started_at: self.wanted,
+                after: None,
+                blocked: HashSet::new(),
+                skipped: false,
+                skipped_ready: false,
+            });
+        }
+        let after = self.sweep.as_ref().and_then(|s| s.after);
+        let token = self.io_token();
+        self.loading = Some(token);
+        self.commands.push_back(Command::LoadPending {
+            token,
+            partitions: self.leases.keys().copied().collect(),
+            after,
+            limit: self.page_size(),
+        });
+    }
+
+    /// Is some lane's head idle and not due (a retry that could give way)?
+    fn has_waiting_lane(&self, now: Millis) -> bool {
+        self.lanes.loads().any(|(load, head, _)| {
+            head == Head::Idle
+                && self
+                    .lanes
+                    .head(load)
+                    .is_some_and(|(entry, _)| entry.not_before > now)
+        })
+    }
+
+    fn io_token(&mut self) -> IoToken {
+        self.next_seq += 1;
+        IoToken(self.next_seq)
+    }
+}

@@ -1,0 +1,623 @@
+//! Unit tests of the scheduler, one per rule it keeps (and one per bug of issue 11 it fixes).
+//! The simulator (tests/simulation.rs) checks the same rules over random interleavings.
+
+use std::time::Duration;
+
+use super::*;
+
+type Sched = Scheduler<(), ()>;
+
+const CONFIG: SchedulerConfig = SchedulerConfig {
+    capacity: 10,
+    max_in_flight: 4,
+    request_timeout: Duration::from_secs(10),
+    endpoint_refresh: Duration::from_secs(5),
+    retry: RetryPolicy {
+        max_attempts: 3,
+        base_delay: Duration::from_secs(30),
+        max_delay: Duration::from_secs(60),
+    },
+    breaker: BreakerConfig {
+        failure_threshold: 2,
+        failure_ratio: 0.5,
+        min_requests: 100,
+        window: Duration::from_secs(30),
+        open: Duration::from_secs(5),
+        max_open: Duration::from_secs(60),
+        half_open_probes: 1,
+    },
+};
+
+fn delivery(id: i64, load: &str, offset: i64) -> Delivery<()> {
+    Delivery {
+        id,
+        load: load.to_owned(),
+        partition: 0,
+        offset,
+        attempts: 0,
+        due_in: Duration::ZERO,
+        item: (),
+    }
+}
+
+fn claim(id: i64, load: &str, offset: i64, predecessor: Option<i64>) -> Claimed<()> {
+    Claimed {
+        delivery: delivery(id, load, offset),
+        pending_predecessor: predecessor,
+        claimed_at: Millis(5),
+    }
+}
+
+const OK: AttemptResult = AttemptResult::Responded {
+    status: 200,
+    retry_after: None,
+};
+const FAILED: AttemptResult = AttemptResult::Responded {
+    status: 503,
+    retry_after: None,
+};
+
+/// A scheduler with partition 0's lease, a usable endpoint and an empty ledger.
+fn ready(config: SchedulerConfig) -> (Sched, Vec<Command<(), ()>>) {
+    let mut s = Sched::new(config, Millis(0));
+    s.lease_gained(Millis(0), 0, 1);
+    let mut out = Vec::new();
+    answer_loads(&mut s, Millis(0), &mut out, &[]);
+    s.claimed(Millis(0), Vec::new());
+    (s, out)
+}
+
+/// Drains the commands; answers broker reads (usable) and ledger reads (with `rows`).
+fn answer_loads(s: &mut Sched, now: Millis, out: &mut Vec<Command<(), ()>>, rows: &[Delivery<()>]) {
+    let mut rounds = 0;
+    loop {
+        let mut answered = false;
+        while let Some(command) = s.poll_command() {
+            match command {
+                Command::LoadBroker => {
+                    s.broker_loaded(now, Ok(()));
+                    answered = true;
+                }
+                Command::LoadPending { token, after, .. } => {
+                    let page: Vec<_> = rows
+                        .iter()
+                        .filter(|r| after.is_none_or(|a| (r.partition, r.offset) > a))
+                        .cloned()
+                        .collect();
+                    s.loaded(now, token, page);
+                    answered = true;
+                }
+                other => out.push(other),
+            }
+        }
+        rounds += 1;
+        if !answered || rounds > 10 {
+            break;
+        }
+    }
+}
+
+fn sends(out: &mut Vec<Command<(), ()>>) -> Vec<(AttemptToken, i64)> {
+    let mut sent = Vec::new();
+    out.retain(|c| match c {
+        Command::Send {
+            token, delivery_id, ..
+        } => {
+            sent.push((*token, *delivery_id));
+            false
+        }
+        _ => true,
+    });
+    sent
+}
+
+fn writes(out: &mut Vec<Command<(), ()>>) -> Vec<(IoToken, Vec<Outcome<()>>)> {
+    let mut written = Vec::new();
+    out.retain(|c| match c {
+        Command::WriteOutcomes { token, outcomes } => {
+            written.push((*token, outcomes.clone()));
+            false
+        }
+        _ => true,
+    });
+    written
+}
+
+/// Acknowledges every outcome write until none is left; returns the other commands.
+fn save_all(s: &mut Sched, now: Millis) -> Vec<Command<(), ()>> {
+    let mut rest = Vec::new();
+    loop {
+        let mut out = drain(s, now);
+        let written = writes(&mut out);
+        rest.append(&mut out);
+        if written.is_empty() {
+            return rest;
+        }
+        for (token, _) in written {
+            s.outcomes_saved(now, token);
+        }
+    }
+}
+
+fn finish(s: &mut Sched, now: Millis, token: AttemptToken, result: AttemptResult) {
+    s.attempt_finished(now, token, result, 0.5, ());
+}
+
+fn drain(s: &mut Sched, now: Millis) -> Vec<Command<(), ()>> {
+    let mut out = Vec::new();
+    answer_loads(s, now, &mut out, &[]);
+    out
+}
+
+#[test]
+fn a_slot_is_free_when_the_answer_is_in_and_the_lane_waits_for_the_save() {
+    let (mut s, _) = ready(SchedulerConfig {
+        max_in_flight: 1,
+        ..CONFIG
+    });
+    let t = Millis(10);
+    s.claimed(
+        t,
+        vec![
+            claim(1, "A", 1, None),
+            claim(2, "A", 2, Some(1)),
+            claim(3, "B", 3, None),
+        ],
+    );
+    let mut out = drain(&mut s, t);
+    let first = sends(&mut out);
+    assert_eq!(first.iter().map(|(_, id)| *id).collect::<Vec<_>>(), vec![1]);
+    finish(&mut s, t, first[0].0, OK);
+    let mut out = drain(&mut s, t);
+    let next = sends(&mut out);
+    assert_eq!(
+        next.iter().map(|(_, id)| *id).collect::<Vec<_>>(),
+        vec![3],
+        "B goes while A's outcome is being saved; A#2 waits for the save"
+    );
+    let saves = writes(&mut out);
+    s.outcomes_saved(t, saves[0].0);
+    finish(&mut s, t, next[0].0, OK);
+    let mut out = drain(&mut s, t);
+    assert_eq!(
+        sends(&mut out)
+            .iter()
+            .map(|(_, id)| *id)
+            .collect::<Vec<_>>(),
+        vec![2]
+    );
+}
+
+/// Bug 1: disabling a broker while its breaker is open left it half-open forever.
+#[test]
+fn a_disabled_broker_does_not_leave_the_breaker_half_open() {
+    let (mut s, _) = ready(CONFIG);
+    let t = Millis(10);
+    s.claimed(t, vec![claim(1, "A", 1, None), claim(2, "B", 2, None)]);
+    let mut out = drain(&mut s, t);
+    for (token, _) in sends(&mut out) {
+        finish(&mut s, t, token, FAILED);
+    }
+    let mut out = drain(&mut s, t);
+    for (token, _) in writes(&mut out) {
+        s.outcomes_saved(t, token);
+    }
+    assert_eq!(s.breaker().state().name(), "open");
+    // On-call disables the broker; the refreshed row says so.
+    let t = Millis(6_000);
+    s.broker_changed(t);
+    let mut out = Vec::new();
+    while let Some(c) = s.poll_command() {
+        if matches!(c, Command::LoadBroker) {
+            s.broker_loaded(
+                t,
+                Err(Unusable {
+                    class: "broker_disabled",
+                    reason: "broker disabled".into(),
+                }),
+            );
+        } else {
+            out.push(c);
+        }
+    }
+    assert_eq!(s.breaker().state().name(), "half_open");
+    assert_eq!(
+        s.breaker().probes_in_flight(),
+        0,
+        "dead letters are not probes"
+    );
+    // Re-enabled and healthy: the next delivery is the probe and closes the breaker.
+    let t = Millis(12_000);
+    s.broker_changed(t);
+    s.claimed(t, vec![claim(3, "C", 3, None)]);
+    let mut out = drain(&mut s, t);
+    let probe = sends(&mut out);
+    assert_eq!(probe.len(), 1);
+    finish(&mut s, t, probe[0].0, OK);
+    assert_eq!(s.breaker().state().name(), "closed");
+}
+
+/// Bug 1, second half: a probe whose request is not made gives its slot back.
+#[test]
+fn a_probe_not_made_is_given_back() {
+    let (mut s, _) = ready(CONFIG);
+    let t = Millis(10);
+    s.claimed(t, vec![claim(1, "A", 1, None), claim(2, "B", 2, None)]);
+    let mut out = drain(&mut s, t);
+    for (token, _) in sends(&mut out) {
+        finish(&mut s, t, token, FAILED);
+    }
+    let mut out = drain(&mut s, t);
+    for (token, _) in writes(&mut out) {
+        s.outcomes_saved(t, token);
+    }
+    let t = Millis(60_000);
+    s.tick(t);
+    let mut out = drain(&mut s, t);
+    let probe = sends(&mut out);
+    assert_eq!(probe.len(), 1, "one probe");
+    s.attempt_not_made(t, probe[0].0, NotMade::LeaseLapsed);
+    assert_eq!(s.breaker().probes_in_flight(), 0);
+    assert!(s.breaker().may_request());
+}
+
+/// Bug 2: deliveries waiting for a retry kept healthy loads out of memory.
+#[test]
+fn retries_give_way_to_ready_loads() {
+    let (mut s, _) = ready(SchedulerConfig {
+        capacity: 3,
+        breaker: BreakerConfig {
+            failure_threshold: 100,
+            ..CONFIG.breaker
+        },
+        ..CONFIG
+    });
+    let t = Millis(10);
+    s.claimed(
+        t,
+        (1..=3)
+            .map(|i| claim(i, &format!("F{i}"), i, None))
+            .collect(),
+    );
+    let mut out = drain(&mut s, t);
+    for (token, _) in sends(&mut out) {
+        s.attempt_finished(t, token, AttemptResult::TransportFailed, 0.5, ());
+    }
+    save_all(&mut s, t);
+    assert_eq!(s.held(), 3, "three retries wait 30 s");
+    s.claimed(
+        t,
+        vec![claim(10, "H1", 10, None), claim(11, "H2", 11, None)],
+    );
+    let mut out = drain(&mut s, t);
+    let sent: Vec<i64> = sends(&mut out).iter().map(|(_, id)| *id).collect();
+    assert_eq!(sent, vec![10, 11], "healthy loads go at once");
+    assert!(s.held() <= 3);
+    assert!(
+        s.next_wakeup(t).is_some(),
+        "the given-back retries are read again when due"
+    );
+}
+
+/// Bug 3: after a restart, a late outcome of the old incarnation acted on the reloaded lanes.
+#[test]
+fn answers_from_before_a_restart_are_ignored() {
+    let (mut s, _) = ready(CONFIG);
+    let t = Millis(10);
+    s.claimed(t, vec![claim(1, "A", 1, None)]);
+    let mut out = drain(&mut s, t);
+    let old = sends(&mut out);
+    s.restarted(t);
+    let rows = [delivery(1, "A", 1), delivery(2, "A", 2)];
+    let mut out = Vec::new();
+    answer_loads(&mut s, t, &mut out, &rows);
+    let new = sends(&mut out);
+    assert_eq!(new.iter().map(|(_, id)| *id).collect::<Vec<_>>(), vec![1]);
+    finish(&mut s, t, old[0].0, OK);
+    assert_eq!(s.in_flight(), 1, "the old answer changed nothing");
+    let mut out = drain(&mut s, t);
+    assert!(sends(&mut out).is_empty(), "A#2 still waits behind A#1");
+}
+
+/// Bug 3: an outcome decided before a restart is saved, and its lane waits for it.
+#[test]
+fn an_unsaved_outcome_survives_a_restart_and_blocks_its_load() {
+    let (mut s, _) = ready(CONFIG);
+    let t = Millis(10);
+    s.claimed(t, vec![claim(1, "A", 1, None), claim(2, "B", 2, None)]);
+    let mut out = drain(&mut s, t);
+    let sent = sends(&mut out);
+    finish(&mut s, t, sent[0].0, OK);
+    let mut out = drain(&mut s, t);
+    let under_way = writes(&mut out);
+    finish(&mut s, t, sent[1].0, OK);
+    s.restarted(t);
+    let rows = [
+        delivery(1, "A", 1),
+        delivery(3, "A", 3),
+        delivery(2, "B", 2),
+    ];
+    let mut out = Vec::new();
+    answer_loads(&mut s, t, &mut out, &rows);
+    assert!(
+        sends(&mut out).is_empty(),
+        "1 and 2 are decided; 3 waits for 1's save"
+    );
+    assert!(
+        writes(&mut out).is_empty(),
+        "the write under way is not repeated"
+    );
+    s.outcomes_saved(t, under_way[0].0);
+    let mut out = drain(&mut s, t);
+    assert_eq!(
+        sends(&mut out)
+            .iter()
+            .map(|(_, id)| *id)
+            .collect::<Vec<_>>(),
+        vec![3]
+    );
+    let next = writes(&mut out);
+    assert_eq!(
+        next[0].1[0].delivery_id, 2,
+        "the unsaved one is written next"
+    );
+}
+
+/// Bug 4: a replayed delivery goes before later ones of its load, even a waiting retry.
+#[test]
+fn a_replayed_delivery_goes_before_later_ones_of_its_load() {
+    let (mut s, _) = ready(CONFIG);
+    let t = Millis(10);
+    s.claimed(t, vec![claim(5, "A", 5, None)]);
+    let mut out = drain(&mut s, t);
+    let sent = sends(&mut out);
+    finish(&mut s, t, sent[0].0, FAILED);
+    let mut out = drain(&mut s, t);
+    s.outcomes_saved(t, writes(&mut out)[0].0);
+    // Delivery 1 (offset 1) of A was dead and is replayed; a new event 9 is claimed.
+    s.replayed(t);
+    let mut retried = delivery(5, "A", 5);
+    retried.attempts = 1;
+    retried.due_in = Duration::from_secs(30);
+    let rows = [delivery(1, "A", 1), retried];
+    let mut out = Vec::new();
+    answer_loads(&mut s, t, &mut out, &rows);
+    s.claimed(t, vec![claim(9, "A", 9, Some(5))]);
+    let mut out2 = drain(&mut s, t);
+    out.append(&mut out2);
+    assert_eq!(
+        sends(&mut out)
+            .iter()
+            .map(|(_, id)| *id)
+            .collect::<Vec<_>>(),
+        vec![1],
+        "the replayed one first, not 9, not behind 5's retry"
+    );
+}
+
+/// Bug 4, first half: a claim whose predecessor finished here is not trusted to follow it.
+#[test]
+fn a_claim_after_a_finished_predecessor_reads_the_ledger() {
+    let (mut s, _) = ready(CONFIG);
+    let t = Millis(10);
+    s.claimed(t, vec![claim(5, "A", 5, None)]);
+    let mut out = drain(&mut s, t);
+    let sent = sends(&mut out);
+    finish(&mut s, t, sent[0].0, OK);
+    let mut out = drain(&mut s, t);
+    s.outcomes_saved(t, writes(&mut out)[0].0);
+    // 5 was delivered, then replayed; the claim of 9 sees it pending.
+    s.claimed(t, vec![claim(9, "A", 9, Some(5))]);
+    let mut out = Vec::new();
+    answer_loads(
+        &mut s,
+        t,
+        &mut out,
+        &[delivery(5, "A", 5), delivery(9, "A", 9)],
+    );
+    assert_eq!(
+        sends(&mut out)
+            .iter()
+            .map(|(_, id)| *id)
+            .collect::<Vec<_>>(),
+        vec![5]
+    );
+}
+
+/// Bug 5: a ledger page read while an outcome was saved still shows it pending.
+#[test]
+fn a_page_read_during_a_save_does_not_bring_back_what_it_saved() {
+    let (mut s, _) = ready(CONFIG);
+    let t = Millis(10);
+    s.claimed(t, vec![claim(1, "A", 1, None)]);
+    let mut out = drain(&mut s, t);
+    let sent = sends(&mut out);
+    finish(&mut s, t, sent[0].0, OK);
+    let mut out = Vec::new();
+    while let Some(c) = s.poll_command() {
+        out.push(c);
+    }
+    let save = writes(&mut out);
+    s.ledger_has_more(t);
+    let page = loop {
+        match s.poll_command() {
+            Some(Command::LoadPending { token, .. }) => break token,
+            Some(_) => continue,
+            None => panic!("a page read was asked for"),
+        }
+    };
+    s.outcomes_saved(t, save[0].0);
+    // The page's snapshot predates the commit.
+    s.loaded(t, page, vec![delivery(1, "A", 1)]);
+    let mut out = drain(&mut s, t);
+    assert!(sends(&mut out).is_empty(), "delivered once, never again");
+    assert_eq!(s.held(), 0);
+}
+
+/// Bug 6: a late revoke of an old lease does not drop the newer one.
+#[test]
+fn a_stale_revoke_does_not_drop_a_newer_lease() {
+    let mut s = Sched::new(CONFIG, Millis(0));
+    s.lease_gained(Millis(0), 0, 1);
+    s.lease_gained(Millis(1), 0, 2);
+    s.lease_lost(Millis(2), 0, 1);
+    assert!(s.holds_lease(0));
+    s.lease_lost(Millis(3), 0, 2);
+    assert!(!s.holds_lease(0));
+    s.lease_gained(Millis(4), 0, 2);
+    assert!(!s.holds_lease(0), "a stale grant is ignored too");
+}
+
+#[test]
+fn deliveries_of_an_unusable_broker_are_dead_lettered_without_a_request() {
+    let mut s = Sched::new(CONFIG, Millis(0));
+    s.lease_gained(Millis(0), 0, 1);
+    s.claimed(Millis(0), vec![claim(1, "A", 1, None)]);
+    let mut out = Vec::new();
+    while let Some(c) = s.poll_command() {
+        match c {
+            Command::LoadBroker => s.broker_loaded(
+                Millis(0),
+                Err(Unusable {
+                    class: "invalid_broker",
+                    reason: "no URL".into(),
+                }),
+            ),
+            Command::LoadPending { token, .. } => s.loaded(Millis(0), token, Vec::new()),
+            other => out.push(other),
+        }
+    }
+    assert!(sends(&mut out).is_empty());
+    let written = writes(&mut out);
+    assert_eq!(
+        written[0].1[0].decision,
+        Decision::Dead {
+            reason: "no URL".into()
+        }
+    );
+    assert_eq!(s.breaker().state().name(), "closed");
+}
+
+#[test]
+fn attempts_never_exceed_the_budget() {
+    let (mut s, _) = ready(CONFIG);
+    let t = Millis(10);
+    let mut spent = delivery(1, "A", 1);
+    spent.attempts = 3;
+    s.ledger_has_more(t);
+    let mut out = Vec::new();
+    answer_loads(&mut s, t, &mut out, &[spent]);
+    assert!(sends(&mut out).is_empty());
+    assert!(matches!(
+        writes(&mut out)[0].1[0].decision,
+        Decision::Dead { .. }
+    ));
+}
+
+#[test]
+fn a_draining_scheduler_starts_nothing_and_reports_when_saved() {
+    let (mut s, _) = ready(CONFIG);
+    let t = Millis(10);
+    s.claimed(t, vec![claim(1, "A", 1, None)]);
+    let mut out = drain(&mut s, t);
+    let sent = sends(&mut out);
+    s.drain(t);
+    s.claimed(t, vec![claim(2, "B", 2, None)]);
+    assert!(!s.is_drained());
+    finish(&mut s, t, sent[0].0, OK);
+    let mut out = drain(&mut s, t);
+    assert!(sends(&mut out).is_empty());
+    s.outcomes_saved(t, writes(&mut out)[0].0);
+    assert!(s.is_drained());
+}
+
+/// A claim made before a page was taken in may describe a delivery that page brought in and
+/// that is finished by now: it goes through the ledger instead.
+#[test]
+fn a_claim_older_than_the_last_page_is_not_trusted() {
+    let (mut s, _) = ready(CONFIG);
+    let t = Millis(10);
+    s.ledger_has_more(t);
+    let mut out = Vec::new();
+    answer_loads(&mut s, t, &mut out, &[delivery(1, "A", 1)]);
+    let sent = sends(&mut out);
+    finish(&mut s, t, sent[0].0, OK);
+    save_all(&mut s, t);
+    // The claim of 1 (made at 5, before the page at 10) arrives now.
+    s.claimed(t, vec![claim(1, "A", 1, None)]);
+    let mut out = drain(&mut s, t);
+    assert!(sends(&mut out).is_empty(), "delivered once, never again");
+}
+
+/// After a replay, a held predecessor does not prove that nothing earlier is pending.
+#[test]
+fn claims_wait_for_the_sweep_after_a_replay() {
+    let (mut s, _) = ready(CONFIG);
+    let t = Millis(10);
+    s.claimed(t, vec![claim(4, "A", 4, None)]);
+    let mut out = drain(&mut s, t);
+    let in_flight = sends(&mut out);
+    s.replayed(Millis(20));
+    let mut fresh = claim(7, "A", 7, Some(4));
+    fresh.claimed_at = Millis(30);
+    s.claimed(Millis(30), vec![fresh]);
+    finish(&mut s, Millis(30), in_flight[0].0, OK);
+    // The sweep finds the replayed 2 before 7.
+    let rows = [delivery(2, "A", 2), delivery(7, "A", 7)];
+    let mut sent = Vec::new();
+    for _ in 0..5 {
+        let mut out = Vec::new();
+        answer_loads(&mut s, Millis(30), &mut out, &rows);
+        sent.extend(sends(&mut out).into_iter().map(|(_, id)| id));
+        for (token, _) in writes(&mut out) {
+            s.outcomes_saved(Millis(30), token);
+        }
+    }
+    assert_eq!(sent, vec![2]);
+}
+
+/// Bug 1 as observed: the broker is re-enabled and new events are claimed within the row's
+/// refresh period. The claims prove the row changed; they are not dead-lettered on the old read.
+#[test]
+fn a_claim_after_the_row_was_read_unusable_reads_it_again() {
+    let mut s = Sched::new(CONFIG, Millis(0));
+    s.lease_gained(Millis(0), 0, 1);
+    s.claimed(Millis(0), vec![claim(1, "A", 1, None)]);
+    while let Some(c) = s.poll_command() {
+        match c {
+            Command::LoadBroker => s.broker_loaded(
+                Millis(1),
+                Err(Unusable {
+                    class: "invalid_broker",
+                    reason: "broker disabled".into(),
+                }),
+            ),
+            Command::LoadPending { token, .. } => s.loaded(Millis(1), token, Vec::new()),
+            _ => {}
+        }
+    }
+    let t = Millis(100);
+    let mut fresh = claim(2, "B", 2, None);
+    fresh.claimed_at = Millis(50);
+    s.claimed(t, vec![fresh]);
+    let mut reads = 0;
+    let mut out = Vec::new();
+    while let Some(c) = s.poll_command() {
+        match c {
+            Command::LoadBroker => {
+                reads += 1;
+                s.broker_loaded(t, Ok(()));
+            }
+            Command::LoadPending { token, .. } => s.loaded(t, token, Vec::new()),
+            other => out.push(other),
+        }
+    }
+    assert_eq!(reads, 1, "the row is read again");
+    assert_eq!(
+        sends(&mut out)
+            .iter()
+            .map(|(_, id)| *id)
+            .collect::<Vec<_>>(),
+        vec![2]
+    );
+}

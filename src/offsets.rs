@@ -211,7 +211,16 @@ pub fn partition_offsets(
     settings: &KafkaSettings,
     timeout: Duration,
 ) -> Result<Vec<PartitionOffsets>, OffsetsError> {
-    let deadline = Instant::now() + timeout;
+    let (_, positions) = group_positions(settings, Instant::now() + timeout)?;
+    Ok(positions)
+}
+
+/// What `partition_offsets` reads, with the client that read it (for more reads before the
+/// same `deadline`).
+fn group_positions(
+    settings: &KafkaSettings,
+    deadline: Instant,
+) -> Result<(BaseConsumer, Vec<PartitionOffsets>), OffsetsError> {
     let remaining = || deadline.saturating_duration_since(Instant::now());
     let topic = settings.topic.as_str();
     let consumer = client(settings, &settings.group_id)?;
@@ -223,7 +232,7 @@ pub fn partition_offsets(
         &partitions,
         remaining(),
     )?;
-    partitions
+    let positions = partitions
         .into_iter()
         .zip(committed)
         .map(|(partition, committed)| {
@@ -237,7 +246,8 @@ pub fn partition_offsets(
                 lag: lag(committed, low_watermark, high_watermark),
             })
         })
-        .collect()
+        .collect::<Result<Vec<_>, OffsetsError>>()?;
+    Ok((consumer, positions))
 }
 
 /// Where `kafka.group_id` would start on each partition of `settings.topic` if seeded from
@@ -251,22 +261,11 @@ pub fn plan_seed(
     let deadline = Instant::now() + timeout;
     let remaining = || deadline.saturating_duration_since(Instant::now());
     let topic = settings.topic.as_str();
-    let consumer = client(settings, &settings.group_id)?;
-    let partitions = topic_partitions(&consumer, topic, remaining())?;
-    let committed = committed_offsets(
-        &consumer,
-        &settings.group_id,
-        topic,
-        &partitions,
-        remaining(),
-    )?;
-    let ranges = partitions
-        .iter()
-        .map(|&partition| watermarks(&consumer, topic, partition, remaining()))
-        .collect::<Result<Vec<_>, _>>()?;
+    let (consumer, positions) = group_positions(settings, deadline)?;
+    let partitions: Vec<i32> = positions.iter().map(|p| p.partition).collect();
     let wanted: Vec<Option<i64>> = match source {
-        SeedSource::Earliest => ranges.iter().map(|(low, _)| Some(*low)).collect(),
-        SeedSource::Latest => ranges.iter().map(|(_, high)| Some(*high)).collect(),
+        SeedSource::Earliest => positions.iter().map(|p| Some(p.low_watermark)).collect(),
+        SeedSource::Latest => positions.iter().map(|p| Some(p.high_watermark)).collect(),
         SeedSource::FromGroup(group_id) => {
             let old = client(settings, group_id)?;
             let offsets = committed_offsets(&old, group_id, topic, &partitions, remaining())?;
@@ -315,17 +314,15 @@ pub fn plan_seed(
                 .collect()
         }
     };
-    Ok(partitions
+    Ok(positions
         .into_iter()
-        .zip(committed)
-        .zip(ranges)
         .zip(wanted)
-        .map(|(((partition, committed), (low, high)), wanted)| SeedRow {
-            partition,
-            committed,
-            seed: seed_offset(wanted, low, high),
-            low_watermark: low,
-            high_watermark: high,
+        .map(|(position, wanted)| SeedRow {
+            partition: position.partition,
+            committed: position.committed,
+            seed: seed_offset(wanted, position.low_watermark, position.high_watermark),
+            low_watermark: position.low_watermark,
+            high_watermark: position.high_watermark,
         })
         .collect())
 }

@@ -1,7 +1,7 @@
 use actix::{Handler, Message, ResponseFuture};
 
-use super::{millis, BrokerSnapshot, DeliveryActor};
-use crate::core::scheduler::{Claimed, Delivery, IoToken};
+use super::{millis, scheduled, BrokerSnapshot, DeliveryActor};
+use crate::core::scheduler::{Claimed, IoToken};
 use crate::ledger::ClaimedDelivery;
 
 /// New deliveries for this broker, fresh from a claim (the fast path).
@@ -18,21 +18,10 @@ impl Handler<Deliver> for DeliveryActor {
         let claimed = msg
             .claimed
             .into_iter()
-            .map(|claimed| {
-                let row = claimed.delivery;
-                Claimed {
-                    delivery: Delivery {
-                        id: row.delivery_id,
-                        load: row.load_id.clone(),
-                        partition: row.partition,
-                        offset: row.offset,
-                        attempts: row.attempts,
-                        due_in: row.due_in,
-                        item: row,
-                    },
-                    pending_predecessor: claimed.pending_predecessor_offset,
-                    claimed_at: millis(claimed.claimed_at),
-                }
+            .map(|claimed| Claimed {
+                delivery: scheduled(claimed.delivery),
+                pending_predecessor: claimed.pending_predecessor_offset,
+                claimed_at: millis(claimed.claimed_at),
             })
             .collect();
         self.guarded(ctx, "deliver", |act, ctx| {

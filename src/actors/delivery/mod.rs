@@ -417,18 +417,7 @@ impl DeliveryActor {
         ctx.spawn(load.into_actor(self).map(move |result, act, ctx| {
             act.guarded(ctx, "load_pending", move |act, ctx| match result {
                 Ok(Ok(rows)) => {
-                    let rows = rows
-                        .into_iter()
-                        .map(|row| Delivery {
-                            id: row.delivery_id,
-                            load: row.load_id.clone(),
-                            partition: row.partition,
-                            offset: row.offset,
-                            attempts: row.attempts,
-                            due_in: row.due_in,
-                            item: row,
-                        })
-                        .collect();
+                    let rows = rows.into_iter().map(scheduled).collect();
                     act.step(ctx, |s, now| s.loaded(now, token, rows));
                 }
                 Ok(Err(error)) => {
@@ -661,5 +650,18 @@ impl actix::Supervised for DeliveryActor {
         self.endpoint = None;
         self.wakeup = None;
         self.scheduler.restarted(millis(Instant::now()));
+    }
+}
+
+/// A ledger row as the scheduler sees it (the row itself travels along as the item to send).
+pub(super) fn scheduled(row: PendingDelivery) -> Delivery<PendingDelivery> {
+    Delivery {
+        id: row.delivery_id,
+        load: row.load_id.clone(),
+        partition: row.partition,
+        offset: row.offset,
+        attempts: row.attempts,
+        due_in: row.due_in,
+        item: row,
     }
 }

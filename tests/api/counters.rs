@@ -8,8 +8,7 @@ use chrono::Utc;
 use webhook_delivery::ledger::{
     BackfillOutcome, BackfillRequest, Ledger, ReplayOutcome, ReplaySelector,
 };
-use wiremock::matchers::method;
-use wiremock::{Mock, MockServer, ResponseTemplate};
+use wiremock::ResponseTemplate;
 
 use crate::helpers::*;
 
@@ -44,21 +43,12 @@ async fn assert_counts_exact(env: &TestEnv, after: &str) {
     );
 }
 
-async fn answering(status: u16) -> MockServer {
-    let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(status))
-        .mount(&server)
-        .await;
-    server
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn counts_stay_exact_through_claims_outcomes_replay_backfill_and_direct_sql() {
     let env = TestEnv::new(3).await;
     let ok = ok_receiver().await;
-    let refusing = answering(400).await; // dead at once
-    let failing = answering(503).await; // retried: stays pending
+    let refusing = receiver(ResponseTemplate::new(400)).await; // dead at once
+    let failing = receiver(ResponseTemplate::new(503)).await; // retried: stays pending
     let late = ok_receiver().await; // subscribes after the events: backfilled
     env.add_broker("ok", &ok.uri()).await;
     env.add_broker("refusing", &refusing.uri()).await;

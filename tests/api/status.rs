@@ -5,8 +5,7 @@ use std::time::Duration;
 use std::process::Command;
 
 use serde_json::Value;
-use wiremock::matchers::method;
-use wiremock::{Mock, MockServer, ResponseTemplate};
+use wiremock::ResponseTemplate;
 
 use crate::helpers::*;
 
@@ -38,21 +37,12 @@ fn total_lag(status: &Value) -> i64 {
         .sum()
 }
 
-async fn answering(status: u16) -> MockServer {
-    let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(status))
-        .mount(&server)
-        .await;
-    server
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_shows_lag_per_partition_and_backlog_per_broker() {
     let env = TestEnv::new(2).await;
     let ok = ok_receiver().await;
-    let refusing = answering(400).await; // permanent: dead at once
-    let failing = answering(503).await; // retried: stays pending
+    let refusing = receiver(ResponseTemplate::new(400)).await; // permanent: dead at once
+    let failing = receiver(ResponseTemplate::new(503)).await; // retried: stays pending
     env.add_broker("ok", &ok.uri()).await;
     env.add_broker("refusing", &refusing.uri()).await;
     env.add_broker("failing", &failing.uri()).await;

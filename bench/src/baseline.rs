@@ -49,6 +49,9 @@ pub async fn run(
         .set("bootstrap.servers", &kafka.brokers)
         .set("group.id", &kafka.group_id)
         .set("enable.auto.commit", "true")
+        // The old consumer read a new group from the start of the topic; the service's own
+        // settings no longer carry this property (it sets it itself, docs/decisions.md).
+        .set("auto.offset.reset", "earliest")
         .set("session.timeout.ms", kafka.session_timeout_ms.to_string())
         .set(
             "max.poll.interval.ms",

@@ -9,7 +9,7 @@ use std::time::Duration;
 use actix::Actor;
 
 use crate::actors::delivery::DeliveryDeps;
-use crate::actors::delivery_supervisor::{DeliverySupervisor, DrainDeliveries};
+use crate::actors::delivery_supervisor::{DeliveriesReplayed, DeliverySupervisor, DrainDeliveries};
 use crate::actors::ledger_gateway::{LedgerGateway, LedgerWatch};
 use crate::actors::partition::PartitionDeps;
 use crate::actors::partition_supervisor::{PartitionSupervisor, StopPartitions};
@@ -221,6 +221,7 @@ impl Application {
             admin = %settings.admin.bind,
             "webhook-delivery started"
         );
+        let replays = actix_rt::spawn(announce_replays(ledger.clone(), deliveries.clone()));
 
         shutdown.await;
         tracing::info!(instance_id = %instance_id, "shutting down: finishing current batches");
@@ -244,6 +245,7 @@ impl Application {
         }
         let _ = actix_rt::task::spawn_blocking(move || consumer.shutdown()).await;
         gauges.abort();
+        replays.abort();
         // Mid-pass, the cleaner's connection is closed rather than pooled: its lock goes with it.
         cleaner.abort();
         admin_handle.stop(true).await;
@@ -360,6 +362,31 @@ async fn starting_point(
         &offsets,
         kafka.initial_offsets,
     ))
+}
+
+/// Tells the schedulers about every replay committed anywhere (the CLI, the admin API, another
+/// instance), so that a replayed delivery goes before later deliveries of its load not yet sent.
+/// While the listener is down (the database restarting), replays are still found by the ledger
+/// sweep, a few seconds later.
+async fn announce_replays(ledger: Ledger, deliveries: actix::Addr<DeliverySupervisor>) {
+    loop {
+        match ledger.replays_announced().await {
+            Ok(mut announcements) => {
+                while announcements.next().await.is_some() {
+                    tracing::info!("replay committed; schedulers re-read their ledger");
+                    deliveries.do_send(DeliveriesReplayed);
+                }
+                tracing::warn!(
+                    "the replay listener's connection closed; reconnecting (the ledger sweep finds replays meanwhile)"
+                );
+            }
+            Err(error) => tracing::warn!(
+                error.message = %error,
+                "could not listen for replays; retrying in 5 s (the ledger sweep finds replays meanwhile)"
+            ),
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
 }
 
 /// Keeps the polled gauges current: pending and dead deliveries and the oldest pending age

@@ -5,7 +5,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::AdminState;
-use crate::actors::delivery_supervisor::{BrokerSnapshots, DeliveriesReplayed};
+use crate::actors::delivery_supervisor::BrokerSnapshots;
 use crate::ledger::{BackfillOutcome, BackfillRequest, LedgerError, ReplayOutcome, ReplaySelector};
 
 pub async fn healthz(state: web::Data<AdminState>) -> HttpResponse {
@@ -200,10 +200,8 @@ pub async fn replay(
     };
     match state.ledger.replay(&selector).await {
         Ok(ReplayOutcome::Requeued(ids)) => {
+            // The replay's commit announced it to every running instance (Ledger::replay).
             tracing::info!(replayed = ids.len(), "dead letters replayed through the admin API");
-            // So each replayed delivery goes before later ones of its load (the CLI's replays
-            // are found by the next ledger sweep instead).
-            state.deliveries.do_send(DeliveriesReplayed);
             HttpResponse::Ok().json(json!({"requeued": ids}))
         }
         Ok(ReplayOutcome::NotFound) => {

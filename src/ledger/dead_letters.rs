@@ -87,6 +87,10 @@ impl Ledger {
         let client = self.client().await?;
         const REQUEUE: &str = "state = 'pending', attempts = 0, next_attempt_at = now(),
                                dead_reason = NULL, updated_at = now()";
+        // Delivered to every running instance when this commits (identical notifications of one
+        // transaction are delivered once): each tells its schedulers, so a replayed delivery
+        // goes before later deliveries of its load, whichever process replayed it.
+        const ANNOUNCE: &str = "pg_notify('webhook_delivery_replays', '')";
         match selector {
             ReplaySelector::Delivery(id) => {
                 let Some(row) = client
@@ -101,7 +105,8 @@ impl Ledger {
                     _ => {
                         let rows = client
                             .query(
-                                &format!("UPDATE deliveries SET {REQUEUE} WHERE delivery_id = $1 AND state = 'dead' RETURNING delivery_id"),
+                                &format!("WITH requeued AS (UPDATE deliveries SET {REQUEUE} WHERE delivery_id = $1 AND state = 'dead' RETURNING delivery_id)
+                                          SELECT delivery_id, {ANNOUNCE} FROM requeued"),
                                 &[id],
                             )
                             .await?;
@@ -115,10 +120,13 @@ impl Ledger {
                 let rows = client
                     .query(
                         &format!(
-                            "UPDATE deliveries SET {REQUEUE}
-                             WHERE broker_id = $1 AND state = 'dead'
-                               AND ($2::timestamptz IS NULL OR updated_at >= $2)
-                             RETURNING delivery_id"
+                            "WITH requeued AS (
+                                 UPDATE deliveries SET {REQUEUE}
+                                 WHERE broker_id = $1 AND state = 'dead'
+                                   AND ($2::timestamptz IS NULL OR updated_at >= $2)
+                                 RETURNING delivery_id
+                             )
+                             SELECT delivery_id, {ANNOUNCE} FROM requeued"
                         ),
                         &[broker_id, since],
                     )
@@ -128,5 +136,45 @@ impl Ledger {
                 ))
             }
         }
+    }
+}
+
+/// Replays committed by any process (the CLI, the admin API, another instance), as they commit.
+/// Each `next` resolves once at least one replay committed since the previous call (several
+/// are folded into one). Ends when its connection does.
+pub struct ReplayAnnouncements {
+    /// Kept so that the connection, and with it the LISTEN, stays open.
+    _client: tokio_postgres::Client,
+    committed: tokio::sync::watch::Receiver<u64>,
+}
+
+impl ReplayAnnouncements {
+    pub async fn next(&mut self) -> Option<()> {
+        self.committed.changed().await.ok()
+    }
+}
+
+impl Ledger {
+    /// Listens for replay announcements on a connection of its own: LISTEN needs one that stays
+    /// open, which a pooled connection does not.
+    pub async fn replays_announced(&self) -> Result<ReplayAnnouncements, LedgerError> {
+        use futures::StreamExt;
+        let (client, mut connection) = self.config.connect(self.tls.clone()).await?;
+        let (count, committed) = tokio::sync::watch::channel(0_u64);
+        tokio::spawn(async move {
+            let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+            while let Some(Ok(message)) = messages.next().await {
+                if let tokio_postgres::AsyncMessage::Notification(_) = message {
+                    count.send_modify(|count| *count += 1);
+                }
+            }
+        });
+        client
+            .batch_execute("LISTEN webhook_delivery_replays")
+            .await?;
+        Ok(ReplayAnnouncements {
+            _client: client,
+            committed,
+        })
     }
 }

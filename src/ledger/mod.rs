@@ -9,7 +9,7 @@ mod retention;
 mod tls;
 
 pub use backfill::{BackfillOutcome, BackfillRequest, BackfillSummary, BACKFILL_SCAN_ROWS};
-pub use dead_letters::{DeadLetter, ReplayOutcome, ReplaySelector};
+pub use dead_letters::{DeadLetter, ReplayAnnouncements, ReplayOutcome, ReplaySelector};
 pub use migrations::{
     known_schema_versions, latest_schema_version, SchemaStatus, REQUIRED_SCHEMA_VERSION,
 };
@@ -373,6 +373,10 @@ pub struct CircuitRecord {
 pub struct Ledger {
     pool: Pool,
     call_timeout: Duration,
+    /// What the pool connects with, for the one connection that is not pooled: the listener of
+    /// replay announcements (`replays_announced`).
+    config: tokio_postgres::Config,
+    tls: tls::PostgresTls,
 }
 
 impl Ledger {
@@ -426,8 +430,8 @@ impl Ledger {
             .tcp_user_timeout(bounds.call_timeout)
             .connect_timeout(Duration::from_secs(5));
         let manager = Manager::from_config(
-            config,
-            tls,
+            config.clone(),
+            tls.clone(),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -443,6 +447,8 @@ impl Ledger {
         Ok(Ledger {
             pool,
             call_timeout: bounds.call_timeout,
+            config,
+            tls,
         })
     }
 

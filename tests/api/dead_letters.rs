@@ -85,3 +85,45 @@ async fn a_permanent_failure_is_dead_lettered_listed_and_replayed_with_the_same_
     let empty = run_cli(&env, &["dead-letters", "list"]);
     assert!(String::from_utf8_lossy(&empty.stdout).contains("0 dead deliveries"));
 }
+
+/// A replay made by the CLI, another process, reaches the running instance's schedulers when it
+/// commits (LISTEN/NOTIFY), not only at the next ledger sweep: with the sweep slowed to a minute,
+/// the replayed delivery still goes out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cli_replay_is_announced_to_the_running_instance() {
+    let env = TestEnv::new(1).await;
+    let scripted = ScriptedReceiver::start(&[400, 200]).await;
+    env.add_broker("b1", &scripted.server.uri()).await;
+    env.subscribe("b1", "L1").await;
+    env.produce_event(Some("e1"), "L1", "matched").await;
+    let mut settings = env.settings();
+    settings.delivery.ledger_poll_interval_ms = 60_000;
+    let app = spawn_app(settings);
+    assert!(
+        env.count_reaches(
+            "SELECT count(*) FROM deliveries WHERE state = 'dead'",
+            1,
+            Duration::from_secs(30)
+        )
+        .await
+    );
+    let replayed = run_cli(&env, &["dead-letters", "replay", "--broker", "b1"]);
+    assert!(
+        replayed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&replayed.stderr)
+    );
+    let delivered = env
+        .count_reaches(
+            "SELECT count(*) FROM deliveries WHERE state = 'delivered'",
+            1,
+            Duration::from_secs(20),
+        )
+        .await;
+    app.stop().await;
+    assert!(
+        delivered,
+        "the replay reached the running instance without waiting for the sweep"
+    );
+    assert_eq!(scripted.requests().len(), 2);
+}

@@ -690,6 +690,15 @@ pub fn lag_svg(results: &[LagSeries<'_>]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Whether the target whose text starts with `prefix` was met.
+    fn verdict_met(verdicts: &[Verdict], prefix: &str) -> Option<bool> {
+        verdicts
+            .iter()
+            .find(|v| v.target.starts_with(prefix))
+            .unwrap()
+            .met
+    }
     use crate::analysis::Latency;
 
     fn run(scenario: ScenarioName, system: System, dps: f64, p99: f64) -> RunResult {
@@ -742,13 +751,7 @@ mod tests {
             run(ScenarioName::Backlog, System::Service, 10_080.0, 5_000.0),
         ];
         let verdicts = verdicts(&results);
-        let met = |prefix: &str| {
-            verdicts
-                .iter()
-                .find(|v| v.target.starts_with(prefix))
-                .unwrap()
-                .met
-        };
+        let met = |prefix: &str| verdict_met(&verdicts, prefix);
         assert_eq!(met("healthy: >="), Some(true));
         assert_eq!(met("healthy: p99"), Some(true));
         // 160 ms > 1.5 x 100 ms.
@@ -826,13 +829,7 @@ mod tests {
         let onebroker = run(ScenarioName::OneBroker, System::Service, 1_300.0, 5_000.0);
         let results = [backlog, hotload, growth, onebroker];
         let verdicts = verdicts(&results);
-        let met = |prefix: &str| {
-            verdicts
-                .iter()
-                .find(|v| v.target.starts_with(prefix))
-                .unwrap()
-                .met
-        };
+        let met = |prefix: &str| verdict_met(&verdicts, prefix);
         assert_eq!(met("hotload"), Some(true));
         assert_eq!(met("growth"), Some(false));
         assert_eq!(met("onebroker"), Some(false));

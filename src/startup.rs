@@ -372,9 +372,13 @@ async fn announce_replays(ledger: Ledger, deliveries: actix::Addr<DeliverySuperv
     loop {
         match ledger.replays_announced().await {
             Ok(mut announcements) => {
-                while announcements.next().await.is_some() {
-                    tracing::info!("replay committed; schedulers re-read their ledger");
-                    deliveries.do_send(DeliveriesReplayed);
+                while let Some(replayed) = announcements.next().await {
+                    tracing::info!(
+                        brokers = ?replayed.brokers,
+                        every_broker = replayed.every_broker,
+                        "replays committed; those brokers' schedulers re-read their ledger"
+                    );
+                    deliveries.do_send(DeliveriesReplayed(replayed));
                 }
                 tracing::warn!(
                     "the replay listener's connection closed; reconnecting (the ledger sweep finds replays meanwhile)"

@@ -88,9 +88,12 @@ impl Ledger {
         const REQUEUE: &str = "state = 'pending', attempts = 0, next_attempt_at = now(),
                                dead_reason = NULL, updated_at = now()";
         // Delivered to every running instance when this commits (identical notifications of one
-        // transaction are delivered once): each tells its schedulers, so a replayed delivery
-        // goes before later deliveries of its load, whichever process replayed it.
-        const ANNOUNCE: &str = "pg_notify('webhook_delivery_replays', '')";
+        // transaction are delivered once): each tells that broker's scheduler, so a replayed
+        // delivery goes before later deliveries of its load, whichever process replayed it. A
+        // broker id too long for a notification (a row no broker could be sent to anyway)
+        // announces to every broker instead.
+        const ANNOUNCE: &str = "pg_notify('webhook_delivery_replays',
+                                          CASE WHEN octet_length(broker_id) <= 1024 THEN broker_id ELSE '' END)";
         match selector {
             ReplaySelector::Delivery(id) => {
                 let Some(row) = client
@@ -105,7 +108,7 @@ impl Ledger {
                     _ => {
                         let rows = client
                             .query(
-                                &format!("WITH requeued AS (UPDATE deliveries SET {REQUEUE} WHERE delivery_id = $1 AND state = 'dead' RETURNING delivery_id)
+                                &format!("WITH requeued AS (UPDATE deliveries SET {REQUEUE} WHERE delivery_id = $1 AND state = 'dead' RETURNING delivery_id, broker_id)
                                           SELECT delivery_id, {ANNOUNCE} FROM requeued"),
                                 &[id],
                             )
@@ -124,7 +127,7 @@ impl Ledger {
                                  UPDATE deliveries SET {REQUEUE}
                                  WHERE broker_id = $1 AND state = 'dead'
                                    AND ($2::timestamptz IS NULL OR updated_at >= $2)
-                                 RETURNING delivery_id
+                                 RETURNING delivery_id, broker_id
                              )
                              SELECT delivery_id, {ANNOUNCE} FROM requeued"
                         ),
@@ -139,19 +142,51 @@ impl Ledger {
     }
 }
 
+/// Which brokers' replays committed since the last look.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ReplayedBrokers {
+    pub brokers: std::collections::BTreeSet<String>,
+    /// A replay whose broker id could not be announced: every broker should look.
+    pub every_broker: bool,
+}
+
+#[derive(Default)]
+struct Announced {
+    replayed: ReplayedBrokers,
+    closed: bool,
+}
+
 /// Replays committed by any process (the CLI, the admin API, another instance), as they commit.
-/// Each `next` resolves once at least one replay committed since the previous call (several
-/// are folded into one). Ends when its connection does.
+/// Each `next` returns the brokers whose replays committed since the previous call; memory is
+/// bounded by the number of brokers. Ends when its connection does.
 pub struct ReplayAnnouncements {
     /// Kept so that the connection, and with it the LISTEN, stays open.
     _client: tokio_postgres::Client,
-    committed: tokio::sync::watch::Receiver<u64>,
+    announced: std::sync::Arc<std::sync::Mutex<Announced>>,
+    wake: std::sync::Arc<tokio::sync::Notify>,
 }
 
 impl ReplayAnnouncements {
-    pub async fn next(&mut self) -> Option<()> {
-        self.committed.changed().await.ok()
+    pub async fn next(&mut self) -> Option<ReplayedBrokers> {
+        loop {
+            {
+                let mut announced = lock(&self.announced);
+                if announced.replayed != ReplayedBrokers::default() {
+                    return Some(std::mem::take(&mut announced.replayed));
+                }
+                if announced.closed {
+                    return None;
+                }
+            }
+            self.wake.notified().await;
+        }
     }
+}
+
+fn lock(announced: &std::sync::Mutex<Announced>) -> std::sync::MutexGuard<'_, Announced> {
+    announced
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Ledger {
@@ -160,21 +195,33 @@ impl Ledger {
     pub async fn replays_announced(&self) -> Result<ReplayAnnouncements, LedgerError> {
         use futures::StreamExt;
         let (client, mut connection) = self.config.connect(self.tls.clone()).await?;
-        let (count, committed) = tokio::sync::watch::channel(0_u64);
+        let announced = std::sync::Arc::new(std::sync::Mutex::new(Announced::default()));
+        let wake = std::sync::Arc::new(tokio::sync::Notify::new());
+        let (writer, waker) = (announced.clone(), wake.clone());
         tokio::spawn(async move {
             let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
             while let Some(Ok(message)) = messages.next().await {
-                if let tokio_postgres::AsyncMessage::Notification(_) = message {
-                    count.send_modify(|count| *count += 1);
+                if let tokio_postgres::AsyncMessage::Notification(notification) = message {
+                    let replayed = &mut lock(&writer).replayed;
+                    match notification.payload() {
+                        "" => replayed.every_broker = true,
+                        broker_id => {
+                            replayed.brokers.insert(broker_id.to_owned());
+                        }
+                    }
+                    waker.notify_one();
                 }
             }
+            lock(&writer).closed = true;
+            waker.notify_one();
         });
         client
             .batch_execute("LISTEN webhook_delivery_replays")
             .await?;
         Ok(ReplayAnnouncements {
             _client: client,
-            committed,
+            announced,
+            wake,
         })
     }
 }

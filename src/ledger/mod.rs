@@ -9,7 +9,9 @@ mod retention;
 mod tls;
 
 pub use backfill::{BackfillOutcome, BackfillRequest, BackfillSummary, BACKFILL_SCAN_ROWS};
-pub use dead_letters::{DeadLetter, ReplayAnnouncements, ReplayOutcome, ReplaySelector};
+pub use dead_letters::{
+    DeadLetter, ReplayAnnouncements, ReplayOutcome, ReplaySelector, ReplayedBrokers,
+};
 pub use migrations::{
     known_schema_versions, latest_schema_version, SchemaStatus, REQUIRED_SCHEMA_VERSION,
 };

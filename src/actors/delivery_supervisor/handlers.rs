@@ -8,7 +8,7 @@ use super::DeliverySupervisor;
 use crate::actors::delivery::{
     BrokerSnapshot, Deliver, Drain, LeaseGained, LeaseLost, LedgerHasMore, Replayed, Snapshot,
 };
-use crate::ledger::ClaimedDelivery;
+use crate::ledger::{ClaimedDelivery, ReplayedBrokers};
 
 /// Deliveries just created by a PartitionActor's claim.
 #[derive(Message)]
@@ -85,18 +85,22 @@ impl Handler<PartitionRevoked> for DeliverySupervisor {
     }
 }
 
-/// Dead letters were put back in the queue: every broker's actor reads its ledger again, so
-/// replayed deliveries go before later ones of their loads.
+/// Dead letters were put back in the queue: the actors of their brokers read their ledger again,
+/// so replayed deliveries go before later ones of their loads. A broker without an actor here
+/// reads its ledger when its actor starts.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct DeliveriesReplayed;
+pub struct DeliveriesReplayed(pub ReplayedBrokers);
 
 impl Handler<DeliveriesReplayed> for DeliverySupervisor {
     type Result = ();
 
-    fn handle(&mut self, _: DeliveriesReplayed, _: &mut Self::Context) {
-        for actor in self.actors.values() {
-            actor.do_send(Replayed);
+    fn handle(&mut self, msg: DeliveriesReplayed, _: &mut Self::Context) {
+        let DeliveriesReplayed(replayed) = msg;
+        for (broker_id, actor) in &self.actors {
+            if replayed.every_broker || replayed.brokers.contains(broker_id) {
+                actor.do_send(Replayed);
+            }
         }
     }
 }

@@ -24,7 +24,10 @@ pub async fn readyz(state: web::Data<AdminState>) -> HttpResponse {
             .json(json!({"status": "not ready", "reason": reason}));
     }
     let reason = match database {
-        Err(_) => Some("postgres did not answer within 2 s".to_owned()),
+        Err(_) => Some(format!(
+            "postgres did not answer within {} s",
+            super::READY_DATABASE_TIMEOUT.as_secs()
+        )),
         Ok(Err(error)) => Some(format!("postgres: {error}")),
         Ok(Ok(())) => state.health.not_ready_reason(),
     };

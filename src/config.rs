@@ -186,6 +186,10 @@ pub struct DeliverySettings {
     pub request_timeout_ms: u64,
     pub mailbox_capacity: usize,
     pub max_in_flight_per_broker: usize,
+    /// Ledger page reads under way at once across all DeliveryActors.
+    pub max_concurrent_ledger_loads: usize,
+    /// A broker's actor with nothing to do for this long stops; a new one starts on demand.
+    pub idle_actor_ms: u64,
     pub max_message_bytes: usize,
     /// Byte caps for an event's `eventId`, `loadId` and `status` (storable and indexable).
     pub max_event_id_bytes: usize,
@@ -424,6 +428,13 @@ impl Settings {
             "delivery.max_in_flight_per_broker",
             self.delivery.max_in_flight_per_broker as u64,
         )?;
+        if !(1..=self.postgres.pool_size).contains(&self.delivery.max_concurrent_ledger_loads) {
+            return Err(invalid(
+                "delivery.max_concurrent_ledger_loads",
+                "must be between 1 and postgres.pool_size (claims and outcome writes need connections too)",
+            ));
+        }
+        positive("delivery.idle_actor_ms", self.delivery.idle_actor_ms)?;
         if self.delivery.max_message_bytes < 64 {
             return Err(invalid("delivery.max_message_bytes", "must be at least 64"));
         }
@@ -546,6 +557,9 @@ impl DeliverySettings {
     }
     pub fn ledger_poll_interval(&self) -> Duration {
         Duration::from_millis(self.ledger_poll_interval_ms)
+    }
+    pub fn idle_actor(&self) -> Duration {
+        Duration::from_millis(self.idle_actor_ms)
     }
     pub fn event_limits(&self) -> crate::core::event::EventLimits {
         crate::core::event::EventLimits {

@@ -131,6 +131,9 @@ impl Application {
             breaker: settings.circuit_breaker.breaker_config(),
             metrics: metrics.clone(),
             instance_id: instance_id.clone(),
+            ledger_loads: Arc::new(tokio::sync::Semaphore::new(
+                settings.delivery.max_concurrent_ledger_loads,
+            )),
         })
         .start();
         let (rebalance_events, rebalances) = rebalance_channel();

@@ -5,7 +5,8 @@
 //! answers (2xx, 4xx, 5xx, 410, timeouts, Retry-After, refusals), outcome writes that commit,
 //! fail or are acknowledged late, ledger pages read while outcomes are being written, broker
 //! disables and re-enables, replays, lease loss and regain with revokes delivered late, restarts
-//! with outcomes unsaved, and clock jumps. After every step the invariants of issue 11 are
+//! with outcomes unsaved, clock jumps, broker rows pushed unasked (the supervisor's refresh),
+//! and idle schedulers replaced by fresh ones (an idle actor retiring and starting again). After every step the invariants of issue 11 are
 //! checked; after the faults stop, every pending delivery must end delivered or dead.
 //!
 //! `cargo test --test simulation` runs the regression seeds and `SIM_SEEDS` (default 2,000)
@@ -574,16 +575,21 @@ impl World {
     }
 
     fn answer_broker_read(&mut self, seed: u64) {
-        if self.broker_reads == 0 {
+        if self.broker_reads > 0 {
+            self.broker_reads -= 1;
+        } else if self.faults && self.rng.chance(30) {
+            // The supervisor's periodic refresh: every actor gets its row, asked for or not.
+            self.log("broker row pushed".into());
+        } else {
             return;
         }
-        self.broker_reads -= 1;
         if self.faults && self.rng.chance(10) {
             self.s.broker_load_failed(self.now);
         } else if self.broker_enabled {
-            self.s.broker_loaded(self.now, Ok(()));
+            self.s.broker_loaded(self.now, self.now, Ok(()));
         } else {
             self.s.broker_loaded(
+                self.now,
                 self.now,
                 Err(Unusable {
                     class: "broker_disabled",
@@ -693,8 +699,33 @@ impl World {
             _ => {
                 let by = Duration::from_millis(self.rng.range(0, 300));
                 self.advance_time(seed, by);
+                self.retire_if_idle(seed);
             }
         }
+    }
+
+    /// An idle actor retires and a new one starts on demand: the scheduler is replaced by a
+    /// fresh one with the leases the LeaseBook holds. The supervisor retires an actor only when
+    /// every message it sent was received (no claim or lease message in transit), and whatever
+    /// the old actor still had running (cancelled requests, abandoned pages) ends with it.
+    fn retire_if_idle(&mut self, seed: u64) {
+        if !self.s.is_idle()
+            || !self.lease_messages.is_empty()
+            || !self.claims_in_transit.is_empty()
+        {
+            return;
+        }
+        self.log("idle: retired, a fresh scheduler starts".into());
+        self.requests.clear();
+        self.pages.clear();
+        self.writes.clear();
+        self.s = Scheduler::new(self.config, self.now);
+        for partition in 0..PARTITIONS {
+            if let Some(generation) = self.lease_truth[partition as usize] {
+                self.s.lease_gained(self.now, partition, generation);
+            }
+        }
+        self.pump(seed);
     }
 
     // ---- invariants -------------------------------------------------------------------------
@@ -831,7 +862,7 @@ impl World {
                 1 => self.advance_write(seed),
                 2 => self.advance_page(seed),
                 3 => self.answer_broker_read(seed),
-                _ => {}
+                _ => self.retire_if_idle(seed),
             }
             if !busy || self.rng.chance(20) {
                 let to_wake = self

@@ -744,21 +744,27 @@ impl Ledger {
         Ok(rows.iter().map(|row| row.get(0)).collect())
     }
 
-    pub async fn broker(&self, broker_id: &str) -> Result<Option<BrokerRow>, LedgerError> {
-        let row = self
+    /// The rows of these brokers (the ones that exist), in one statement: a primary-key probe
+    /// per id. The caller keeps the list short (the DeliverySupervisor reads 1,000 at a time).
+    pub async fn brokers(&self, broker_ids: &[String]) -> Result<Vec<BrokerRow>, LedgerError> {
+        let rows = self
             .client()
             .await?
-            .query_opt(
-                "SELECT broker_id, webhook_url, signing_secret, enabled FROM brokers WHERE broker_id = $1",
-                &[&broker_id],
+            .query(
+                "SELECT broker_id, webhook_url, signing_secret, enabled FROM brokers
+                 WHERE broker_id = ANY($1)",
+                &[&broker_ids],
             )
             .await?;
-        Ok(row.map(|row| BrokerRow {
-            broker_id: row.get(0),
-            webhook_url: row.get(1),
-            signing_secret: row.get(2),
-            enabled: row.get(3),
-        }))
+        Ok(rows
+            .iter()
+            .map(|row| BrokerRow {
+                broker_id: row.get(0),
+                webhook_url: row.get(1),
+                signing_secret: row.get(2),
+                enabled: row.get(3),
+            })
+            .collect())
     }
 
     /// Writes a batch of attempt outcomes in one statement: the attempts history and the new

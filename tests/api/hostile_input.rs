@@ -813,7 +813,7 @@ async fn a_call_that_hangs_ends_at_the_client_side_bound() {
         .await
         .unwrap();
     let started = std::time::Instant::now();
-    let error = ledger.broker("acme").await.unwrap_err();
+    let error = ledger.brokers(&["acme".to_owned()]).await.unwrap_err();
     assert!(started.elapsed() < Duration::from_secs(5));
     assert_eq!(error.kind(), ErrorKind::Retryable, "{error}");
     assert!(

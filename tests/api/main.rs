@@ -10,6 +10,7 @@ mod delivery;
 mod deploy;
 mod helpers;
 mod hostile_input;
+mod idle_actors;
 mod instances;
 mod isolation;
 mod migrations;

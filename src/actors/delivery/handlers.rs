@@ -2,7 +2,7 @@ use actix::{Handler, Message, ResponseFuture};
 
 use super::{millis, scheduled, BrokerSnapshot, DeliveryActor};
 use crate::core::scheduler::{Claimed, IoToken};
-use crate::ledger::ClaimedDelivery;
+use crate::ledger::{BrokerRow, ClaimedDelivery};
 
 /// New deliveries for this broker, fresh from a claim (the fast path).
 #[derive(Message)]
@@ -15,6 +15,7 @@ impl Handler<Deliver> for DeliveryActor {
     type Result = ();
 
     fn handle(&mut self, msg: Deliver, ctx: &mut Self::Context) {
+        self.received += 1;
         let claimed = msg
             .claimed
             .into_iter()
@@ -40,6 +41,7 @@ impl Handler<LedgerHasMore> for DeliveryActor {
     type Result = ();
 
     fn handle(&mut self, _: LedgerHasMore, ctx: &mut Self::Context) {
+        self.received += 1;
         self.guarded(ctx, "ledger_has_more", |act, ctx| {
             act.step(ctx, |s, now| s.ledger_has_more(now))
         });
@@ -56,6 +58,7 @@ impl Handler<Replayed> for DeliveryActor {
     type Result = ();
 
     fn handle(&mut self, _: Replayed, ctx: &mut Self::Context) {
+        self.received += 1;
         self.guarded(ctx, "replayed", |act, ctx| {
             act.step(ctx, |s, now| s.replayed(now))
         });
@@ -74,6 +77,7 @@ impl Handler<LeaseGained> for DeliveryActor {
     type Result = ();
 
     fn handle(&mut self, msg: LeaseGained, ctx: &mut Self::Context) {
+        self.received += 1;
         self.guarded(ctx, "lease_gained", |act, ctx| {
             act.step(ctx, |s, now| {
                 s.lease_gained(now, msg.partition, msg.generation)
@@ -95,6 +99,7 @@ impl Handler<LeaseLost> for DeliveryActor {
     type Result = ();
 
     fn handle(&mut self, msg: LeaseLost, ctx: &mut Self::Context) {
+        self.received += 1;
         self.guarded(ctx, "lease_lost", |act, ctx| {
             act.step(ctx, |s, now| {
                 s.lease_lost(now, msg.partition, msg.generation)
@@ -128,6 +133,24 @@ impl Handler<OutcomesWritten> for DeliveryActor {
     }
 }
 
+/// The broker's row, read by the supervisor in a read started at `read_at` (asked for with
+/// `WantBrokerRow`, or the periodic refresh of every running actor), or why it failed.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct BrokerRowRead {
+    pub read_at: std::time::Instant,
+    pub row: Result<Option<BrokerRow>, String>,
+}
+
+impl Handler<BrokerRowRead> for DeliveryActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: BrokerRowRead, ctx: &mut Self::Context) {
+        self.received += 1;
+        self.guarded(ctx, "broker_row", |act, ctx| act.broker_row_read(ctx, msg));
+    }
+}
+
 /// Shutdown: start nothing new; answer once in-flight attempts are finished and saved.
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -137,6 +160,7 @@ impl Handler<Drain> for DeliveryActor {
     type Result = ResponseFuture<()>;
 
     fn handle(&mut self, _: Drain, ctx: &mut Self::Context) -> Self::Result {
+        self.received += 1;
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.draining.push(tx);
         self.guarded(ctx, "drain", |act, ctx| {
@@ -145,6 +169,19 @@ impl Handler<Drain> for DeliveryActor {
         Box::pin(async move {
             let _ = rx.await;
         })
+    }
+}
+
+/// The supervisor forgot this actor (it was idle and nothing was on its way to it): stop.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Retire;
+
+impl Handler<Retire> for DeliveryActor {
+    type Result = ();
+
+    fn handle(&mut self, _: Retire, ctx: &mut Self::Context) {
+        self.retire(ctx);
     }
 }
 

@@ -20,8 +20,11 @@ use rand::Rng;
 
 pub use handlers::*;
 
+use crate::actors::delivery_supervisor::{
+    ActorIdle, DeliverySupervisor, WantBrokerRow, BROKER_ROW_PUSH,
+};
 use crate::actors::ledger_gateway::{
-    DisableBroker, LedgerGateway, LoadBroker, LoadPending, RecordAttempts, RecordCircuit,
+    DisableBroker, LedgerGateway, LoadPending, RecordAttempts, RecordCircuit,
 };
 use crate::broker::BrokerEndpoint;
 use crate::config::DeliverySettings;
@@ -38,8 +41,10 @@ use crate::ledger::{AttemptOutcome, AttemptRecord, CircuitRecord, PendingDeliver
 use crate::metrics::circuit_state_value;
 use crate::webhook_client::{self, WebhookRequest};
 
-/// How long a loaded broker row is trusted before it is read again (URL or secret changes).
-const ENDPOINT_REFRESH: Duration = Duration::from_secs(5);
+/// How long a broker row is trusted before the actor asks for it itself. The supervisor pushes
+/// every running actor its row every `BROKER_ROW_PUSH`, so this is only the fallback when
+/// pushes fail.
+const ENDPOINT_REFRESH: Duration = BROKER_ROW_PUSH.saturating_mul(3);
 /// Messages waiting in the actix mailbox; each carries a batch of deliveries.
 const MAILBOX_MESSAGES: usize = 64;
 
@@ -52,6 +57,10 @@ pub struct DeliveryDeps {
     pub breaker: BreakerConfig,
     pub metrics: std::sync::Arc<crate::metrics::Metrics>,
     pub instance_id: String,
+    /// Ledger page reads under way at once, all actors together
+    /// (`delivery.max_concurrent_ledger_loads`): a lease gain or 10,000 actors starting queue
+    /// at most this many reads on the pool; the rest wait here, not for a connection.
+    pub ledger_loads: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
 /// The shell's clock for the scheduler: milliseconds since the process first asked.
@@ -144,17 +153,36 @@ impl AttemptReport {
 pub struct DeliveryActor {
     broker_id: String,
     deps: DeliveryDeps,
+    /// Reads broker rows for all actors in one statement (`WantBrokerRow`).
+    supervisor: Addr<DeliverySupervisor>,
     client: awc::Client,
     network_policy: std::sync::Arc<crate::core::ssrf::NetworkPolicy>,
     scheduler: Scheduler<PendingDelivery, AttemptReport>,
     /// The broker's endpoint as last read, when usable (the scheduler knows whether it is).
     endpoint: Option<BrokerEndpoint>,
+    /// Why the row last read was unusable, so the warning is logged once per change, not on
+    /// every refresh.
+    unusable: Option<Unusable>,
     draining: Vec<tokio::sync::oneshot::Sender<()>>,
     wakeup: Option<SpawnHandle>,
+    /// Messages received from the supervisor that change state; it retires an idle actor only
+    /// when it has sent no more than this (nothing it does not know of is in the mailbox).
+    received: u64,
+    /// Since when the scheduler has been idle, and the timer that reports it after
+    /// `delivery.idle_actor_ms`.
+    idle_since: Option<Instant>,
+    idle_timer: Option<SpawnHandle>,
+    /// Retired by the supervisor: it stops, and if actix restarts it anyway (a strong address
+    /// still alive) it does nothing: another actor may own the broker by then.
+    retired: bool,
 }
 
 impl DeliveryActor {
-    pub fn new(broker_id: String, deps: DeliveryDeps) -> Self {
+    pub fn new(
+        broker_id: String,
+        deps: DeliveryDeps,
+        supervisor: Addr<DeliverySupervisor>,
+    ) -> Self {
         let network_policy = std::sync::Arc::new(deps.settings.network_policy());
         let client = webhook_client::build_client(
             &deps.settings.user_agent,
@@ -179,11 +207,17 @@ impl DeliveryActor {
             network_policy,
             broker_id,
             deps,
+            supervisor,
             client,
             scheduler,
             endpoint: None,
+            unusable: None,
             draining: Vec::new(),
             wakeup: None,
+            received: 0,
+            idle_since: None,
+            idle_timer: None,
+            retired: false,
         }
     }
 
@@ -216,12 +250,15 @@ impl DeliveryActor {
                     after,
                     limit,
                 } => self.load_pending(ctx, token, partitions, after, limit),
-                Command::LoadBroker => self.load_broker(ctx),
+                Command::LoadBroker => self.supervisor.do_send(WantBrokerRow {
+                    broker_id: self.broker_id.clone(),
+                }),
                 Command::DisableBroker { delivery_id } => self.disable_broker(delivery_id),
                 Command::BreakerChanged(transition) => self.log_transition(&transition),
             }
         }
         self.schedule_wakeup(ctx);
+        self.watch_idle(ctx);
         self.update_gauges();
         if self.scheduler.is_drained() {
             for waiter in self.draining.drain(..) {
@@ -408,12 +445,19 @@ impl DeliveryActor {
         after: Option<(i32, i64)>,
         limit: usize,
     ) {
-        let load = self.deps.ledger.send(LoadPending {
+        let (ledger, permits) = (self.deps.ledger.clone(), self.deps.ledger_loads.clone());
+        let request = LoadPending {
             broker_id: self.broker_id.clone(),
             partitions,
             after,
             limit,
-        });
+        };
+        // The permit is held until the answer is in; a restart drops the future, and the
+        // permit with it.
+        let load = async move {
+            let _permit = permits.acquire_owned().await;
+            ledger.send(request).await
+        };
         ctx.spawn(load.into_actor(self).map(move |result, act, ctx| {
             act.guarded(ctx, "load_pending", move |act, ctx| match result {
                 Ok(Ok(rows)) => {
@@ -430,30 +474,29 @@ impl DeliveryActor {
         }));
     }
 
-    fn load_broker(&mut self, ctx: &mut Context<Self>) {
-        let load = self.deps.ledger.send(LoadBroker {
-            broker_id: self.broker_id.clone(),
-        });
-        ctx.spawn(load.into_actor(self).map(|result, act, ctx| {
-            act.guarded(ctx, "load_broker", move |act, ctx| match result {
-                Ok(Ok(row)) => {
-                    let usable = act.usable_endpoint(row.as_ref());
-                    if let Err(unusable) = &usable {
-                        tracing::warn!(broker_id = %act.broker_id, error.class = unusable.class,
+    /// A broker row the supervisor read (asked for or its periodic push), or why it could not.
+    fn broker_row_read(&mut self, ctx: &mut Context<Self>, read: BrokerRowRead) {
+        let read_at = millis(read.read_at);
+        match read.row {
+            Ok(row) => {
+                let usable = self.usable_endpoint(row.as_ref());
+                match &usable {
+                    Err(unusable) if self.unusable.as_ref() != Some(unusable) => {
+                        tracing::warn!(broker_id = %self.broker_id, error.class = unusable.class,
                             error.message = %unusable.reason,
                             "broker cannot receive webhooks; its deliveries are dead-lettered until the row is fixed and they are replayed");
                     }
-                    act.endpoint = usable.as_ref().ok().cloned();
-                    act.step(ctx, |s, now| s.broker_loaded(now, usable.map(|_| ())));
+                    _ => {}
                 }
-                Ok(Err(error)) => {
-                    tracing::warn!(broker_id = %act.broker_id, error.message = %error,
-                        "could not load broker; retrying in 1 s");
-                    act.step(ctx, |s, now| s.broker_load_failed(now));
-                }
-                Err(_) => act.step(ctx, |s, now| s.broker_load_failed(now)),
-            });
-        }));
+                self.unusable = usable.as_ref().err().cloned();
+                self.endpoint = usable.as_ref().ok().cloned();
+                self.step(ctx, |s, now| {
+                    s.broker_loaded(now, read_at, usable.map(|_| ()))
+                });
+            }
+            // The supervisor logged it, once for all brokers of the read.
+            Err(_) => self.step(ctx, |s, now| s.broker_load_failed(now)),
+        }
     }
 
     /// A broker row, checked once per read: broken rows, disabled brokers and URLs the SSRF
@@ -529,6 +572,47 @@ impl DeliveryActor {
         }
     }
 
+    /// Starts the idle timer when the scheduler becomes idle, cancels it when it is not. When
+    /// it fires the supervisor is told; it retires the actor or, if a message is on its way,
+    /// ignores the notice (the next message re-arms the timer, which fires at once).
+    fn watch_idle(&mut self, ctx: &mut Context<Self>) {
+        if !self.scheduler.is_idle() {
+            self.idle_since = None;
+            if let Some(timer) = self.idle_timer.take() {
+                ctx.cancel_future(timer);
+            }
+            return;
+        }
+        let since = *self.idle_since.get_or_insert_with(Instant::now);
+        if self.idle_timer.is_none() {
+            let wait = self
+                .deps
+                .settings
+                .idle_actor()
+                .saturating_sub(since.elapsed());
+            self.idle_timer = Some(ctx.run_later(wait, move |act, _| {
+                act.idle_timer = None;
+                act.supervisor.do_send(ActorIdle {
+                    broker_id: act.broker_id.clone(),
+                    received: act.received,
+                    idle_for: since.elapsed(),
+                });
+            }));
+        }
+    }
+
+    /// Retired: stop, and do nothing more even if restarted.
+    pub(super) fn retire(&mut self, ctx: &mut Context<Self>) {
+        self.retired = true;
+        for timer in [self.wakeup.take(), self.idle_timer.take()]
+            .into_iter()
+            .flatten()
+        {
+            ctx.cancel_future(timer);
+        }
+        ctx.stop();
+    }
+
     fn update_gauges(&self) {
         let metrics = &self.deps.metrics;
         let broker = [self.broker_id.as_str()];
@@ -551,6 +635,9 @@ impl DeliveryActor {
         step: &'static str,
         work: impl FnOnce(&mut Self, &mut Context<Self>),
     ) {
+        if self.retired {
+            return;
+        }
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(self, ctx)));
         if let Err(panic) = outcome {
             let message = panic
@@ -625,6 +712,9 @@ impl Actor for DeliveryActor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
+        if self.retired {
+            return;
+        }
         ctx.set_mailbox_capacity(MAILBOX_MESSAGES);
         tracing::info!(broker_id = %self.broker_id, "delivery actor started");
         self.deps
@@ -641,6 +731,9 @@ impl actix::Supervised for DeliveryActor {
     /// keeps the outcomes decided but not yet saved, and reads everything else again from the
     /// ledger. The breaker's state is kept.
     fn restarting(&mut self, _: &mut Self::Context) {
+        if self.retired {
+            return;
+        }
         tracing::warn!(broker_id = %self.broker_id, "delivery actor restarted; reloading its pending deliveries from the ledger");
         self.deps
             .metrics
@@ -649,6 +742,8 @@ impl actix::Supervised for DeliveryActor {
             .inc();
         self.endpoint = None;
         self.wakeup = None;
+        self.idle_since = None;
+        self.idle_timer = None;
         self.scheduler.restarted(millis(Instant::now()));
     }
 }

@@ -6,7 +6,8 @@ use futures::future::join_all;
 
 use super::DeliverySupervisor;
 use crate::actors::delivery::{
-    BrokerSnapshot, Deliver, Drain, LeaseGained, LeaseLost, LedgerHasMore, Replayed, Snapshot,
+    BrokerSnapshot, Deliver, Drain, LeaseGained, LeaseLost, LedgerHasMore, Replayed, Retire,
+    Snapshot,
 };
 use crate::ledger::{ClaimedDelivery, ReplayedBrokers};
 
@@ -20,7 +21,7 @@ pub struct RouteDeliveries {
 impl Handler<RouteDeliveries> for DeliverySupervisor {
     type Result = ();
 
-    fn handle(&mut self, msg: RouteDeliveries, _: &mut Self::Context) {
+    fn handle(&mut self, msg: RouteDeliveries, ctx: &mut Self::Context) {
         let mut by_broker: HashMap<String, Vec<ClaimedDelivery>> = HashMap::new();
         for claimed in msg.claimed {
             by_broker
@@ -29,13 +30,31 @@ impl Handler<RouteDeliveries> for DeliverySupervisor {
                 .push(claimed);
         }
         for (broker_id, claimed) in by_broker {
-            let actor = self.actor_for(&broker_id);
+            let actor = self.actor_for(ctx, &broker_id);
             // Never wait for a busy broker. What does not fit is in the ledger already; the
             // notice (which ignores capacity) makes the actor load it when it has room.
-            if actor.try_send(Deliver { claimed }).is_err() {
-                actor.do_send(LedgerHasMore);
+            match actor.addr.try_send(Deliver { claimed }) {
+                Ok(()) => actor.sent += 1,
+                Err(_) => actor.tell(LedgerHasMore),
             }
         }
+    }
+}
+
+/// A DeliveryActor needs its broker's row: it goes in the next read (one statement for every
+/// broker that asked meanwhile), answered with `BrokerRowRead`.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct WantBrokerRow {
+    pub broker_id: String,
+}
+
+impl Handler<WantBrokerRow> for DeliverySupervisor {
+    type Result = ();
+
+    fn handle(&mut self, msg: WantBrokerRow, ctx: &mut Self::Context) {
+        self.rows_wanted.insert(msg.broker_id);
+        self.read_rows(ctx);
     }
 }
 
@@ -52,8 +71,8 @@ impl Handler<LeaseAcquired> for DeliverySupervisor {
     type Result = ();
 
     fn handle(&mut self, msg: LeaseAcquired, ctx: &mut Self::Context) {
-        for actor in self.actors.values() {
-            actor.do_send(LeaseGained {
+        for actor in self.actors.values_mut() {
+            actor.tell(LeaseGained {
                 partition: msg.partition,
                 generation: msg.generation,
             });
@@ -76,8 +95,8 @@ impl Handler<PartitionRevoked> for DeliverySupervisor {
     type Result = ();
 
     fn handle(&mut self, msg: PartitionRevoked, _: &mut Self::Context) {
-        for actor in self.actors.values() {
-            actor.do_send(LeaseLost {
+        for actor in self.actors.values_mut() {
+            actor.tell(LeaseLost {
                 partition: msg.partition,
                 generation: msg.generation,
             });
@@ -97,9 +116,9 @@ impl Handler<DeliveriesReplayed> for DeliverySupervisor {
 
     fn handle(&mut self, msg: DeliveriesReplayed, _: &mut Self::Context) {
         let DeliveriesReplayed(replayed) = msg;
-        for (broker_id, actor) in &self.actors {
+        for (broker_id, actor) in &mut self.actors {
             if replayed.every_broker || replayed.brokers.contains(broker_id) {
-                actor.do_send(Replayed);
+                actor.tell(Replayed);
             }
         }
     }
@@ -117,7 +136,14 @@ impl Handler<DrainDeliveries> for DeliverySupervisor {
     type Result = ResponseFuture<bool>;
 
     fn handle(&mut self, msg: DrainDeliveries, _: &mut Self::Context) -> Self::Result {
-        let drains: Vec<_> = self.actors.values().map(|a| a.send(Drain)).collect();
+        let drains: Vec<_> = self
+            .actors
+            .values_mut()
+            .map(|actor| {
+                actor.sent += 1;
+                actor.addr.send(Drain)
+            })
+            .collect();
         Box::pin(async move {
             tokio::time::timeout(msg.timeout, join_all(drains))
                 .await
@@ -135,12 +161,50 @@ impl Handler<BrokerSnapshots> for DeliverySupervisor {
     type Result = ResponseFuture<Vec<BrokerSnapshot>>;
 
     fn handle(&mut self, _: BrokerSnapshots, _: &mut Self::Context) -> Self::Result {
-        let asks: Vec<_> = self.actors.values().map(|a| a.send(Snapshot)).collect();
+        // Not counted: a snapshot changes nothing.
+        let asks: Vec<_> = self
+            .actors
+            .values()
+            .map(|a| a.addr.send(Snapshot))
+            .collect();
         Box::pin(async move {
             let answers = tokio::time::timeout(Duration::from_secs(2), join_all(asks))
                 .await
                 .unwrap_or_default();
             answers.into_iter().filter_map(Result::ok).collect()
         })
+    }
+}
+
+/// A DeliveryActor has been idle (see `Scheduler::is_idle`) for `delivery.idle_actor_ms`, having
+/// received `received` messages. It is retired only if that is every message sent to it: then
+/// nothing is on its way to it, its entry (the only strong address) is dropped and it stops. A
+/// later delivery for the broker starts a new actor, which reads its work from the ledger.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ActorIdle {
+    pub broker_id: String,
+    pub received: u64,
+    pub idle_for: Duration,
+}
+
+impl Handler<ActorIdle> for DeliverySupervisor {
+    type Result = ();
+
+    fn handle(&mut self, msg: ActorIdle, _: &mut Self::Context) {
+        let Some(actor) = self.actors.get(&msg.broker_id) else {
+            return;
+        };
+        if actor.sent != msg.received {
+            // A message is on its way: the actor handles it and reports again if still idle.
+            return;
+        }
+        let Some(actor) = self.actors.remove(&msg.broker_id) else {
+            return;
+        };
+        actor.addr.do_send(Retire);
+        self.forget_series(&msg.broker_id);
+        tracing::info!(broker_id = %msg.broker_id, idle_ms = msg.idle_for.as_millis() as u64,
+            "delivery actor retired (idle)");
     }
 }

@@ -133,21 +133,22 @@ impl Handler<FindBrokersWithOverdueWork> for LedgerGateway {
     }
 }
 
+/// The rows of these brokers (those that exist), in one statement.
 #[derive(Message)]
-#[rtype(result = "Result<Option<BrokerRow>, LedgerError>")]
-pub struct LoadBroker {
-    pub broker_id: String,
+#[rtype(result = "Result<Vec<BrokerRow>, LedgerError>")]
+pub struct LoadBrokers {
+    pub broker_ids: Vec<String>,
 }
 
-impl Handler<LoadBroker> for LedgerGateway {
-    type Result = ResponseFuture<Result<Option<BrokerRow>, LedgerError>>;
+impl Handler<LoadBrokers> for LedgerGateway {
+    type Result = ResponseFuture<Result<Vec<BrokerRow>, LedgerError>>;
 
-    fn handle(&mut self, msg: LoadBroker, _: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, msg: LoadBrokers, _: &mut Self::Context) -> Self::Result {
         let ledger = self.ledger.clone();
         let watch = self.watch.clone();
         Box::pin(async move {
             ledger
-                .broker(&msg.broker_id)
+                .brokers(&msg.broker_ids)
                 .await
                 .inspect_err(|error| watch.count("load_broker", error))
         })

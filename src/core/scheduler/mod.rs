@@ -30,7 +30,7 @@ use crate::core::policy::{classify, AttemptResult, RetryPolicy, Verdict};
 #[cfg(test)]
 mod tests;
 
-/// How long to wait before retrying a failed outcome write or broker row read.
+/// How long to wait before retrying a failed outcome write, ledger page or broker row read.
 const RETRY_IO_AFTER: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -152,7 +152,8 @@ pub enum Command<P, R> {
         after: Option<Order>,
         limit: usize,
     },
-    /// Read the broker row. Answer with `broker_loaded` or `broker_load_failed`.
+    /// Read the broker row. Answer with `broker_loaded` or `broker_load_failed`. (The shell
+    /// may also pass in rows it read unasked, the periodic refresh.)
     LoadBroker,
     /// The broker answered 410 Gone to this delivery: disable it in the ledger.
     DisableBroker { delivery_id: i64 },
@@ -204,8 +205,9 @@ pub struct Scheduler<P, R> {
     newest_lease: HashMap<i32, u64>,
     endpoint: EndpointState,
     loading_endpoint: bool,
-    /// The row is known to have changed since it was read (see `broker_changed`).
-    endpoint_outdated: bool,
+    /// The row is known to have changed at this time, after it was read (see
+    /// `broker_changed`): only a read started later is trusted.
+    endpoint_outdated: Option<Millis>,
     endpoint_retry_at: Option<Millis>,
     in_flight: HashMap<AttemptToken, InFlight>,
     outbox: Vec<Outcome<R>>,
@@ -217,6 +219,9 @@ pub struct Scheduler<P, R> {
     done: u64,
     sweep: Option<Sweep>,
     loading: Option<IoToken>,
+    /// A ledger read failed: the next one waits until then (a database outage must not become
+    /// a hot loop of failing reads).
+    load_retry_at: Option<Millis>,
     /// Deliveries whose outcome was saved while a ledger page was being read: that page may
     /// still show them as pending.
     saved_during_load: HashSet<i64>,
@@ -253,7 +258,7 @@ impl<P: Clone, R: Clone> Scheduler<P, R> {
             newest_lease: HashMap::new(),
             endpoint: EndpointState::Unknown,
             loading_endpoint: false,
-            endpoint_outdated: false,
+            endpoint_outdated: None,
             endpoint_retry_at: None,
             in_flight: HashMap::new(),
             outbox: Vec::new(),
@@ -264,6 +269,7 @@ impl<P: Clone, R: Clone> Scheduler<P, R> {
             done: 0,
             sweep: None,
             loading: None,
+            load_retry_at: None,
             saved_during_load: HashSet::new(),
             claims_stale_before: None,
             parked_until: None,
@@ -291,7 +297,7 @@ impl<P: Clone, R: Clone> Scheduler<P, R> {
         });
         let endpoint_due = match &self.endpoint {
             EndpointState::Known { at, .. } if !self.lanes.is_empty() && !self.loading_endpoint => {
-                let refresh = if self.endpoint_outdated {
+                let refresh = if self.endpoint_outdated.is_some() {
                     Millis(0)
                 } else {
                     *at + self.config.endpoint_refresh
@@ -306,9 +312,13 @@ impl<P: Clone, R: Clone> Scheduler<P, R> {
             }
             _ => None,
         };
+        let ledger_due = self
+            .load_retry_at
+            .filter(|_| self.loading.is_none() && self.wanted > self.done);
         [
             lanes_due,
             self.breaker.deadline(),
+            ledger_due,
             self.save_retry_at,
             self.parked_until,
             endpoint_due,
@@ -355,9 +365,12 @@ impl<P: Clone, R: Clone> Scheduler<P, R> {
         self.leases.get(&partition).copied()
     }
 
-    /// True while a sweep of the ledger is under way (a page asked for or more to read).
+    /// True while a sweep of the ledger is under way (a page asked for or more to read), or
+    /// waits to be tried again after a failed page.
     pub fn ledger_read_in_flight(&self) -> bool {
-        self.loading.is_some() || self.sweep.is_some()
+        self.loading.is_some()
+            || self.sweep.is_some()
+            || (self.load_retry_at.is_some() && self.wanted > self.done)
     }
 
     /// Draining and nothing left to finish: every request answered, every outcome saved.
@@ -366,6 +379,26 @@ impl<P: Clone, R: Clone> Scheduler<P, R> {
             && self.in_flight.is_empty()
             && self.outbox.is_empty()
             && self.saving.is_none()
+    }
+
+    /// Nothing to do and nothing to remember: nothing held, requested, decided but unsaved or
+    /// being saved, no ledger read under way or wanted, no retry parked in the ledger, no
+    /// replay to check, the breaker closed with no failure counted, no broker row asked for.
+    /// A fresh scheduler (with the same leases) would behave the same, so the shell may stop
+    /// (an idle actor retires) and start again on demand.
+    pub fn is_idle(&self) -> bool {
+        self.lanes.is_empty()
+            && self.in_flight.is_empty()
+            && self.outbox.is_empty()
+            && self.saving.is_none()
+            && self.loading.is_none()
+            && self.sweep.is_none()
+            && self.wanted <= self.done
+            && self.parked_until.is_none()
+            && self.replay_suspects.is_empty()
+            && !self.loading_endpoint
+            && self.breaker.state().name() == "closed"
+            && self.breaker.consecutive_failures() == 0
     }
 
     // ---- inputs --------------------------------------------------------------------------
@@ -385,7 +418,7 @@ impl<P: Clone, R: Clone> Scheduler<P, R> {
             // row as unusable says the row changed (re-enabled). Read it again before acting.
             if let EndpointState::Known { usable: Err(_), at } = &self.endpoint {
                 if claimed_at > *at {
-                    self.endpoint_outdated = true;
+                    self.endpoint_outdated = self.endpoint_outdated.max(Some(claimed_at));
                 }
             }
             if self.lanes.holds(delivery.id) || !self.holds_lease(delivery.partition) {
@@ -509,13 +542,14 @@ impl<P: Clone, R: Clone> Scheduler<P, R> {
         self.drive(now);
     }
 
-    /// The ledger read failed: the next `ledger_has_more` (the sweep runs every few seconds)
-    /// tries again from the start.
+    /// The ledger read failed (or the shell could not take its rows): the sweep starts again
+    /// from the beginning after `RETRY_IO_AFTER`.
     pub fn load_failed(&mut self, now: Millis, token: IoToken) {
         if self.loading == Some(token) {
             self.loading = None;
             self.sweep = None;
             self.saved_during_load.clear();
+            self.load_retry_at = Some(now + RETRY_IO_AFTER);
         }
         self.drive(now);
     }
@@ -691,12 +725,26 @@ impl<P: Clone, R: Clone> Scheduler<P, R> {
         self.drive(now);
     }
 
-    /// The broker row as read: usable, or why not.
-    pub fn broker_loaded(&mut self, now: Millis, usable: Result<(), Unusable>) {
+    /// The broker row as read by a read started at `read_at`: usable, or why not. Asked for
+    /// (`LoadBroker`) or not (the shell's periodic refresh of every broker's row). A read older
+    /// than what is known (a 410 Gone answered since) changes nothing; one older than a known
+    /// change is used but read again.
+    pub fn broker_loaded(&mut self, now: Millis, read_at: Millis, usable: Result<(), Unusable>) {
         self.loading_endpoint = false;
         self.endpoint_retry_at = None;
-        self.endpoint_outdated = false;
-        self.endpoint = EndpointState::Known { usable, at: now };
+        if self
+            .endpoint_outdated
+            .is_some_and(|changed| read_at >= changed)
+        {
+            self.endpoint_outdated = None;
+        }
+        let newer_known = matches!(self.endpoint, EndpointState::Known { at, .. } if at > read_at);
+        if !newer_known {
+            self.endpoint = EndpointState::Known {
+                usable,
+                at: read_at,
+            };
+        }
         self.drive(now);
     }
 
@@ -709,7 +757,7 @@ impl<P: Clone, R: Clone> Scheduler<P, R> {
     /// The broker row changed (enabled, URL, secrets): read it again before the next decision
     /// that depends on it.
     pub fn broker_changed(&mut self, now: Millis) {
-        self.endpoint_outdated = true;
+        self.endpoint_outdated = self.endpoint_outdated.max(Some(now));
         self.drive(now);
     }
 
@@ -855,7 +903,7 @@ impl<P: Clone, R: Clone> Scheduler<P, R> {
             EndpointState::Unknown => (None, true),
             EndpointState::Known { usable, at } => (
                 Some(usable.clone()),
-                self.endpoint_outdated || now >= *at + self.config.endpoint_refresh,
+                self.endpoint_outdated.is_some() || now >= *at + self.config.endpoint_refresh,
             ),
         };
         let may_load = self.endpoint_retry_at.is_none_or(|at| now >= at);
@@ -993,6 +1041,10 @@ impl<P: Clone, R: Clone> Scheduler<P, R> {
         if self.loading.is_some() || self.leases.is_empty() {
             return;
         }
+        if self.load_retry_at.is_some_and(|at| now < at) {
+            return;
+        }
+        self.load_retry_at = None;
         if self.sweep.is_none() {
             // Wait for half the room (or a retry that can give way) rather than reading a page
             // for every free place.

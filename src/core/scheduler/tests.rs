@@ -75,7 +75,7 @@ fn answer_loads(s: &mut Sched, now: Millis, out: &mut Vec<Command<(), ()>>, rows
         while let Some(command) = s.poll_command() {
             match command {
                 Command::LoadBroker => {
-                    s.broker_loaded(now, Ok(()));
+                    s.broker_loaded(now, now, Ok(()));
                     answered = true;
                 }
                 Command::LoadPending { token, after, .. } => {
@@ -210,6 +210,7 @@ fn a_disabled_broker_does_not_leave_the_breaker_half_open() {
     while let Some(c) = s.poll_command() {
         if matches!(c, Command::LoadBroker) {
             s.broker_loaded(
+                t,
                 t,
                 Err(Unusable {
                     class: "broker_disabled",
@@ -478,6 +479,7 @@ fn deliveries_of_an_unusable_broker_are_dead_lettered_without_a_request() {
         match c {
             Command::LoadBroker => s.broker_loaded(
                 Millis(0),
+                Millis(0),
                 Err(Unusable {
                     class: "invalid_broker",
                     reason: "no URL".into(),
@@ -587,6 +589,7 @@ fn a_claim_after_the_row_was_read_unusable_reads_it_again() {
         match c {
             Command::LoadBroker => s.broker_loaded(
                 Millis(1),
+                Millis(1),
                 Err(Unusable {
                     class: "invalid_broker",
                     reason: "broker disabled".into(),
@@ -606,7 +609,7 @@ fn a_claim_after_the_row_was_read_unusable_reads_it_again() {
         match c {
             Command::LoadBroker => {
                 reads += 1;
-                s.broker_loaded(t, Ok(()));
+                s.broker_loaded(t, t, Ok(()));
             }
             Command::LoadPending { token, .. } => s.loaded(t, token, Vec::new()),
             other => out.push(other),
@@ -620,4 +623,142 @@ fn a_claim_after_the_row_was_read_unusable_reads_it_again() {
             .collect::<Vec<_>>(),
         vec![2]
     );
+}
+
+/// A failed ledger read is retried after a pause, not at once: a database outage must not turn
+/// into a hot loop of failing reads.
+#[test]
+fn a_failed_ledger_read_waits_before_the_next() {
+    let mut s = Sched::new(CONFIG, Millis(0));
+    s.lease_gained(Millis(0), 0, 1);
+    let load_token = |s: &mut Sched| {
+        let mut token = None;
+        while let Some(command) = s.poll_command() {
+            if let Command::LoadPending { token: t, .. } = command {
+                token = Some(t);
+            }
+        }
+        token
+    };
+    let first = load_token(&mut s).expect("a new scheduler reads the ledger");
+    s.load_failed(Millis(10), first);
+    assert_eq!(load_token(&mut s), None, "no read straight after a failure");
+    s.ledger_has_more(Millis(20));
+    assert_eq!(load_token(&mut s), None, "a nudge does not skip the pause");
+    let retry_at = Millis(10) + RETRY_IO_AFTER;
+    assert_eq!(s.next_wakeup(Millis(20)), Some(retry_at));
+    s.tick(retry_at);
+    let second = load_token(&mut s).expect("read again once the pause is over");
+    s.loaded(retry_at, second, Vec::new());
+    assert_eq!(load_token(&mut s), None);
+    assert_eq!(s.next_wakeup(retry_at), None);
+}
+
+/// The shell pushes rows it read for every broker; a read that started before a known change
+/// (a claim proves the broker was re-enabled) is not trusted, and one older than a 410 Gone
+/// does not undo it.
+#[test]
+fn a_pushed_row_older_than_what_is_known_is_not_trusted() {
+    let mut s = Sched::new(CONFIG, Millis(0));
+    s.lease_gained(Millis(0), 0, 1);
+    let disabled = || {
+        Err(Unusable {
+            class: "broker_disabled",
+            reason: "broker disabled".into(),
+        })
+    };
+    s.broker_loaded(Millis(1), Millis(1), disabled());
+    // Re-enabled at 40; a claim sent at 50 proves it.
+    let mut fresh = claim(2, "B", 2, None);
+    fresh.claimed_at = Millis(50);
+    s.claimed(Millis(60), vec![fresh]);
+    // A push of a read started at 45 (before the claim) arrives: the delivery is not
+    // dead-lettered on it, and the row is asked for again.
+    s.broker_loaded(Millis(70), Millis(45), disabled());
+    let mut out = Vec::new();
+    let mut asked = 0;
+    while let Some(c) = s.poll_command() {
+        match c {
+            Command::LoadBroker => asked += 1,
+            Command::LoadPending { token, .. } => s.loaded(Millis(70), token, Vec::new()),
+            other => out.push(other),
+        }
+    }
+    assert!(asked >= 1, "the row is read again");
+    assert!(
+        !out.iter().any(|c| matches!(c, Command::Decided { .. })),
+        "nothing is decided on the stale row"
+    );
+    // The fresh read: sent.
+    s.broker_loaded(Millis(80), Millis(75), Ok(()));
+    let mut out = drain(&mut s, Millis(80));
+    let sent = sends(&mut out);
+    assert_eq!(sent.iter().map(|(_, id)| *id).collect::<Vec<_>>(), vec![2]);
+    // 410 Gone at 90: a push of a read started before it does not make the broker usable.
+    finish(
+        &mut s,
+        Millis(90),
+        sent[0].0,
+        AttemptResult::Responded {
+            status: 410,
+            retry_after: None,
+        },
+    );
+    s.broker_loaded(Millis(95), Millis(85), Ok(()));
+    assert!(!s.endpoint_usable());
+}
+
+/// Idle means a fresh scheduler would do the same: nothing held, out, unsaved or wanted.
+#[test]
+fn idle_only_when_nothing_is_held_out_unsaved_or_wanted() {
+    let (mut s, _) = ready(CONFIG);
+    assert!(s.is_idle(), "a scheduler that read an empty ledger");
+    let t = Millis(10);
+    s.claimed(t, vec![claim(1, "A", 1, None)]);
+    assert!(!s.is_idle(), "holds a delivery");
+    let mut out = drain(&mut s, t);
+    let sent = sends(&mut out);
+    assert!(!s.is_idle(), "a request is out");
+    finish(&mut s, t, sent[0].0, OK);
+    assert!(!s.is_idle(), "the outcome is not saved");
+    let mut out = drain(&mut s, t);
+    s.outcomes_saved(t, writes(&mut out)[0].0);
+    assert!(s.is_idle(), "delivered and saved");
+    s.ledger_has_more(t);
+    assert!(!s.is_idle(), "the ledger is to be read");
+    drain(&mut s, t);
+    assert!(s.is_idle());
+}
+
+/// A pending retry or a breaker that counted a failure keeps the scheduler (and its actor).
+#[test]
+fn a_retry_or_a_counted_failure_is_not_idle() {
+    let (mut s, _) = ready(CONFIG);
+    let t = Millis(10);
+    s.claimed(t, vec![claim(1, "A", 1, None)]);
+    let mut out = drain(&mut s, t);
+    finish(&mut s, t, sends(&mut out)[0].0, FAILED);
+    save_all(&mut s, t);
+    assert_eq!(s.held(), 1, "the retry waits in memory");
+    assert!(!s.is_idle(), "a retry is pending");
+
+    let (mut s, _) = ready(SchedulerConfig {
+        retry: RetryPolicy {
+            max_attempts: 1,
+            ..CONFIG.retry
+        },
+        ..CONFIG
+    });
+    s.claimed(t, vec![claim(1, "A", 1, None)]);
+    let mut out = drain(&mut s, t);
+    finish(&mut s, t, sends(&mut out)[0].0, FAILED);
+    save_all(&mut s, t);
+    assert_eq!(s.held(), 0, "dead after its only attempt");
+    assert_eq!(s.breaker().consecutive_failures(), 1);
+    assert!(!s.is_idle(), "the breaker counted a failure");
+    s.claimed(t, vec![claim(2, "B", 2, None)]);
+    let mut out = drain(&mut s, t);
+    finish(&mut s, t, sends(&mut out)[0].0, OK);
+    save_all(&mut s, t);
+    assert!(s.is_idle(), "a success reset the count");
 }

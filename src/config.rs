@@ -190,6 +190,8 @@ pub struct DeliverySettings {
     pub max_concurrent_ledger_loads: usize,
     /// A broker's actor with nothing to do for this long stops; a new one starts on demand.
     pub idle_actor_ms: u64,
+    /// Bytes of deliveries held in memory, all brokers together.
+    pub max_buffered_bytes: usize,
     pub max_message_bytes: usize,
     /// Byte caps for an event's `eventId`, `loadId` and `status` (storable and indexable).
     pub max_event_id_bytes: usize,
@@ -435,6 +437,12 @@ impl Settings {
             ));
         }
         positive("delivery.idle_actor_ms", self.delivery.idle_actor_ms)?;
+        if self.delivery.max_buffered_bytes < 2 * self.delivery.max_message_bytes {
+            return Err(invalid(
+                "delivery.max_buffered_bytes",
+                "must be at least twice delivery.max_message_bytes, so the largest event always fits",
+            ));
+        }
         if self.delivery.max_message_bytes < 64 {
             return Err(invalid("delivery.max_message_bytes", "must be at least 64"));
         }

@@ -12,6 +12,7 @@ pub mod lease;
 pub mod ledger;
 pub mod metrics;
 pub mod offsets;
+pub mod open_files;
 pub mod retention;
 pub mod stall;
 pub mod startup;

@@ -33,6 +33,7 @@ fn main() -> ExitCode {
         actix_rt::System::new().block_on(async move {
             match cli.command {
                 Command::Serve => {
+                    webhook_delivery::open_files::raise_open_files_limit();
                     let served = async {
                         let app = Application::build(settings).await?;
                         app.run_until_stopped(shutdown_signal()).await

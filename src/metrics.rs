@@ -19,6 +19,8 @@ pub struct Metrics {
     pub circuit_state: IntGaugeVec,
     pub mailbox_depth: IntGaugeVec,
     pub in_flight: IntGaugeVec,
+    pub buffered_bytes: IntGauge,
+    pub buffered_bytes_max: IntGauge,
     pub pending_deliveries: IntGauge,
     pub dead_deliveries: IntGauge,
     pub actor_restarts: IntCounterVec,
@@ -71,7 +73,23 @@ impl Metrics {
              nothing broken), else 0.",
         )
         .expect("valid metric");
-        for metric in [&pending_deliveries, &ready] {
+        let buffered_bytes = IntGauge::new(
+            "buffered_bytes",
+            "Bytes of deliveries held in memory by all DeliveryActors (payloads plus a fixed \
+             overhead each), bounded by delivery.max_buffered_bytes.",
+        )
+        .expect("valid metric");
+        let buffered_bytes_max = IntGauge::new(
+            "buffered_bytes_max",
+            "delivery.max_buffered_bytes: the bound on buffered_bytes.",
+        )
+        .expect("valid metric");
+        for metric in [
+            &pending_deliveries,
+            &ready,
+            &buffered_bytes,
+            &buffered_bytes_max,
+        ] {
             registry
                 .register(Box::new(metric.clone()))
                 .expect("registered once");
@@ -146,6 +164,8 @@ impl Metrics {
                 "Webhook requests in flight (or awaiting their ledger write) per broker.",
                 &["broker_id"],
             ),
+            buffered_bytes,
+            buffered_bytes_max,
             pending_deliveries,
             dead_deliveries,
             actor_restarts: counter(

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use actix::Actor;
 
-use crate::actors::delivery::DeliveryDeps;
+use crate::actors::delivery::{ByteBudget, DeliveryDeps};
 use crate::actors::delivery_supervisor::{DeliveriesReplayed, DeliverySupervisor, DrainDeliveries};
 use crate::actors::ledger_gateway::{LedgerGateway, LedgerWatch};
 use crate::actors::partition::PartitionDeps;
@@ -134,6 +134,11 @@ impl Application {
             ledger_loads: Arc::new(tokio::sync::Semaphore::new(
                 settings.delivery.max_concurrent_ledger_loads,
             )),
+            buffered: ByteBudget::new(
+                settings.delivery.max_buffered_bytes,
+                metrics.buffered_bytes.clone(),
+                &metrics.buffered_bytes_max,
+            ),
         })
         .start();
         let (rebalance_events, rebalances) = rebalance_channel();

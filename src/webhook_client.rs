@@ -136,9 +136,12 @@ impl actix_tls::connect::Resolve for GuardedResolver {
 
 /// Builds the per-broker HTTP client: no redirects (a 3xx is a permanent failure, never
 /// followed), TLS with the webpki roots, our user-agent, and DNS through the SSRF guard.
+/// `max_connections` bounds the sockets this client opens at once (one client per broker: its
+/// in-flight limit), so file descriptors grow with active brokers times that, no more.
 pub fn build_client(
     user_agent: &str,
     timeout: Duration,
+    max_connections: usize,
     policy: Arc<crate::core::ssrf::NetworkPolicy>,
 ) -> awc::Client {
     let resolver = actix_tls::connect::Resolver::custom(GuardedResolver { policy });
@@ -156,6 +159,7 @@ pub fn build_client(
             awc::Connector::new()
                 .connector(actix_tls::connect::Connector::new(resolver).service())
                 .rustls_0_23(Arc::new(tls))
+                .limit(max_connections)
                 .timeout(timeout),
         )
         .disable_redirects()

@@ -92,7 +92,7 @@ async fn the_client_asks_for_identity_and_leaves_a_compressed_body_unread() {
         allowed_networks: vec!["127.0.0.0/8".parse().unwrap()],
     };
     let timeout = Duration::from_secs(5);
-    let client = build_client("outbound-test", timeout, std::sync::Arc::new(policy));
+    let client = build_client("outbound-test", timeout, 4, std::sync::Arc::new(policy));
     let request = WebhookRequest {
         url: server.uri().parse().unwrap(),
         webhook_id: "msg_test".into(),

@@ -1,6 +1,6 @@
 use actix::{Handler, Message, ResponseFuture};
 
-use super::{millis, scheduled, BrokerSnapshot, DeliveryActor};
+use super::{millis, BrokerSnapshot, DeliveryActor};
 use crate::core::scheduler::{Claimed, IoToken};
 use crate::ledger::{BrokerRow, ClaimedDelivery};
 
@@ -16,17 +16,30 @@ impl Handler<Deliver> for DeliveryActor {
 
     fn handle(&mut self, msg: Deliver, ctx: &mut Self::Context) {
         self.received += 1;
-        let claimed = msg
+        // Memory for all brokers is bounded in bytes: what does not fit stays in the ledger,
+        // read once room frees up. In claim order, so every load keeps a prefix.
+        let claimed_at: Vec<_> = msg
             .claimed
+            .iter()
+            .map(|c| (c.pending_predecessor_offset, millis(c.claimed_at)))
+            .collect();
+        let (held, left) = self.admit(msg.claimed.into_iter().map(|c| c.delivery).collect());
+        let claimed: Vec<_> = held
             .into_iter()
-            .map(|claimed| Claimed {
-                delivery: scheduled(claimed.delivery),
-                pending_predecessor: claimed.pending_predecessor_offset,
-                claimed_at: millis(claimed.claimed_at),
+            .zip(claimed_at)
+            .map(|(delivery, (pending_predecessor, claimed_at))| Claimed {
+                delivery,
+                pending_predecessor,
+                claimed_at,
             })
             .collect();
         self.guarded(ctx, "deliver", |act, ctx| {
-            act.step(ctx, |s, now| s.claimed(now, claimed))
+            act.step(ctx, |s, now| {
+                s.claimed(now, claimed);
+                if left {
+                    s.ledger_has_more(now);
+                }
+            })
         });
     }
 }

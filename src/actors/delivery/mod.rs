@@ -7,6 +7,7 @@
 //! delivery goes next, per-load order, the breaker, retries, room, replays, restarts) are all in
 //! the scheduler and proven by the simulator in tests/simulation.rs.
 
+mod budget;
 mod handlers;
 
 use std::sync::OnceLock;
@@ -18,6 +19,7 @@ use actix::{
 use chrono::{DateTime, Utc};
 use rand::Rng;
 
+pub use budget::{ByteBudget, Held};
 pub use handlers::*;
 
 use crate::actors::delivery_supervisor::{
@@ -61,6 +63,8 @@ pub struct DeliveryDeps {
     /// (`delivery.max_concurrent_ledger_loads`): a lease gain or 10,000 actors starting queue
     /// at most this many reads on the pool; the rest wait here, not for a connection.
     pub ledger_loads: std::sync::Arc<tokio::sync::Semaphore>,
+    /// Bytes of deliveries held in memory, all actors together (`delivery.max_buffered_bytes`).
+    pub buffered: std::sync::Arc<ByteBudget>,
 }
 
 /// The shell's clock for the scheduler: milliseconds since the process first asked.
@@ -157,7 +161,7 @@ pub struct DeliveryActor {
     supervisor: Addr<DeliverySupervisor>,
     client: awc::Client,
     network_policy: std::sync::Arc<crate::core::ssrf::NetworkPolicy>,
-    scheduler: Scheduler<PendingDelivery, AttemptReport>,
+    scheduler: Scheduler<Held, AttemptReport>,
     /// The broker's endpoint as last read, when usable (the scheduler knows whether it is).
     endpoint: Option<BrokerEndpoint>,
     /// Why the row last read was unusable, so the warning is logged once per change, not on
@@ -187,6 +191,7 @@ impl DeliveryActor {
         let client = webhook_client::build_client(
             &deps.settings.user_agent,
             deps.settings.request_timeout(),
+            deps.settings.max_in_flight_per_broker,
             network_policy.clone(),
         );
         let config = SchedulerConfig {
@@ -225,7 +230,7 @@ impl DeliveryActor {
     fn step(
         &mut self,
         ctx: &mut Context<Self>,
-        input: impl FnOnce(&mut Scheduler<PendingDelivery, AttemptReport>, Millis),
+        input: impl FnOnce(&mut Scheduler<Held, AttemptReport>, Millis),
     ) {
         input(&mut self.scheduler, millis(Instant::now()));
         self.execute(ctx);
@@ -239,8 +244,8 @@ impl DeliveryActor {
                     item,
                     attempt,
                     ..
-                } => self.send(ctx, token, item, attempt),
-                Command::Decided { outcome, item } => self.log_decision(&outcome, &item),
+                } => self.send(ctx, token, item.row, attempt),
+                Command::Decided { outcome, item } => self.log_decision(&outcome, &item.row),
                 Command::WriteOutcomes { token, outcomes } => {
                     self.write_outcomes(ctx, token, outcomes)
                 }
@@ -445,6 +450,14 @@ impl DeliveryActor {
         after: Option<(i32, i64)>,
         limit: usize,
     ) {
+        if !self.deps.buffered.has_room() {
+            // Memory is full (all brokers together): read nothing now; the scheduler tries
+            // again after its pause.
+            tracing::debug!(broker_id = %self.broker_id,
+                "delivery.max_buffered_bytes reached; ledger read postponed");
+            self.scheduler.load_failed(millis(Instant::now()), token);
+            return;
+        }
         let (ledger, permits) = (self.deps.ledger.clone(), self.deps.ledger_loads.clone());
         let request = LoadPending {
             broker_id: self.broker_id.clone(),
@@ -461,8 +474,20 @@ impl DeliveryActor {
         ctx.spawn(load.into_actor(self).map(move |result, act, ctx| {
             act.guarded(ctx, "load_pending", move |act, ctx| match result {
                 Ok(Ok(rows)) => {
-                    let rows = rows.into_iter().map(scheduled).collect();
-                    act.step(ctx, |s, now| s.loaded(now, token, rows));
+                    let (held, left) = act.admit(rows);
+                    act.step(ctx, |s, now| {
+                        if held.is_empty() && left {
+                            // Not one row fits in memory: as if the read failed (it is tried
+                            // again after a pause, not at once).
+                            s.load_failed(now, token);
+                        } else {
+                            // What fits is taken in; the rest is read once room frees up.
+                            s.loaded(now, token, held);
+                            if left {
+                                s.ledger_has_more(now);
+                            }
+                        }
+                    });
                 }
                 Ok(Err(error)) => {
                     tracing::warn!(broker_id = %act.broker_id, error.message = %error,
@@ -497,6 +522,19 @@ impl DeliveryActor {
             // The supervisor logged it, once for all brokers of the read.
             Err(_) => self.step(ctx, |s, now| s.broker_load_failed(now)),
         }
+    }
+
+    /// Charges the budget for `rows` in order and stops at the first that does not fit (the
+    /// rest stay in the ledger; a lane is a prefix). True in the second place if some were left.
+    pub(super) fn admit(&self, rows: Vec<PendingDelivery>) -> (Vec<Delivery<Held>>, bool) {
+        let total = rows.len();
+        let held: Vec<_> = rows
+            .into_iter()
+            .map_while(|row| self.deps.buffered.charge(row))
+            .map(scheduled)
+            .collect();
+        let left = held.len() < total;
+        (held, left)
     }
 
     /// A broker row, checked once per read: broken rows, disabled brokers and URLs the SSRF
@@ -748,8 +786,10 @@ impl actix::Supervised for DeliveryActor {
     }
 }
 
-/// A ledger row as the scheduler sees it (the row itself travels along as the item to send).
-pub(super) fn scheduled(row: PendingDelivery) -> Delivery<PendingDelivery> {
+/// A ledger row as the scheduler sees it (the row itself, with its charge on the memory
+/// budget, travels along as the item to send).
+pub(super) fn scheduled(held: Held) -> Delivery<Held> {
+    let row = &held.row;
     Delivery {
         id: row.delivery_id,
         load: row.load_id.clone(),
@@ -757,6 +797,6 @@ pub(super) fn scheduled(row: PendingDelivery) -> Delivery<PendingDelivery> {
         offset: row.offset,
         attempts: row.attempts,
         due_in: row.due_in,
-        item: row,
+        item: held,
     }
 }

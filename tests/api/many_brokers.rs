@@ -1,6 +1,6 @@
-//! Idle DeliveryActors retire (issue 12 item 5: 10,000 brokers) and start again on demand
-//! without losing, duplicating or reordering anything; an actor with something to remember (a
-//! retry pending, an open breaker) is kept.
+//! Issue 12 item 5, 10,000 brokers: idle DeliveryActors retire and start again on demand without
+//! losing, duplicating or reordering anything, and an actor with something to remember (a retry
+//! pending, an open breaker) is kept; memory held for deliveries is bounded in bytes.
 
 use std::time::Duration;
 
@@ -108,5 +108,62 @@ async fn an_actor_with_a_retry_pending_or_its_breaker_open_is_kept() {
         "then, with the breaker closed again, it retires"
     );
     assert_eq!(receiver.requests().len(), 2, "no request made twice");
+    app.stop().await;
+}
+
+/// Buffered bytes never exceed `delivery.max_buffered_bytes`; what does not fit waits in the
+/// ledger and is delivered once room frees up, each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn buffered_bytes_stay_under_the_bound_and_everything_is_delivered() {
+    let env = TestEnv::new(1).await;
+    let receiver = ScriptedReceiver::start_with_delay(&[200], Duration::from_millis(50)).await;
+    let broker = unique("tight");
+    env.add_broker(&broker, &receiver.server.uri()).await;
+    for load in ["A", "B", "C", "D"] {
+        env.subscribe(&broker, load).await;
+    }
+    let mut settings = env.settings();
+    settings.delivery.max_message_bytes = 1_024;
+    // Room for about three deliveries (payload plus ~0.5 kB each).
+    settings.delivery.max_buffered_bytes = 2_048;
+    let app = spawn_app(settings);
+    for i in 0..24 {
+        let load = ["A", "B", "C", "D"][i % 4];
+        env.produce_event(Some(&format!("e{i:02}")), load, "matched")
+            .await;
+    }
+    let gauge = |metrics: &str, name: &str| -> i64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(&format!("webhook_delivery_{name} ")))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(-1)
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    loop {
+        let metrics = app.admin_get("/metrics").await.text().await.unwrap();
+        let (held, max) = (
+            gauge(&metrics, "buffered_bytes"),
+            gauge(&metrics, "buffered_bytes_max"),
+        );
+        assert_eq!(max, 2_048);
+        assert!(
+            (0..=max).contains(&held),
+            "buffered_bytes {held} within 0..={max}"
+        );
+        let delivered = env
+            .count("SELECT count(*) FROM deliveries WHERE state = 'delivered'")
+            .await;
+        if delivered == 24 && held == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{delivered} of 24 delivered, {held} bytes held"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(receiver.requests().len(), 24, "each delivered once");
     app.stop().await;
 }

@@ -159,6 +159,8 @@ pub struct DeliveryActor {
     deps: DeliveryDeps,
     /// Reads broker rows for all actors in one statement (`WantBrokerRow`).
     supervisor: Addr<DeliverySupervisor>,
+    /// The supervisor's id for this actor, named in `ActorIdle`.
+    actor_id: u64,
     client: awc::Client,
     network_policy: std::sync::Arc<crate::core::ssrf::NetworkPolicy>,
     scheduler: Scheduler<Held, AttemptReport>,
@@ -186,6 +188,7 @@ impl DeliveryActor {
         broker_id: String,
         deps: DeliveryDeps,
         supervisor: Addr<DeliverySupervisor>,
+        actor_id: u64,
     ) -> Self {
         let network_policy = std::sync::Arc::new(deps.settings.network_policy());
         let client = webhook_client::build_client(
@@ -213,6 +216,7 @@ impl DeliveryActor {
             broker_id,
             deps,
             supervisor,
+            actor_id,
             client,
             scheduler,
             endpoint: None,
@@ -632,6 +636,7 @@ impl DeliveryActor {
                 act.idle_timer = None;
                 act.supervisor.do_send(ActorIdle {
                     broker_id: act.broker_id.clone(),
+                    actor_id: act.actor_id,
                     received: act.received,
                     idle_for: since.elapsed(),
                 });

@@ -184,6 +184,7 @@ impl Handler<BrokerSnapshots> for DeliverySupervisor {
 #[rtype(result = "()")]
 pub struct ActorIdle {
     pub broker_id: String,
+    pub actor_id: u64,
     pub received: u64,
     pub idle_for: Duration,
 }
@@ -195,7 +196,7 @@ impl Handler<ActorIdle> for DeliverySupervisor {
         let Some(actor) = self.actors.get(&msg.broker_id) else {
             return;
         };
-        if actor.sent != msg.received {
+        if actor.actor_id != msg.actor_id || actor.sent != msg.received {
             // A message is on its way: the actor handles it and reports again if still idle.
             return;
         }

@@ -34,6 +34,8 @@ const SWEEP_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 /// when it has received them all (see `ActorIdle`).
 struct Running {
     addr: Addr<DeliveryActor>,
+    /// Which actor this is (a notice from an earlier actor of the broker is not about it).
+    actor_id: u64,
     sent: u64,
 }
 
@@ -55,6 +57,8 @@ pub struct DeliverySupervisor {
     /// Brokers whose row goes in the next read.
     rows_wanted: BTreeSet<String>,
     reading_rows: bool,
+    /// The id of the last actor started.
+    last_actor_id: u64,
 }
 
 impl DeliverySupervisor {
@@ -65,6 +69,7 @@ impl DeliverySupervisor {
             sweeping: false,
             rows_wanted: BTreeSet::new(),
             reading_rows: false,
+            last_actor_id: 0,
         }
     }
 
@@ -77,10 +82,16 @@ impl DeliverySupervisor {
             self.actors.remove(broker_id);
         }
         let me = ctx.address();
+        let next_id = &mut self.last_actor_id;
         self.actors.entry(broker_id.to_owned()).or_insert_with(|| {
+            *next_id += 1;
+            let actor_id = *next_id;
             let (broker_id, deps) = (broker_id.to_owned(), self.deps.clone());
             Running {
-                addr: actix::Supervisor::start(move |_| DeliveryActor::new(broker_id, deps, me)),
+                addr: actix::Supervisor::start(move |_| {
+                    DeliveryActor::new(broker_id, deps, me, actor_id)
+                }),
+                actor_id,
                 sent: 0,
             }
         })

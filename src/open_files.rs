@@ -37,3 +37,21 @@ pub fn raise_open_files_limit() {
         "open files limit"
     );
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_soft_limit_is_raised_to_the_hard_limit() {
+        super::raise_open_files_limit();
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit only writes the struct it is given, which lives for the call.
+        assert_eq!(
+            unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) },
+            0
+        );
+        assert_eq!(limit.rlim_cur, limit.rlim_max);
+    }
+}

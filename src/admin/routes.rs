@@ -1,3 +1,5 @@
+use std::collections::HashMap;
+
 use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
 use chrono::{DateTime, Utc};
@@ -5,6 +7,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::AdminState;
+use crate::actors::delivery::BrokerSnapshot;
 use crate::actors::delivery_supervisor::BrokerSnapshots;
 use crate::ledger::{BackfillOutcome, BackfillRequest, LedgerError, ReplayOutcome, ReplaySelector};
 
@@ -57,11 +60,15 @@ pub async fn brokers(state: web::Data<AdminState>, request: HttpRequest) -> Http
         Ok(rows) => rows,
         Err(error) => return server_error(error),
     };
+    // By id: with thousands of brokers a scan per row would cost seconds.
+    let live: HashMap<&str, &BrokerSnapshot> =
+        live.iter().map(|s| (s.broker_id.as_str(), s)).collect();
     let brokers: Vec<_> = stored
         .into_iter()
         .map(|row| {
-            // This instance's own breaker when it has one, else the last recorded transition.
-            let here = live.iter().find(|s| s.broker_id == row.broker_id);
+            // This instance's own breaker when it has one, else the last recorded transition
+            // (a broker without a running actor here: none yet, or it retired while idle).
+            let here = live.get(row.broker_id.as_str()).copied();
             json!({
                 "broker_id": row.broker_id,
                 "enabled": row.enabled,

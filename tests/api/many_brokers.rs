@@ -34,6 +34,14 @@ async fn an_idle_actor_retires_and_a_new_one_delivers_once_in_order() {
             .any(|l| l.contains("mailbox_depth") && l.contains(&series)),
         "its per-broker series are gone"
     );
+    let listed: serde_json::Value = app.admin_get("/brokers").await.json().await.unwrap();
+    let row = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["broker_id"] == broker.as_str())
+        .expect("/brokers still lists a broker whose actor retired");
+    assert_eq!(row["in_memory"], 0);
     for i in 2..=5 {
         env.produce_event(Some(&format!("e{i}")), "L1", "matched")
             .await;

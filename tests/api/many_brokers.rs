@@ -27,11 +27,12 @@ async fn an_idle_actor_retires_and_a_new_one_delivers_once_in_order() {
     );
     assert_eq!(received(&receiver).await.len(), 1);
     let series = format!("broker_id=\"{broker}\"");
-    let metrics = app.admin_get("/metrics").await.text().await.unwrap();
     assert!(
-        !metrics
-            .lines()
-            .any(|l| l.contains("mailbox_depth") && l.contains(&series)),
+        eventually(Duration::from_secs(5), || async {
+            let metrics = app.admin_get("/metrics").await.text().await.unwrap();
+            !metrics.lines().any(|l| l.contains(&series))
+        })
+        .await,
         "its per-broker series are gone"
     );
     let listed: serde_json::Value = app.admin_get("/brokers").await.json().await.unwrap();
@@ -173,5 +174,39 @@ async fn buffered_bytes_stay_under_the_bound_and_everything_is_delivered() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(receiver.requests().len(), 24, "each delivered once");
+    app.stop().await;
+}
+
+/// Many brokers starting at once: their ledger reads queue for one permit
+/// (`max_concurrent_ledger_loads = 1`) and their rows are read in batches, and every delivery
+/// still goes out once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_brokers_starting_at_once_share_one_ledger_read_and_batched_row_reads() {
+    let env = TestEnv::new(2).await;
+    let receiver = ok_receiver().await;
+    let prefix = unique("many");
+    for i in 0..40 {
+        let broker = format!("{prefix}-{i}");
+        env.add_broker(&broker, &receiver.uri()).await;
+        env.subscribe(&broker, &format!("L{}", i % 8)).await;
+    }
+    for i in 0..16 {
+        env.produce_event(Some(&format!("e{i}")), &format!("L{}", i % 8), "matched")
+            .await;
+    }
+    let mut settings = env.settings();
+    settings.delivery.max_concurrent_ledger_loads = 1;
+    let app = spawn_app(settings);
+    // 16 events, each for the 5 brokers of its load.
+    assert!(
+        env.count_reaches(
+            "SELECT count(*) FROM deliveries WHERE state = 'delivered'",
+            80,
+            Duration::from_secs(30)
+        )
+        .await,
+        "every broker's deliveries go out"
+    );
+    assert_eq!(received(&receiver).await.len(), 80, "each once");
     app.stop().await;
 }

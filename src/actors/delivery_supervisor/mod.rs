@@ -16,7 +16,7 @@ use actix::{Actor, ActorFutureExt, Addr, AsyncContext, Context, WrapFuture};
 pub use handlers::*;
 
 use crate::actors::delivery::{BrokerRowRead, DeliveryActor, DeliveryDeps, LedgerHasMore};
-use crate::actors::ledger_gateway::{FindBrokersWithOverdueWork, LoadBrokers};
+use crate::actors::ledger_gateway::{FindBrokersWithOverdueWork, ForgetBroker, LoadBrokers};
 use crate::ledger::BrokerRow;
 
 /// How often every running actor is sent its broker's row (URL, secret and `enabled` changes
@@ -109,6 +109,9 @@ impl DeliverySupervisor {
             // Absent series are fine (never set).
             let _ = gauge.remove_label_values(&[broker_id]);
         }
+        self.deps.ledger.do_send(ForgetBroker {
+            broker_id: broker_id.to_owned(),
+        });
     }
 
     /// Every running actor's row goes in the next read.

@@ -155,6 +155,33 @@ impl Handler<LoadBrokers> for LedgerGateway {
     }
 }
 
+/// A broker's actor retired (idle, so nothing of it is unsaved): its `outcome_write_stalled`
+/// series goes too, so brokers that come and go leave no series behind. The next outcome written
+/// for it sets it again.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ForgetBroker {
+    pub broker_id: String,
+}
+
+impl Handler<ForgetBroker> for LedgerGateway {
+    type Result = ();
+
+    fn handle(&mut self, msg: ForgetBroker, _: &mut Self::Context) {
+        if self.outcome_watches.contains_key(&msg.broker_id) {
+            // Failing writes are being watched: the series says so; keep it.
+            return;
+        }
+        if self.outcome_gauges.remove(&msg.broker_id) {
+            let _ = self
+                .watch
+                .metrics
+                .outcome_write_stalled
+                .remove_label_values(&[msg.broker_id.as_str()]);
+        }
+    }
+}
+
 /// Attempt outcomes to write. Answers once they are committed (grouped with other brokers'
 /// outcomes into one statement); the error is the ledger's, as text.
 #[derive(Message)]

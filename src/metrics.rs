@@ -63,8 +63,10 @@ impl Metrics {
         .expect("valid metric");
         let oldest_pending_age = Gauge::new(
             "oldest_pending_age_seconds",
-            "Age of the oldest pending delivery (whole ledger; 0 when none). Retries make it grow \
-             up to the retry schedule's length on their own.",
+            "How long the most overdue pending delivery has been due without being sent (whole \
+             ledger; 0 when none is due). A delivery waiting for its next retry counts from its \
+             retry time, so retries on schedule keep this near 0; an open breaker, a load held \
+             behind a retrying delivery or a partition nobody holds make it grow.",
         )
         .expect("valid metric");
         let ready = IntGauge::new(

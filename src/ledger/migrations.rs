@@ -95,6 +95,12 @@ const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../../sql/0017_pending_probe_indexes.sql"),
         mode: Mode::Online,
     },
+    Migration {
+        version: 18,
+        name: "drop_pending_by_age",
+        sql: include_str!("../../sql/0018_drop_pending_by_age.sql"),
+        mode: Mode::Online,
+    },
 ];
 
 /// The newest migration this build's queries need. `serve` refuses a ledger that lacks any

@@ -24,7 +24,8 @@ pub struct BrokerStatus {
     pub circuit_consecutive_failures: Option<i32>,
     pub pending: i64,
     pub dead: i64,
-    /// How long the oldest pending delivery has existed, by the database's clock.
+    /// How long the most overdue pending delivery has been due without being sent, by the
+    /// database's clock (0 when every pending one waits for a retry time still ahead).
     pub oldest_pending_age_ms: Option<i64>,
     /// The newest error of a delivery still failing: the last failed attempt of a pending one,
     /// or the newest dead letter's, whichever is more recent.
@@ -87,8 +88,8 @@ pub struct AttemptStory {
 }
 
 impl Ledger {
-    /// Pending and dead deliveries in the whole ledger, and the age in seconds of the oldest
-    /// pending one (0 when none): gauges, refreshed every few seconds by every instance. Bounded
+    /// Pending and dead deliveries in the whole ledger, and how long in seconds the most overdue
+    /// pending one has been due (0 when none is due): gauges, refreshed every few seconds by every instance. Bounded
     /// by construction: a sum over `delivery_counts` (one row per broker and partition, kept by
     /// triggers) and one index probe per broker with pending work, whatever the backlog.
     pub async fn delivery_totals(&self) -> Result<(i64, i64, f64), LedgerError> {
@@ -97,14 +98,17 @@ impl Ledger {
             .await?
             .query_one(
                 "SELECT COALESCE(sum(pending), 0)::int8, COALESCE(sum(dead), 0)::int8,
-                        COALESCE(EXTRACT(EPOCH FROM now() - (
-                            SELECT min(oldest.created_at)
-                            FROM (SELECT DISTINCT broker_id FROM delivery_counts WHERE pending > 0) b
-                            -- LIMIT keeps this a probe of deliveries_pending_by_age per broker,
-                            -- never a join over the pending rows.
-                            CROSS JOIN LATERAL (SELECT d.created_at FROM deliveries d
-                                                WHERE d.broker_id = b.broker_id AND d.state = 'pending'
-                                                ORDER BY d.created_at LIMIT 1) oldest
+                        GREATEST(EXTRACT(EPOCH FROM now() - (
+                            SELECT min(due.next_attempt_at)
+                            FROM delivery_counts p
+                            -- LIMIT keeps this a probe of deliveries_pending_due per (broker,
+                            -- partition) with pending work, never a join over the pending rows.
+                            CROSS JOIN LATERAL (SELECT d.next_attempt_at FROM deliveries d
+                                                WHERE d.broker_id = p.broker_id
+                                                  AND d.kafka_partition = p.kafka_partition
+                                                  AND d.state = 'pending'
+                                                ORDER BY d.next_attempt_at LIMIT 1) due
+                            WHERE p.pending > 0
                         )), 0)::float8
                  FROM delivery_counts",
                 &[],
@@ -148,17 +152,27 @@ impl Ledger {
                              ELSE b.disabled_reason END,
                         COALESCE(c.state, 'closed'), c.since, c.open_until, c.reason, c.consecutive_failures,
                         COALESCE(k.pending, 0), COALESCE(k.dead, 0),
-                        (EXTRACT(EPOCH FROM (now() - oldest.created_at)) * 1000)::int8,
+                        -- NULL (not 0) for a broker with nothing pending.
+                        CASE WHEN overdue.due_since IS NOT NULL
+                             THEN (GREATEST(EXTRACT(EPOCH FROM (now() - overdue.due_since)), 0) * 1000)::int8
+                        END,
                         CASE WHEN k.last_error_at >= dead_error.updated_at OR dead_error.updated_at IS NULL
                              THEN k.last_error ELSE dead_error.last_error END,
                         GREATEST(k.last_error_at, dead_error.updated_at)
                  FROM brokers b
                  FULL JOIN backlog k ON k.broker_id = b.broker_id
                  LEFT JOIN broker_circuits c ON c.broker_id = COALESCE(b.broker_id, k.broker_id)
-                 -- One probe per broker with work; LIMIT keeps each a nested index lookup.
-                 LEFT JOIN LATERAL (SELECT d.created_at FROM deliveries d
-                                    WHERE d.broker_id = k.broker_id AND d.state = 'pending'
-                                    ORDER BY d.created_at LIMIT 1) oldest ON k.pending > 0
+                 -- One probe of deliveries_pending_due per (broker, partition) with pending
+                 -- work, one per broker with dead letters; LIMIT keeps each a nested index lookup.
+                 LEFT JOIN LATERAL (SELECT min(due.next_attempt_at) AS due_since
+                                    FROM delivery_counts p
+                                    CROSS JOIN LATERAL (SELECT d.next_attempt_at FROM deliveries d
+                                                        WHERE d.broker_id = p.broker_id
+                                                          AND d.kafka_partition = p.kafka_partition
+                                                          AND d.state = 'pending'
+                                                        ORDER BY d.next_attempt_at LIMIT 1) due
+                                    WHERE p.broker_id = k.broker_id AND p.pending > 0) overdue
+                     ON k.pending > 0
                  LEFT JOIN LATERAL (SELECT d.last_error, d.updated_at FROM deliveries d
                                     WHERE d.broker_id = k.broker_id AND d.state = 'dead'
                                       AND d.last_error IS NOT NULL

@@ -125,7 +125,8 @@ async fn status_shows_lag_per_partition_and_backlog_per_broker() {
     let failing_status = broker(&status, "failing");
     assert_eq!(failing_status["pending"], 6);
     assert_eq!(failing_status["dead"], 0);
-    assert!(failing_status["oldest_pending_age_ms"].as_i64().unwrap() > 0);
+    // Its deliveries wait for retries: due in the future, so 0 overdue (but known).
+    assert!(failing_status["oldest_pending_age_ms"].as_i64().unwrap() >= 0);
     assert!(failing_status["last_error"]
         .as_str()
         .unwrap()

@@ -257,7 +257,10 @@ async fn sweep_gauges_and_statuses_answer_from_counts_and_index_probes() {
         (2, 0, None)
     );
     let b1_age = b1.oldest_pending_age_ms.unwrap();
-    assert!((50_000..120_000).contains(&b1_age), "b1's evt:1 is a minute overdue, not {b1_age} ms");
+    assert!(
+        (50_000..120_000).contains(&b1_age),
+        "b1's evt:1 is a minute overdue, not {b1_age} ms"
+    );
     assert_eq!((b2.pending, b2.dead), (3, 1));
     assert_eq!(b2.last_error.as_deref(), Some("HTTP 503 newest"));
     assert_eq!(

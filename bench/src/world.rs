@@ -216,7 +216,16 @@ impl World {
     }
 
     /// Drops the database and deletes the topic. Best effort: a leftover only costs space.
+    /// `BENCH_KEEP_DATABASE=1` keeps both, to look at the ledger a run left (query plans at
+    /// `growth`'s size, docs/performance.md); drop them by hand afterwards.
     pub async fn teardown(self) {
+        if std::env::var_os("BENCH_KEEP_DATABASE").is_some_and(|v| v == "1") {
+            eprintln!(
+                "bench: kept database {} and topic {} (BENCH_KEEP_DATABASE=1)",
+                self.db_name, self.topic
+            );
+            return;
+        }
         match admin_db().await {
             Ok(admin) => {
                 let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.db_name);

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use crate::error::{describe, BenchError};
 use crate::report::{
-    correctness_failures, lag_csv, lag_series, lag_svg, markdown, parse_lag_csv, verdicts,
-    LagSeries, RunResult,
+    correctness_failures, lag_csv, lag_series, lag_svg, markdown, parse_lag_csv, soak_csv,
+    soak_svg, verdicts, LagSeries, RunResult,
 };
 use crate::run::{run_one, BenchContext};
 use crate::scenario::{Scenario, ScenarioName, SettingsProfile, System};
@@ -32,6 +32,15 @@ pub struct RunArgs {
     /// full size, 20,000 with --smoke): e.g. 1000000 for a shorter run on a busy machine.
     #[arg(long)]
     pub growth_rows: Option<u64>,
+    /// Minutes of production in `soak`, instead of the scenario's (30 at full size, 20 s with
+    /// --smoke): e.g. 6 to try it by hand (the verdict needs at least 6).
+    #[arg(long)]
+    pub soak_minutes: Option<u64>,
+    /// The Postgres server, host:port (trust auth for user postgres, with a database `test`).
+    /// The soak's recorded run used a second server with autovacuum on, since the one
+    /// scripts/services.sh configures runs without it (docs/performance.md, "Soak").
+    #[arg(long, default_value = crate::world::POSTGRES)]
+    pub postgres: String,
     /// The service's config directory (config/base.toml).
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../config"))]
     pub config_dir: PathBuf,
@@ -67,6 +76,7 @@ pub async fn run(args: RunArgs) -> Result<bool, BenchError> {
         config_dir: args.config_dir.clone(),
         logs_dir,
         settle: Duration::from_secs(if args.smoke { 1 } else { 3 }),
+        postgres: args.postgres.clone(),
     };
 
     let mut results: Vec<RunResult> = Vec::new();
@@ -76,6 +86,9 @@ pub async fn run(args: RunArgs) -> Result<bool, BenchError> {
         let mut scenario = Scenario::new(name, args.smoke);
         if let (ScenarioName::Growth, Some(rows)) = (name, args.growth_rows) {
             scenario.history_rows = rows;
+        }
+        if let (ScenarioName::Soak, Some(minutes)) = (name, args.soak_minutes) {
+            scenario = scenario.lasting(Duration::from_secs(60 * minutes));
         }
         let mut description = format!(
             "- **{}**: {}; {}",
@@ -90,6 +103,20 @@ pub async fn run(args: RunArgs) -> Result<bool, BenchError> {
             ));
         }
         description.push_str(&format!("; deadline {} s", scenario.deadline.as_secs()));
+        if let Some(retention) = &scenario.retention {
+            use webhook_delivery::retention::human;
+            description.push_str(&format!(
+                "; retention: delivered deliveries kept {}, dead {}, rejected {}, a pass every {} \
+                 (batch size and pause as shipped); the database sampled every {}, judged after a \
+                 warm-up of {}",
+                human(retention.delivered),
+                human(retention.dead),
+                human(retention.rejected),
+                human(retention.interval),
+                human(retention.sample_every),
+                human(retention.warm_up()),
+            ));
+        }
         description.push_str(match scenario.settings {
             SettingsProfile::Bench => ".",
             SettingsProfile::ShippedDefaults => {
@@ -183,10 +210,21 @@ pub async fn run(args: RunArgs) -> Result<bool, BenchError> {
     write(&out_dir.join("latest.md"), &md)?;
     write(&out_dir.join("lag.csv"), &lag_csv(&results))?;
     write(&out_dir.join("lag.svg"), &lag_svg(&lag_series(&results)))?;
+    // Only a run with a soak replaces the last soak's curve.
+    let soaked = results.iter().any(|r| r.soak.is_some());
+    if soaked {
+        write(&out_dir.join("soak.csv"), &soak_csv(&results))?;
+        write(&out_dir.join("soak.svg"), &soak_svg(&results))?;
+    }
     println!("{md}");
     eprintln!(
-        "bench: wrote {} (table), lag.csv and lag.svg",
-        out_dir.join("latest.md").display()
+        "bench: wrote {} (table), lag.csv and lag.svg{}",
+        out_dir.join("latest.md").display(),
+        if soaked {
+            ", soak.csv and soak.svg"
+        } else {
+            ""
+        }
     );
     Ok(failures.is_empty() && (!args.smoke || correctness.is_empty()))
 }

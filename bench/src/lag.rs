@@ -12,8 +12,9 @@ use crate::event::now_micros;
 
 pub const SAMPLE_EVERY: Duration = Duration::from_millis(500);
 const READ_TIMEOUT: Duration = Duration::from_secs(2);
-/// A sampler nobody stopped gives up after this long.
-const MAX_SAMPLING: Duration = Duration::from_secs(30 * 60);
+/// A sampler nobody stopped gives up after this long (the longest run, `soak`, produces for
+/// 30 minutes after its warm-up and drains after).
+const MAX_SAMPLING: Duration = Duration::from_secs(45 * 60);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LagPoint {

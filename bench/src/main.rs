@@ -14,6 +14,7 @@ mod run;
 mod scenario;
 mod settings;
 mod sink;
+mod soak;
 mod sut;
 mod world;
 

@@ -6,6 +6,7 @@ use std::fmt::Write;
 use crate::analysis::Figures;
 use crate::cpu::CpuShare;
 use crate::scenario::{ScenarioName, System};
+use crate::soak::{SoakSample, TABLES};
 
 /// One system's run of one scenario.
 #[derive(Debug, Clone)]
@@ -24,6 +25,15 @@ pub struct RunResult {
     pub lag_series: Vec<(f64, i64)>,
     /// Facts about the run that the tables cannot show (a ledger history, a broker's depth).
     pub notes: Vec<String>,
+    /// The database over time, for a scenario with retention windows (`soak`).
+    pub soak: Option<SoakSeries>,
+}
+
+/// A soak's samples and when its warm-up ended (seconds since the clock start).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SoakSeries {
+    pub warm_up_secs: f64,
+    pub samples: Vec<SoakSample>,
 }
 
 impl RunResult {
@@ -47,6 +57,70 @@ impl RunResult {
 const REFERENCE_TOLERANCE: f64 = 0.20;
 /// `onebroker`: one broker answering in 1 ms, with the shipped defaults.
 const ONE_BROKER_TARGET: f64 = 5_000.0;
+/// `soak`: the database may end at most this share above its size when the warm-up ended.
+/// Postgres reuses freed space only after a vacuum and autovacuum runs when a table's dead rows
+/// pass a fifth of it, so a flat ledger still swings by tens of percent between vacuums; an
+/// unbounded one grows by a warm-up's worth every warm-up (2 minutes: about 15 % more every
+/// 2 minutes at 2,000 deliveries/s, over 100 % in the run), far outside this.
+pub const SOAK_TOLERANCE: f64 = 0.25;
+
+const MB: f64 = 1_000_000.0;
+
+/// The soak's verdict: the size at the end against the size when the warm-up ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Flatness {
+    /// The first sample at or after the warm-up's end.
+    pub reference: SoakSample,
+    /// The last sample.
+    pub end: SoakSample,
+    /// end / reference database size.
+    pub growth: f64,
+    /// Least-squares slope of the database size over the samples from the reference on.
+    pub mb_per_10_min: f64,
+    pub flat: bool,
+}
+
+/// `None` while the run is too short to say: no sample after the warm-up, or less than a
+/// warm-up's time between the reference and the end (the ledger must have turned over once).
+pub fn flatness(series: &SoakSeries) -> Option<Flatness> {
+    let after: Vec<&SoakSample> = series
+        .samples
+        .iter()
+        .filter(|s| s.secs >= series.warm_up_secs)
+        .collect();
+    let (reference, end) = (*after.first()?, *after.last()?);
+    if end.secs - reference.secs < series.warm_up_secs || reference.database_bytes <= 0 {
+        return None;
+    }
+    let n = after.len() as f64;
+    let mean_x = after.iter().map(|s| s.secs).sum::<f64>() / n;
+    let mean_y = after.iter().map(|s| s.database_bytes as f64).sum::<f64>() / n;
+    let (covariance, variance) = after.iter().fold((0.0, 0.0), |(c, v), s| {
+        let dx = s.secs - mean_x;
+        (c + dx * (s.database_bytes as f64 - mean_y), v + dx * dx)
+    });
+    let slope_bytes_per_sec = if variance > 0.0 {
+        covariance / variance
+    } else {
+        0.0
+    };
+    let growth = end.database_bytes as f64 / reference.database_bytes as f64;
+    Some(Flatness {
+        reference: reference.clone(),
+        end: end.clone(),
+        growth,
+        mb_per_10_min: slope_bytes_per_sec * 600.0 / MB,
+        flat: growth <= 1.0 + SOAK_TOLERANCE,
+    })
+}
+
+fn minutes(secs: f64) -> String {
+    format!(
+        "{}:{:02}",
+        (secs / 60.0).floor() as u64,
+        (secs % 60.0).floor() as u64
+    )
+}
 
 fn micros(value: Option<f64>) -> String {
     match value {
@@ -261,6 +335,36 @@ pub fn verdicts(results: &[RunResult]) -> Vec<Verdict> {
             _ => verdicts.push(not_run(&target)),
         }
     }
+    let soak_target = format!(
+        "soak: database size flat after the warm-up (end <= {:.2}x its size when the warm-up ended)",
+        1.0 + SOAK_TOLERANCE
+    );
+    match service(ScenarioName::Soak).and_then(|run| run.soak.as_ref()) {
+        Some(series) => verdicts.push(match flatness(series) {
+            Some(f) => Verdict {
+                target: soak_target,
+                measured: format!(
+                    "{:.0} MB at {} -> {:.0} MB at {} = {:.2}x; slope {:+.1} MB/10 min",
+                    f.reference.database_bytes as f64 / MB,
+                    minutes(f.reference.secs),
+                    f.end.database_bytes as f64 / MB,
+                    minutes(f.end.secs),
+                    f.growth,
+                    f.mb_per_10_min
+                ),
+                met: Some(f.flat),
+            },
+            None => Verdict {
+                target: soak_target,
+                measured: format!(
+                    "run too short: needs twice the warm-up ({:.0} s) of samples",
+                    2.0 * series.warm_up_secs
+                ),
+                met: None,
+            },
+        }),
+        None => verdicts.push(not_run(&soak_target)),
+    }
     match service(ScenarioName::Memory) {
         Some(run) => verdicts.push(Verdict {
             target: format!(
@@ -374,6 +478,11 @@ pub fn markdown(results: &[RunResult], verdicts: &[Verdict], heading: &str) -> S
         md.push_str("|---|---|--:|--:|--:|--:|--:|--:|\n");
         md.push_str(&references);
     }
+    for run in results {
+        if let Some(series) = &run.soak {
+            md.push_str(&soak_table(run, series));
+        }
+    }
     let notes: Vec<String> = results
         .iter()
         .flat_map(|run| {
@@ -413,6 +522,217 @@ pub fn markdown(results: &[RunResult], verdicts: &[Verdict], heading: &str) -> S
         }
     }
     md
+}
+
+/// The database over a soak, one row per minute (the first sample of each) and the last:
+/// sizes in MB (10^6 bytes) with indexes and TOAST, live rows as Postgres estimates them.
+fn soak_table(run: &RunResult, series: &SoakSeries) -> String {
+    let mut md = format!(
+        "\nThe database over the {} run (warm-up ends at {}; soak.csv has every sample, soak.svg the chart):\n\n",
+        run.label(),
+        minutes(series.warm_up_secs)
+    );
+    md.push_str("| minute | database MB | deliveries MB | delivery_attempts MB | events MB | deliveries rows | delivery_attempts rows | events rows | dead rows (3 tables) | autovacuums (3 tables) | deliveries/s |\n");
+    md.push_str("|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n");
+    let mut last_minute = None;
+    for (index, sample) in series.samples.iter().enumerate() {
+        let minute = (sample.secs / 60.0).floor() as u64;
+        let is_last = index + 1 == series.samples.len();
+        if last_minute == Some(minute) && !is_last {
+            continue;
+        }
+        last_minute = Some(minute);
+        let t = &sample.tables;
+        let _ = writeln!(
+            md,
+            "| {} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {} | {} | {} | {} | {} |",
+            minutes(sample.secs),
+            sample.database_bytes as f64 / MB,
+            t[0].bytes as f64 / MB,
+            t[1].bytes as f64 / MB,
+            t[2].bytes as f64 / MB,
+            int(t[0].live_rows.max(0) as u64),
+            int(t[1].live_rows.max(0) as u64),
+            int(t[2].live_rows.max(0) as u64),
+            int(t.iter().map(|t| t.dead_rows.max(0) as u64).sum()),
+            t.iter().map(|t| t.autovacuums).sum::<i64>(),
+            int(sample.deliveries_per_sec as u64),
+        );
+    }
+    md
+}
+
+/// Every soak sample of every run, one line each.
+pub fn soak_csv(results: &[RunResult]) -> String {
+    let mut csv = String::from("scenario,system,seconds,database_bytes");
+    for field in ["bytes", "live_rows", "dead_rows", "autovacuums"] {
+        for table in TABLES {
+            let _ = write!(csv, ",{table}_{field}");
+        }
+    }
+    csv.push_str(",deliveries_per_sec\n");
+    for run in results {
+        let Some(series) = &run.soak else { continue };
+        for s in &series.samples {
+            let _ = write!(
+                csv,
+                "{},{},{:.3},{}",
+                run.scenario.as_str(),
+                run.system.as_str(),
+                s.secs,
+                s.database_bytes
+            );
+            let columns: [fn(&crate::soak::TableSample) -> i64; 4] = [
+                |t| t.bytes,
+                |t| t.live_rows,
+                |t| t.dead_rows,
+                |t| t.autovacuums,
+            ];
+            for column in columns {
+                for table in &s.tables {
+                    let _ = write!(csv, ",{}", column(table));
+                }
+            }
+            let _ = writeln!(csv, ",{:.1}", s.deliveries_per_sec);
+        }
+    }
+    csv
+}
+
+/// One line of a soak panel: its legend, colour and (minutes, value) points.
+struct Line {
+    name: &'static str,
+    colour: &'static str,
+    points: Vec<(f64, f64)>,
+}
+
+/// Two panels per soak run, drawn like lag.svg: sizes in MB (the database and each table), and
+/// the delivery rate achieved, against minutes since production started; a dashed line where
+/// the warm-up ends.
+pub fn soak_svg(results: &[RunResult]) -> String {
+    let soaks: Vec<(&RunResult, &SoakSeries)> = results
+        .iter()
+        .filter_map(|r| r.soak.as_ref().map(|s| (r, s)))
+        .collect();
+    let width = MARGIN_LEFT + PANEL_WIDTH + 40.0;
+    let height = MARGIN_TOP + 2.0 * soaks.len() as f64 * (PANEL_HEIGHT + PANEL_GAP);
+    let mut svg = String::new();
+    let _ = writeln!(
+        svg,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0}" height="{height:.0}" viewBox="0 0 {width:.0} {height:.0}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = writeln!(svg, r#"<rect width="100%" height="100%" fill="white"/>"#);
+    let _ = writeln!(
+        svg,
+        r#"<text x="{MARGIN_LEFT}" y="22" font-size="16">Soak: database size (MB, with indexes) and deliveries/s over the run</text>"#
+    );
+    let mut panel = 0;
+    for (run, series) in soaks {
+        let at = |s: &SoakSample| s.secs / 60.0;
+        let mb = |bytes: i64| bytes as f64 / MB;
+        let size = |name, colour, f: &dyn Fn(&SoakSample) -> f64| Line {
+            name,
+            colour,
+            points: series.samples.iter().map(|s| (at(s), f(s))).collect(),
+        };
+        let sizes = vec![
+            size(
+                "database",
+                "#000000",
+                &|s: &SoakSample| mb(s.database_bytes),
+            ),
+            size("deliveries", "#1f77b4", &|s: &SoakSample| {
+                mb(s.tables[0].bytes)
+            }),
+            size("delivery_attempts", "#2ca02c", &|s: &SoakSample| {
+                mb(s.tables[1].bytes)
+            }),
+            size("events", "#ff7f0e", &|s: &SoakSample| mb(s.tables[2].bytes)),
+        ];
+        let rate = vec![size("deliveries/s", "#1f77b4", &|s: &SoakSample| {
+            s.deliveries_per_sec
+        })];
+        let warm_up = series.warm_up_secs / 60.0;
+        for (title, lines) in [
+            (format!("{}: size (MB)", run.label()), sizes),
+            (format!("{}: deliveries/s", run.label()), rate),
+        ] {
+            soak_panel(&mut svg, panel, &title, &lines, warm_up);
+            panel += 1;
+        }
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
+
+fn soak_panel(svg: &mut String, panel: usize, title: &str, lines: &[Line], warm_up_min: f64) {
+    let top = MARGIN_TOP + panel as f64 * (PANEL_HEIGHT + PANEL_GAP) + 20.0;
+    let bottom = top + PANEL_HEIGHT;
+    let all = || lines.iter().flat_map(|l| l.points.iter());
+    let max_x = nice_ceiling(all().map(|p| p.0).fold(0.0, f64::max));
+    let max_y = nice_ceiling(all().map(|p| p.1).fold(0.0, f64::max));
+    let x = |v: f64| MARGIN_LEFT + v / max_x * PANEL_WIDTH;
+    let y = |v: f64| bottom - v / max_y * PANEL_HEIGHT;
+    let _ = writeln!(
+        svg,
+        r#"<text x="{MARGIN_LEFT}" y="{:.0}" font-size="14" font-weight="bold">{title}</text>"#,
+        top - 8.0
+    );
+    for tick in 0..=4 {
+        let fraction = f64::from(tick) / 4.0;
+        let (tx, ty) = (x(fraction * max_x), y(fraction * max_y));
+        let _ = writeln!(
+            svg,
+            r##"<line x1="{MARGIN_LEFT}" y1="{ty:.1}" x2="{:.1}" y2="{ty:.1}" stroke="#ddd"/><text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"##,
+            MARGIN_LEFT + PANEL_WIDTH,
+            MARGIN_LEFT - 6.0,
+            ty + 4.0,
+            int((fraction * max_y) as u64)
+        );
+        let _ = writeln!(
+            svg,
+            r#"<text x="{tx:.1}" y="{:.1}" text-anchor="middle">{} min</text>"#,
+            bottom + 16.0,
+            axis_label(fraction * max_x)
+        );
+    }
+    let _ = writeln!(
+        svg,
+        r#"<polyline points="{MARGIN_LEFT},{top:.1} {MARGIN_LEFT},{bottom:.1} {:.1},{bottom:.1}" fill="none" stroke="black"/>"#,
+        MARGIN_LEFT + PANEL_WIDTH
+    );
+    let wx = x(warm_up_min);
+    let _ = writeln!(
+        svg,
+        r##"<line x1="{wx:.1}" y1="{top:.1}" x2="{wx:.1}" y2="{bottom:.1}" stroke="#888" stroke-dasharray="4 4"/><text x="{:.1}" y="{:.1}" fill="#888">warm-up ends</text>"##,
+        wx + 4.0,
+        top + 12.0
+    );
+    for (index, line) in lines.iter().enumerate() {
+        let points: Vec<String> = line
+            .points
+            .iter()
+            .map(|&(px, py)| format!("{:.1},{:.1}", x(px), y(py)))
+            .collect();
+        let _ = writeln!(
+            svg,
+            r#"<polyline points="{}" fill="none" stroke="{}" stroke-width="2"/>"#,
+            points.join(" "),
+            line.colour
+        );
+        let legend_x = MARGIN_LEFT + PANEL_WIDTH - 160.0;
+        let legend_y = top + 14.0 + index as f64 * 16.0;
+        let _ = writeln!(
+            svg,
+            r#"<line x1="{legend_x:.1}" y1="{:.1}" x2="{:.1}" y2="{:.1}" stroke="{}" stroke-width="3"/><text x="{:.1}" y="{legend_y:.1}">{}</text>"#,
+            legend_y - 4.0,
+            legend_x + 20.0,
+            legend_y - 4.0,
+            line.colour,
+            legend_x + 26.0,
+            line.name
+        );
+    }
 }
 
 fn ratio(service: Option<f64>, baseline: Option<f64>) -> String {
@@ -731,7 +1051,105 @@ mod tests {
             peak_rate: Some(3_000),
             lag_series: vec![(0.0, 0), (0.5, 900), (1.0, 0)],
             notes: Vec::new(),
+            soak: None,
         }
+    }
+
+    /// A soak whose database is `mb(minute)` MB, sampled every 30 s for `minutes`.
+    fn soak(minutes: u32, mb: impl Fn(f64) -> f64) -> SoakSeries {
+        let samples = (0..=2 * minutes)
+            .map(|half| {
+                let secs = f64::from(half) * 30.0;
+                let bytes = (mb(secs / 60.0) * MB) as i64;
+                let table = crate::soak::TableSample {
+                    bytes: bytes / 4,
+                    live_rows: 240_000,
+                    dead_rows: 1_000,
+                    autovacuums: i64::from(half / 4),
+                };
+                SoakSample {
+                    secs,
+                    database_bytes: bytes,
+                    tables: [table; 3],
+                    deliveries_per_sec: 2_000.0,
+                }
+            })
+            .collect();
+        SoakSeries {
+            warm_up_secs: 160.0,
+            samples,
+        }
+    }
+
+    #[test]
+    fn a_ledger_that_stops_growing_after_the_warm_up_is_flat() {
+        // Fills for 2 minutes, then swings +-10 % between vacuums.
+        let series = soak(30, |minute| {
+            if minute < 2.0 {
+                100.0 * minute
+            } else {
+                200.0
+                    + if (minute as u32).is_multiple_of(2) {
+                        20.0
+                    } else {
+                        -20.0
+                    }
+            }
+        });
+        let f = flatness(&series).unwrap();
+        assert_eq!(f.reference.secs, 180.0);
+        assert_eq!(f.end.secs, 1_800.0);
+        assert!(f.flat, "{f:?}");
+        assert!(f.mb_per_10_min.abs() < 5.0, "{f:?}");
+    }
+
+    #[test]
+    fn a_ledger_that_keeps_growing_is_not_flat() {
+        // Retention not keeping up: 10 MB a minute for the whole run.
+        let f = flatness(&soak(30, |minute| 100.0 + 10.0 * minute)).unwrap();
+        assert!(!f.flat, "{f:?}");
+        assert!((f.mb_per_10_min - 100.0).abs() < 1.0, "{f:?}");
+        // 1.25x exactly is still flat; a little more is not.
+        let at_warm_up = |minute: f64| if minute < 3.5 { 100.0 } else { 125.0 };
+        assert!(flatness(&soak(30, at_warm_up)).unwrap().flat);
+        let above = |minute: f64| if minute < 3.5 { 100.0 } else { 126.0 };
+        assert!(!flatness(&soak(30, above)).unwrap().flat);
+    }
+
+    #[test]
+    fn a_soak_shorter_than_two_warm_ups_is_not_judged() {
+        assert_eq!(flatness(&soak(2, |_| 100.0)), None);
+        assert_eq!(flatness(&soak(4, |_| 100.0)), None);
+        assert!(flatness(&soak(6, |_| 100.0)).is_some());
+        let mut short = run(ScenarioName::Soak, System::Service, 2_000.0, 50.0);
+        short.soak = Some(soak(4, |_| 100.0));
+        let verdicts = verdicts(&[short]);
+        assert_eq!(verdict_met(&verdicts, "soak"), None);
+    }
+
+    #[test]
+    fn the_soak_has_a_table_a_csv_and_a_chart() {
+        let mut run = run(ScenarioName::Soak, System::Service, 2_000.0, 50.0);
+        run.soak = Some(soak(30, |_| 200.0));
+        let results = [run];
+        let verdicts = verdicts(&results);
+        assert_eq!(verdict_met(&verdicts, "soak"), Some(true));
+        let md = markdown(&results, &verdicts, "## Results");
+        // One row per minute: 0 to 30.
+        assert_eq!(md.matches("| 200 | 50 | 50 | 50 |").count(), 31, "{md}");
+        assert!(md.contains("| 2:00 | 200 |"), "{md}");
+        let csv = soak_csv(&results);
+        assert_eq!(csv.lines().count(), 1 + 61);
+        let header: Vec<&str> = csv.lines().next().unwrap().split(',').collect();
+        let row: Vec<&str> = csv.lines().nth(1).unwrap().split(',').collect();
+        assert_eq!(header.len(), row.len());
+        assert_eq!(header[4], "deliveries_bytes");
+        let svg = soak_svg(&results);
+        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+        // Four sizes and the rate.
+        assert_eq!(svg.matches(r#"stroke-width="2""#).count(), 5);
+        assert_eq!(svg.matches("warm-up ends").count(), 2);
+        assert!(soak_csv(&[]).lines().count() == 1);
     }
 
     #[test]

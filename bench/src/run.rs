@@ -14,10 +14,11 @@ use crate::error::BenchError;
 use crate::event::{now_micros, WARMUP_LOAD};
 use crate::lag::{LagPoint, LagSampler};
 use crate::producer::{EventProducer, Production};
-use crate::report::RunResult;
+use crate::report::{RunResult, SoakSeries};
 use crate::scenario::{BrokerClass, Scenario, System, Workload, PARTITIONS};
 use crate::settings::{write_and_load, REQUEST_TIMEOUT_MS};
 use crate::sink::Sink;
+use crate::soak::{DatabaseSampler, SoakSample};
 use crate::sut::{SutLaunch, SutProcess};
 use crate::world::History;
 use crate::world::World;
@@ -35,6 +36,8 @@ pub struct BenchContext {
     pub logs_dir: PathBuf,
     /// After everything expected arrived, wait this long for late duplicates.
     pub settle: Duration,
+    /// Postgres' host:port.
+    pub postgres: String,
 }
 
 /// What happened while the system ran, before the receivers' log is read.
@@ -48,6 +51,8 @@ struct Exercised {
     cpu: CpuShare,
     /// What the results table cannot show (the ledger history written before the run).
     notes: Vec<String>,
+    /// The database over time, for a scenario with retention windows (`soak`).
+    soak: Vec<SoakSample>,
 }
 
 pub async fn run_one(
@@ -64,7 +69,7 @@ pub async fn run_one(
     // Hanging brokers hold a request past both systems' 5 s timeout.
     let hold = Duration::from_millis(REQUEST_TIMEOUT_MS) + Duration::from_secs(1);
     let sink = Sink::start(&scenario.brokers, hold)?;
-    let world = match World::create(&label, PARTITIONS).await {
+    let world = match World::create(&label, PARTITIONS, &context.postgres).await {
         Ok(world) => world,
         Err(error) => {
             sink.stop().await;
@@ -129,6 +134,10 @@ pub async fn run_one(
         peak_rate: scenario.workload.peak_rate(),
         lag_series,
         notes: exercised.notes,
+        soak: scenario.retention.map(|retention| SoakSeries {
+            warm_up_secs: retention.warm_up().as_secs_f64(),
+            samples: exercised.soak,
+        }),
     })
 }
 
@@ -186,9 +195,14 @@ async fn exercise(
             started.elapsed().as_secs_f64()
         ));
     }
+    if scenario.retention.is_some() {
+        let vacuum = crate::soak::vacuum_settings(&world.db_url).await?;
+        notes.push(format!("the Postgres server at {}: {vacuum}", world.server));
+    }
     let (settings, settings_file) = write_and_load(
         world,
         scenario.settings,
+        scenario.retention.as_ref(),
         &context.config_dir,
         context.logs_dir.join(format!("{label}.toml")),
     )?;
@@ -233,7 +247,7 @@ async fn exercise(
         &mut sut,
         producer,
         &settings.kafka,
-        &world.db_name,
+        world,
     )
     .await
     .map(|mut exercised| {
@@ -259,8 +273,10 @@ async fn drive(
     sut: &mut SutProcess,
     mut producer: EventProducer,
     kafka: &KafkaSettings,
-    db_name: &str,
+    world: &World,
 ) -> Result<Exercised, BenchError> {
+    let db_name = world.db_name.as_str();
+    let mut database = None;
     let mut cpu_start = CpuSnapshot::take(sut.pid(), db_name);
     let clock_start_micros = match &scenario.workload {
         Workload::Backlog { .. } => sut.started_micros,
@@ -272,6 +288,16 @@ async fn drive(
                 scenario.workload.describe()
             );
             cpu_start = CpuSnapshot::take(sut.pid(), db_name);
+            if let Some(retention) = scenario.retention {
+                database = Some(
+                    DatabaseSampler::start(
+                        &world.db_url,
+                        retention.sample_every,
+                        sink.delivered_counter(),
+                    )
+                    .await?,
+                );
+            }
             let start = now_micros();
             let phases = phases.clone();
             producer = blocking(move || {
@@ -321,6 +347,10 @@ async fn drive(
         tokio::time::sleep(POLL_EVERY).await;
     }
     let cpu = cpu_start.share_until(&CpuSnapshot::take(sut.pid(), db_name));
+    let soak = match database {
+        Some(database) => database.stop().await,
+        None => Vec::new(),
+    };
     tokio::time::sleep(context.settle).await;
 
     let kafka = kafka.clone();
@@ -337,6 +367,7 @@ async fn drive(
         peak_rss_kib: sut.peak_rss_kib(),
         cpu,
         notes: Vec::new(),
+        soak,
     })
 }
 

@@ -116,10 +116,11 @@ pub enum ScenarioName {
     #[value(name = "manybrokers")]
     ManyBrokers,
     Growth,
+    Soak,
 }
 
 impl ScenarioName {
-    pub const ALL: [ScenarioName; 8] = [
+    pub const ALL: [ScenarioName; 9] = [
         ScenarioName::Healthy,
         ScenarioName::Incident,
         ScenarioName::Backlog,
@@ -128,6 +129,7 @@ impl ScenarioName {
         ScenarioName::HotLoad,
         ScenarioName::ManyBrokers,
         ScenarioName::Growth,
+        ScenarioName::Soak,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -140,6 +142,7 @@ impl ScenarioName {
             ScenarioName::HotLoad => "hotload",
             ScenarioName::ManyBrokers => "manybrokers",
             ScenarioName::Growth => "growth",
+            ScenarioName::Soak => "soak",
         }
     }
 
@@ -247,7 +250,35 @@ pub struct Scenario {
     /// Delivered deliveries (each with its event share and attempt) written into the ledger
     /// before the system starts: the ledger's history.
     pub history_rows: u64,
+    /// Retention windows short enough to pass several times during the run; with them the
+    /// run samples the database's size (`soak`). `None`: config/base.toml's days, never reached.
+    pub retention: Option<SoakRetention>,
 }
+
+/// `[retention]` for a soak: windows in minutes (seconds for the smoke), and how often the
+/// database size is sampled.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SoakRetention {
+    pub delivered: Duration,
+    pub dead: Duration,
+    pub rejected: Duration,
+    pub interval: Duration,
+    pub sample_every: Duration,
+}
+
+impl SoakRetention {
+    /// Until then the ledger is filling up to its steady size: the first delivered rows leave
+    /// `delivered` after delivery, and the pass that removes them may start up to one interval
+    /// later and take up to another.
+    pub fn warm_up(&self) -> Duration {
+        self.delivered + 2 * self.interval
+    }
+}
+
+/// `soak` at full size: 1,000 events/s x 2 subscribers = the issue's 2,000 deliveries/s.
+const SOAK_EVENTS_PER_SEC: u32 = 1_000;
+/// After production stops, the run waits this long at most for the last deliveries.
+const SOAK_DRAIN: Duration = Duration::from_secs(60);
 
 pub const PARTITIONS: i32 = 6;
 
@@ -273,6 +304,7 @@ impl Scenario {
                 systems: both.clone(),
                 settings: SettingsProfile::Bench,
                 history_rows: 0,
+                retention: None,
             },
             (ScenarioName::Incident, false) => Scenario {
                 name,
@@ -297,6 +329,7 @@ impl Scenario {
                 systems: both.clone(),
                 settings: SettingsProfile::Bench,
                 history_rows: 0,
+                retention: None,
             },
             (ScenarioName::Backlog, false) => Scenario {
                 name,
@@ -308,6 +341,7 @@ impl Scenario {
                 systems: both.clone(),
                 settings: SettingsProfile::Bench,
                 history_rows: 0,
+                retention: None,
             },
             (ScenarioName::Memory, false) => Scenario {
                 name,
@@ -319,6 +353,7 @@ impl Scenario {
                 systems: both.clone(),
                 settings: SettingsProfile::Bench,
                 history_rows: 0,
+                retention: None,
             },
             // The issue-12 scenarios run the service only: they measure its limits, which the
             // baseline's comparison says nothing about.
@@ -334,6 +369,7 @@ impl Scenario {
                 systems: vec![System::Service],
                 settings: SettingsProfile::ShippedDefaults,
                 history_rows: 0,
+                retention: None,
             },
             (ScenarioName::HotLoad, smoke) => {
                 // Broker 0 answers 503 to everything; the loads it follows grow while the
@@ -351,6 +387,7 @@ impl Scenario {
                     systems: vec![System::Service],
                     settings: SettingsProfile::Bench,
                     history_rows: 0,
+                    retention: None,
                 }
             }
             (ScenarioName::ManyBrokers, smoke) => {
@@ -368,6 +405,7 @@ impl Scenario {
                     systems: vec![System::Service],
                     settings: SettingsProfile::Bench,
                     history_rows: 0,
+                    retention: None,
                 }
             }
             (ScenarioName::Growth, smoke) => Scenario {
@@ -376,6 +414,52 @@ impl Scenario {
                 history_rows: if smoke { 20_000 } else { GROWTH_HISTORY_ROWS },
                 ..Scenario::new(ScenarioName::Backlog, smoke)
             },
+            // Retention in minutes under a steady rate: the database must stop growing once the
+            // first window has passed. The smoke keeps the shape at seconds and a trickle, so it
+            // still sees passes remove rows without lengthening CI much.
+            (ScenarioName::Soak, smoke) => {
+                let (brokers, loads, rate, minutes) = if smoke {
+                    (4, 40, 50, None)
+                } else {
+                    (5, 3_000, SOAK_EVENTS_PER_SEC, Some(30))
+                };
+                let retention = if smoke {
+                    SoakRetention {
+                        delivered: secs(5),
+                        dead: secs(5),
+                        rejected: secs(5),
+                        interval: secs(3),
+                        sample_every: secs(2),
+                    }
+                } else {
+                    SoakRetention {
+                        delivered: secs(120),
+                        dead: secs(60),
+                        rejected: secs(60),
+                        interval: secs(20),
+                        sample_every: secs(30),
+                    }
+                };
+                let scenario = Scenario {
+                    name,
+                    brokers: vec![Behaviour::healthy(); brokers],
+                    loads,
+                    subscribers_per_load: 2,
+                    workload: Workload::Rate(vec![Phase {
+                        events_per_sec: rate,
+                        duration: secs(20),
+                    }]),
+                    deadline: secs(20) + SOAK_DRAIN,
+                    systems: vec![System::Service],
+                    settings: SettingsProfile::Bench,
+                    history_rows: 0,
+                    retention: Some(retention),
+                };
+                match minutes {
+                    Some(minutes) => scenario.lasting(Duration::from_secs(60 * minutes)),
+                    None => scenario,
+                }
+            }
             // Smoke: a few hundred events; the baseline only where it finishes quickly.
             (ScenarioName::Healthy, true) => Scenario {
                 name,
@@ -390,6 +474,7 @@ impl Scenario {
                 systems: both.clone(),
                 settings: SettingsProfile::Bench,
                 history_rows: 0,
+                retention: None,
             },
             (ScenarioName::Incident, true) => Scenario {
                 name,
@@ -415,6 +500,7 @@ impl Scenario {
                 systems: vec![System::Service],
                 settings: SettingsProfile::Bench,
                 history_rows: 0,
+                retention: None,
             },
             (ScenarioName::Backlog, true) => Scenario {
                 name,
@@ -426,6 +512,7 @@ impl Scenario {
                 systems: vec![System::Service],
                 settings: SettingsProfile::Bench,
                 history_rows: 0,
+                retention: None,
             },
             (ScenarioName::Memory, true) => Scenario {
                 name,
@@ -437,8 +524,21 @@ impl Scenario {
                 systems: vec![System::Service],
                 settings: SettingsProfile::Bench,
                 history_rows: 0,
+                retention: None,
             },
         }
+    }
+
+    /// The same steady rate for `production` instead (`--soak-minutes`), the deadline moved
+    /// with it. Only a single-phase rate workload has one rate to keep.
+    pub fn lasting(mut self, production: Duration) -> Scenario {
+        if let Workload::Rate(phases) = &mut self.workload {
+            if let [phase] = &mut phases[..] {
+                phase.duration = production;
+                self.deadline = production + SOAK_DRAIN;
+            }
+        }
+        self
     }
 
     /// How many brokers follow each load (`subscribers_per_load`, at most every broker).
@@ -532,10 +632,10 @@ mod tests {
                     let mut subscribers = scenario.subscribers(load);
                     subscribers.sort_unstable();
                     subscribers.dedup();
-                    let expected = if name == ScenarioName::OneBroker {
-                        1
-                    } else {
-                        3
+                    let expected = match name {
+                        ScenarioName::OneBroker => 1,
+                        ScenarioName::Soak => 2,
+                        _ => 3,
                     };
                     assert_eq!(
                         subscribers.len(),
@@ -619,6 +719,51 @@ mod tests {
             ScenarioName::Growth.reference(),
             Some(ScenarioName::Backlog)
         );
+    }
+
+    #[test]
+    fn the_soak_offers_2_000_deliveries_a_second_for_30_minutes_with_retention_in_minutes() {
+        let soak = Scenario::new(ScenarioName::Soak, false);
+        let Workload::Rate(phases) = &soak.workload else {
+            panic!("rate workload")
+        };
+        let [phase] = &phases[..] else {
+            panic!("one steady phase")
+        };
+        assert_eq!(phase.events_per_sec * soak.per_load(), 2_000);
+        assert_eq!(phase.duration, Duration::from_secs(30 * 60));
+        assert!(soak.classes().iter().all(|&c| c == BrokerClass::Healthy));
+        assert!((3..=10).contains(&soak.brokers.len()));
+        assert!(soak.loads >= 1_000);
+        assert_eq!(soak.systems, vec![System::Service]);
+        let retention = soak.retention.unwrap();
+        assert_eq!(retention.delivered, Duration::from_secs(120));
+        assert!(retention.dead <= retention.delivered && retention.rejected <= retention.delivered);
+        assert!((20..=30).contains(&retention.interval.as_secs()));
+        assert_eq!(retention.sample_every, Duration::from_secs(30));
+        assert_eq!(retention.warm_up(), Duration::from_secs(160));
+        // Many warm-ups fit in the run: the verdict has a long flat stretch to judge.
+        assert!(phase.duration >= 10 * retention.warm_up());
+        for name in ScenarioName::ALL {
+            if name != ScenarioName::Soak {
+                assert_eq!(Scenario::new(name, false).retention, None, "{name:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_soak_smoke_is_short_and_a_soak_can_be_shortened() {
+        let smoke = Scenario::new(ScenarioName::Soak, true);
+        assert!(smoke.workload.events() <= 1_000);
+        assert!(smoke.retention.unwrap().warm_up() < Duration::from_secs(20));
+        let short = Scenario::new(ScenarioName::Soak, false).lasting(Duration::from_secs(360));
+        assert_eq!(short.workload.events(), 360_000);
+        assert_eq!(short.deadline, Duration::from_secs(420));
+        // A backlog has no rate to stretch.
+        let backlog = Scenario::new(ScenarioName::Backlog, false);
+        let stretched = backlog.clone().lasting(Duration::from_secs(360));
+        assert_eq!(stretched.workload, backlog.workload);
+        assert_eq!(stretched.deadline, backlog.deadline);
     }
 
     #[test]

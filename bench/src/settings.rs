@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use webhook_delivery::config::Settings;
 
 use crate::error::BenchError;
-use crate::scenario::SettingsProfile;
+use crate::scenario::{SettingsProfile, SoakRetention};
 use crate::world::{World, KAFKA};
 
 /// One webhook attempt may take this long; the baseline's fixed timeout is the same 5 s.
@@ -22,11 +22,40 @@ pub const SHIPPED_DEFAULTS_CHANGES: &str = "kafka.brokers, kafka.topic, kafka.gr
      plain http on loopback); nothing else";
 
 /// The run's overrides of config/base.toml, as TOML.
-pub fn overrides(world: &World, profile: SettingsProfile) -> String {
-    match profile {
+pub fn overrides(
+    world: &World,
+    profile: SettingsProfile,
+    retention: Option<&SoakRetention>,
+) -> String {
+    let mut toml = match profile {
         SettingsProfile::Bench => bench_overrides(world),
         SettingsProfile::ShippedDefaults => shipped_defaults(world),
+    };
+    if let Some(retention) = retention {
+        toml.push_str(&retention_overrides(retention));
     }
+    toml
+}
+
+/// A soak's windows; batch_rows and batch_pause_ms stay as shipped, since whether the shipped
+/// pacing keeps up with the rate is part of what the soak shows.
+fn retention_overrides(retention: &SoakRetention) -> String {
+    let ms = |d: std::time::Duration| d.as_millis();
+    format!(
+        r#"
+[retention]
+# The soak: windows in minutes so that many of them pass during the run.
+enabled = true
+delivered_ms = {}
+dead_ms = {}
+rejected_ms = {}
+interval_ms = {}
+"#,
+        ms(retention.delivered),
+        ms(retention.dead),
+        ms(retention.rejected),
+        ms(retention.interval),
+    )
 }
 
 /// Only where the local stack is: every tuning key keeps its value from config/base.toml.
@@ -113,10 +142,11 @@ drain_timeout_ms = 3000
 pub fn write_and_load(
     world: &World,
     profile: SettingsProfile,
+    retention: Option<&SoakRetention>,
     config_dir: &Path,
     path: PathBuf,
 ) -> Result<(Settings, PathBuf), BenchError> {
-    std::fs::write(&path, overrides(world, profile))
+    std::fs::write(&path, overrides(world, profile, retention))
         .map_err(|e| BenchError::io(format!("writing {}", path.display()), e))?;
     let settings = Settings::load(config_dir, Some(&path))?;
     Ok((settings, path))
@@ -128,6 +158,7 @@ mod tests {
 
     fn world() -> World {
         World {
+            server: "127.0.0.1:5432".into(),
             db_name: "wd_bench_x".into(),
             db_url: "postgres://postgres@127.0.0.1:5432/wd_bench_x".into(),
             topic: "wd-bench-x".into(),
@@ -143,6 +174,7 @@ mod tests {
         let (mut shipped, _) = write_and_load(
             &world(),
             SettingsProfile::ShippedDefaults,
+            None,
             config_dir,
             file.clone(),
         )
@@ -177,5 +209,28 @@ mod tests {
             )
         };
         assert_eq!(postgres(&shipped), postgres(&base));
+    }
+
+    #[test]
+    fn a_soak_runs_with_its_windows_and_the_shipped_pacing() {
+        let config_dir = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../config"));
+        let file = std::env::temp_dir().join(format!("wd-bench-soak-{}.toml", std::process::id()));
+        let soak = crate::scenario::Scenario::new(crate::scenario::ScenarioName::Soak, false);
+        let (settings, _) = write_and_load(
+            &world(),
+            soak.settings,
+            soak.retention.as_ref(),
+            config_dir,
+            file.clone(),
+        )
+        .unwrap();
+        let _ = std::fs::remove_file(&file);
+        let base = Settings::load(config_dir, None).unwrap();
+        let retention = &settings.retention;
+        assert!(retention.enabled);
+        assert_eq!(retention.delivered_ms, 120_000);
+        assert_eq!(retention.interval_ms, 20_000);
+        assert_eq!(retention.batch_rows, base.retention.batch_rows);
+        assert_eq!(retention.batch_pause_ms, base.retention.batch_pause_ms);
     }
 }

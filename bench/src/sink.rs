@@ -151,6 +151,12 @@ impl Sink {
         self.state.delivered.load(Ordering::Relaxed)
     }
 
+    /// `delivered`, readable from another task (the soak's sampler).
+    pub fn delivered_counter(&self) -> impl Fn() -> u64 + Send + 'static {
+        let state = self.state.clone();
+        move || state.delivered.load(Ordering::Relaxed)
+    }
+
     /// Stops the server (open requests are dropped) and returns everything it recorded.
     pub async fn stop(self) -> Vec<ReceivedRequest> {
         let Sink {

@@ -13,11 +13,14 @@ use crate::error::BenchError;
 use crate::event::{load_id, WARMUP_LOAD};
 
 pub const KAFKA: &str = "127.0.0.1:9092";
-const ADMIN_DB_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+/// The server scripts/services.sh brings up (trust auth, user postgres, a database `test`).
+pub const POSTGRES: &str = "127.0.0.1:5432";
 const SIGNING_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct World {
+    /// host:port of the Postgres server.
+    pub server: String,
     pub db_name: String,
     pub db_url: String,
     pub topic: String,
@@ -25,15 +28,15 @@ pub struct World {
 }
 
 impl World {
-    /// `label` is unique per run, e.g. `1764_healthy_service`.
-    pub async fn create(label: &str, partitions: i32) -> Result<World, BenchError> {
+    /// `label` is unique per run, e.g. `1764_healthy_service`; `server` is Postgres' host:port.
+    pub async fn create(label: &str, partitions: i32, server: &str) -> Result<World, BenchError> {
         let db_name = format!("wd_bench_{label}");
-        let admin = admin_db().await?;
+        let admin = admin_db(server).await?;
         admin
             .batch_execute(&format!("CREATE DATABASE {db_name}"))
             .await
             .map_err(|e| BenchError::postgres(format!("creating database {db_name}"), e))?;
-        let db_url = format!("postgres://postgres@127.0.0.1:5432/{db_name}");
+        let db_url = format!("postgres://postgres@{server}/{db_name}");
         Ledger::connect_lazy(&db_url, 1)?.migrate().await?;
 
         let topic = format!("wd-bench-{}", label.replace('_', "-"));
@@ -57,6 +60,7 @@ impl World {
             })?;
         }
         Ok(World {
+            server: server.to_owned(),
             group_id: format!("{topic}-group"),
             db_name,
             db_url,
@@ -226,7 +230,7 @@ impl World {
             );
             return;
         }
-        match admin_db().await {
+        match admin_db(&self.server).await {
             Ok(admin) => {
                 let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.db_name);
                 if let Err(error) = admin.batch_execute(&sql).await {
@@ -301,12 +305,14 @@ pub fn broker_id(index: usize) -> String {
     format!("bench-broker-{index:03}")
 }
 
-async fn admin_db() -> Result<tokio_postgres::Client, BenchError> {
-    let (client, connection) = tokio_postgres::connect(ADMIN_DB_URL, NoTls)
-        .await
-        .map_err(|e| {
-            BenchError::postgres("connecting to 127.0.0.1:5432 (scripts/services.sh)", e)
-        })?;
+async fn admin_db(server: &str) -> Result<tokio_postgres::Client, BenchError> {
+    let url = format!("postgres://postgres@{server}/test");
+    let (client, connection) = tokio_postgres::connect(&url, NoTls).await.map_err(|e| {
+        BenchError::postgres(
+            format!("connecting to {url} (scripts/services.sh for {POSTGRES})"),
+            e,
+        )
+    })?;
     tokio::spawn(connection);
     Ok(client)
 }

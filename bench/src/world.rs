@@ -220,24 +220,24 @@ impl World {
     }
 
     /// Drops the database and deletes the topic. Best effort: a leftover only costs space.
-    /// `BENCH_KEEP_DATABASE=1` keeps both, to look at the ledger a run left (query plans at
-    /// `growth`'s size, docs/performance.md); drop them by hand afterwards.
     pub async fn teardown(self) {
+        // `BENCH_KEEP_DATABASE=1` keeps the database (not the topic), to look at the ledger a
+        // run left (query plans at `growth`'s size, docs/performance.md); drop it by hand.
         if std::env::var_os("BENCH_KEEP_DATABASE").is_some_and(|v| v == "1") {
             eprintln!(
-                "bench: kept database {} and topic {} (BENCH_KEEP_DATABASE=1)",
-                self.db_name, self.topic
+                "bench: kept database {} (BENCH_KEEP_DATABASE=1)",
+                self.db_name
             );
-            return;
-        }
-        match admin_db(&self.server).await {
-            Ok(admin) => {
-                let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.db_name);
-                if let Err(error) = admin.batch_execute(&sql).await {
-                    eprintln!("bench: could not drop {}: {error}", self.db_name);
+        } else {
+            match admin_db(&self.server).await {
+                Ok(admin) => {
+                    let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.db_name);
+                    if let Err(error) = admin.batch_execute(&sql).await {
+                        eprintln!("bench: could not drop {}: {error}", self.db_name);
+                    }
                 }
+                Err(error) => eprintln!("bench: could not drop {}: {error}", self.db_name),
             }
-            Err(error) => eprintln!("bench: could not drop {}: {error}", self.db_name),
         }
         if let Ok(admin) = kafka_admin() {
             let options = AdminOptions::new().operation_timeout(Some(ADMIN_TIMEOUT));

@@ -101,6 +101,12 @@ const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../../sql/0018_drop_pending_by_age.sql"),
         mode: Mode::Online,
     },
+    Migration {
+        version: 19,
+        name: "pending_by_partition",
+        sql: include_str!("../../sql/0019_pending_by_partition.sql"),
+        mode: Mode::Online,
+    },
 ];
 
 /// The newest migration this build's queries need. `serve` refuses a ledger that lacks any

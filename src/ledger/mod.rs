@@ -653,16 +653,12 @@ impl Ledger {
         Ok(())
     }
 
-    /// The oldest pending deliveries of one broker in the given partitions, in offset order,
-    /// skipping the ones the caller already holds. Not-yet-due rows are included (with `due_in`)
-    /// so that every load's deliveries come back as an unbroken prefix, which is what keeps
-    /// per-load order (docs/design.md 4): a load lives in one partition, and a LIMIT over offset
-    /// order cuts each partition's rows at one offset. Offset order (rather than partition, then
-    /// offset) lets the index `deliveries_pending_by_offset` stop at the LIMIT without a sort.
     /// One page of a broker's pending deliveries in `partitions`, in (partition, offset) order,
-    /// after `after`: a range scan of `deliveries_pending` bounded by `limit`. The scheduler
-    /// walks the pages with a cursor, so rows it cannot use now (behind a retry) never hide the
-    /// ones it can.
+    /// after the cursor `after`. Not-yet-due rows are included (with `due_in`) so that every
+    /// load's deliveries come back as an unbroken prefix, which is what keeps per-load order
+    /// (docs/design.md 4): a load lives in one partition, and the page cuts each partition's rows
+    /// at one offset. The scheduler walks the pages with the cursor, so rows it cannot use now
+    /// (behind a retry) never hide the ones it can.
     pub async fn pending_for_broker(
         &self,
         broker_id: &str,
@@ -675,14 +671,34 @@ impl Ledger {
         let client = self.client().await?;
         let statement = client
             .prepare_cached(
-                "SELECT d.delivery_id, d.idempotency_key, d.load_id, d.kafka_partition, d.kafka_offset,
-                        d.attempts, GREATEST(0, (EXTRACT(EPOCH FROM (d.next_attempt_at - now())) * 1000))::int8,
+                // One range scan of deliveries_pending_by_partition per held partition from the
+                // cursor on, each stopping at the page size, and one event probe per row of the
+                // page: bounded by partitions x page size, whatever the broker's pending depth
+                // (docs/performance.md, "A broker's ledger page"). The partition and offset
+                // bounds are separate index conditions so a scan never starts before its
+                // partition's first row after the cursor.
+                "WITH page AS (
+                     SELECT d.delivery_id, d.idempotency_key, d.load_id, d.kafka_partition,
+                            d.kafka_offset, d.attempts, d.next_attempt_at
+                     FROM unnest($2::int4[]) AS held(kafka_partition)
+                     CROSS JOIN LATERAL (
+                         SELECT d.delivery_id, d.idempotency_key, d.load_id, d.kafka_partition,
+                                d.kafka_offset, d.attempts, d.next_attempt_at
+                         FROM deliveries d
+                         WHERE d.broker_id = $1 AND d.state = 'pending'
+                           AND d.kafka_partition = held.kafka_partition
+                           AND d.kafka_offset > CASE WHEN held.kafka_partition = $3 THEN $4
+                                                     ELSE -9223372036854775808 END
+                         ORDER BY d.kafka_offset
+                         LIMIT $5) d
+                     WHERE held.kafka_partition >= $3
+                     ORDER BY d.kafka_partition, d.kafka_offset
+                     LIMIT $5)
+                 SELECT p.delivery_id, p.idempotency_key, p.load_id, p.kafka_partition, p.kafka_offset,
+                        p.attempts, GREATEST(0, (EXTRACT(EPOCH FROM (p.next_attempt_at - now())) * 1000))::int8,
                         e.payload, e.event_id
-                 FROM deliveries d JOIN events e ON e.idempotency_key = d.idempotency_key
-                 WHERE d.broker_id = $1 AND d.state = 'pending' AND d.kafka_partition = ANY($2)
-                   AND (d.kafka_partition, d.kafka_offset) > ($3, $4)
-                 ORDER BY d.kafka_partition, d.kafka_offset
-                 LIMIT $5",
+                 FROM page p JOIN events e ON e.idempotency_key = p.idempotency_key
+                 ORDER BY p.kafka_partition, p.kafka_offset",
             )
             .await?;
         let rows = client

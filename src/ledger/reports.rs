@@ -130,21 +130,31 @@ impl Ledger {
 
     /// Every broker, in id order, with its breaker state and backlog. Brokers that still have
     /// pending or dead deliveries but no `brokers` row are listed too, so totals match the ledger.
-    /// Counts and the last retry error come from `delivery_counts`; the oldest pending delivery
-    /// and the newest dead letter's error are one index probe each per broker with such work.
+    /// Counts and the last retry error come from `delivery_counts`; the most overdue pending
+    /// delivery is one index probe per (broker, partition) with pending work, the newest dead
+    /// letter's error one per broker with dead letters.
     pub async fn broker_statuses(&self) -> Result<Vec<BrokerStatus>, LedgerError> {
         let rows = self
             .client()
             .await?
             .query(
+                // One pass over delivery_counts; per (broker, partition) with pending work one
+                // probe of deliveries_pending_due for its earliest-due row (LIMIT keeps each a
+                // nested index lookup); per broker with dead letters one deliveries_dead probe.
                 "WITH backlog AS (
-                     SELECT broker_id, sum(pending)::int8 AS pending, sum(dead)::int8 AS dead,
-                            (array_agg(last_error ORDER BY last_error_at DESC)
-                                 FILTER (WHERE last_error IS NOT NULL))[1] AS last_error,
-                            max(last_error_at) AS last_error_at
-                     FROM delivery_counts
-                     GROUP BY broker_id
-                     HAVING sum(pending) > 0 OR sum(dead) > 0
+                     SELECT c.broker_id, sum(c.pending)::int8 AS pending, sum(c.dead)::int8 AS dead,
+                            (array_agg(c.last_error ORDER BY c.last_error_at DESC)
+                                 FILTER (WHERE c.last_error IS NOT NULL))[1] AS last_error,
+                            max(c.last_error_at) AS last_error_at,
+                            min(due.next_attempt_at) AS due_since
+                     FROM delivery_counts c
+                     LEFT JOIN LATERAL (SELECT d.next_attempt_at FROM deliveries d
+                                        WHERE d.broker_id = c.broker_id
+                                          AND d.kafka_partition = c.kafka_partition
+                                          AND d.state = 'pending' AND c.pending > 0
+                                        ORDER BY d.next_attempt_at LIMIT 1) due ON true
+                     GROUP BY c.broker_id
+                     HAVING sum(c.pending) > 0 OR sum(c.dead) > 0
                  )
                  SELECT COALESCE(b.broker_id, k.broker_id),
                         COALESCE(b.enabled, false),
@@ -153,8 +163,8 @@ impl Ledger {
                         COALESCE(c.state, 'closed'), c.since, c.open_until, c.reason, c.consecutive_failures,
                         COALESCE(k.pending, 0), COALESCE(k.dead, 0),
                         -- NULL (not 0) for a broker with nothing pending.
-                        CASE WHEN overdue.due_since IS NOT NULL
-                             THEN (GREATEST(EXTRACT(EPOCH FROM (now() - overdue.due_since)), 0) * 1000)::int8
+                        CASE WHEN k.due_since IS NOT NULL
+                             THEN (GREATEST(EXTRACT(EPOCH FROM (now() - k.due_since)), 0) * 1000)::int8
                         END,
                         CASE WHEN k.last_error_at >= dead_error.updated_at OR dead_error.updated_at IS NULL
                              THEN k.last_error ELSE dead_error.last_error END,
@@ -162,17 +172,6 @@ impl Ledger {
                  FROM brokers b
                  FULL JOIN backlog k ON k.broker_id = b.broker_id
                  LEFT JOIN broker_circuits c ON c.broker_id = COALESCE(b.broker_id, k.broker_id)
-                 -- One probe of deliveries_pending_due per (broker, partition) with pending
-                 -- work, one per broker with dead letters; LIMIT keeps each a nested index lookup.
-                 LEFT JOIN LATERAL (SELECT min(due.next_attempt_at) AS due_since
-                                    FROM delivery_counts p
-                                    CROSS JOIN LATERAL (SELECT d.next_attempt_at FROM deliveries d
-                                                        WHERE d.broker_id = p.broker_id
-                                                          AND d.kafka_partition = p.kafka_partition
-                                                          AND d.state = 'pending'
-                                                        ORDER BY d.next_attempt_at LIMIT 1) due
-                                    WHERE p.broker_id = k.broker_id AND p.pending > 0) overdue
-                     ON k.pending > 0
                  LEFT JOIN LATERAL (SELECT d.last_error, d.updated_at FROM deliveries d
                                     WHERE d.broker_id = k.broker_id AND d.state = 'dead'
                                       AND d.last_error IS NOT NULL

@@ -673,34 +673,7 @@ fn soak_panel(svg: &mut String, panel: usize, title: &str, lines: &[Line], warm_
     let max_y = nice_ceiling(all().map(|p| p.1).fold(0.0, f64::max));
     let x = |v: f64| MARGIN_LEFT + v / max_x * PANEL_WIDTH;
     let y = |v: f64| bottom - v / max_y * PANEL_HEIGHT;
-    let _ = writeln!(
-        svg,
-        r#"<text x="{MARGIN_LEFT}" y="{:.0}" font-size="14" font-weight="bold">{title}</text>"#,
-        top - 8.0
-    );
-    for tick in 0..=4 {
-        let fraction = f64::from(tick) / 4.0;
-        let (tx, ty) = (x(fraction * max_x), y(fraction * max_y));
-        let _ = writeln!(
-            svg,
-            r##"<line x1="{MARGIN_LEFT}" y1="{ty:.1}" x2="{:.1}" y2="{ty:.1}" stroke="#ddd"/><text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"##,
-            MARGIN_LEFT + PANEL_WIDTH,
-            MARGIN_LEFT - 6.0,
-            ty + 4.0,
-            int((fraction * max_y) as u64)
-        );
-        let _ = writeln!(
-            svg,
-            r#"<text x="{tx:.1}" y="{:.1}" text-anchor="middle">{} min</text>"#,
-            bottom + 16.0,
-            axis_label(fraction * max_x)
-        );
-    }
-    let _ = writeln!(
-        svg,
-        r#"<polyline points="{MARGIN_LEFT},{top:.1} {MARGIN_LEFT},{bottom:.1} {:.1},{bottom:.1}" fill="none" stroke="black"/>"#,
-        MARGIN_LEFT + PANEL_WIDTH
-    );
+    panel_frame(svg, title, (top, bottom), (max_x, max_y), "min");
     let wx = x(warm_up_min);
     let _ = writeln!(
         svg,
@@ -904,6 +877,47 @@ pub fn parse_lag_csv(csv: &str) -> Vec<OwnedLagSeries> {
 }
 
 /// An axis label: whole numbers without decimals, others with one.
+/// A chart panel's frame: its title, four grid lines with their y labels, x labels in `x_unit`,
+/// and the axes. Values run from 0 to `max` on each axis.
+fn panel_frame(
+    svg: &mut String,
+    title: &str,
+    (top, bottom): (f64, f64),
+    (max_x, max_y): (f64, f64),
+    x_unit: &str,
+) {
+    let x = |v: f64| MARGIN_LEFT + v / max_x * PANEL_WIDTH;
+    let y = |v: f64| bottom - v / max_y * PANEL_HEIGHT;
+    let _ = writeln!(
+        svg,
+        r#"<text x="{MARGIN_LEFT}" y="{:.0}" font-size="14" font-weight="bold">{title}</text>"#,
+        top - 8.0
+    );
+    for tick in 0..=4 {
+        let fraction = f64::from(tick) / 4.0;
+        let (tx, ty) = (x(fraction * max_x), y(fraction * max_y));
+        let _ = writeln!(
+            svg,
+            r##"<line x1="{MARGIN_LEFT}" y1="{ty:.1}" x2="{:.1}" y2="{ty:.1}" stroke="#ddd"/><text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"##,
+            MARGIN_LEFT + PANEL_WIDTH,
+            MARGIN_LEFT - 6.0,
+            ty + 4.0,
+            int((fraction * max_y) as u64)
+        );
+        let _ = writeln!(
+            svg,
+            r#"<text x="{tx:.1}" y="{:.1}" text-anchor="middle">{} {x_unit}</text>"#,
+            bottom + 16.0,
+            axis_label(fraction * max_x)
+        );
+    }
+    let _ = writeln!(
+        svg,
+        r#"<polyline points="{MARGIN_LEFT},{top:.1} {MARGIN_LEFT},{bottom:.1} {:.1},{bottom:.1}" fill="none" stroke="black"/>"#,
+        MARGIN_LEFT + PANEL_WIDTH
+    );
+}
+
 fn axis_label(value: f64) -> String {
     if value.fract() == 0.0 {
         format!("{value:.0}")
@@ -948,34 +962,12 @@ pub fn lag_svg(results: &[LagSeries<'_>]) -> String {
         );
         let x = |secs: f64| MARGIN_LEFT + secs / max_secs * PANEL_WIDTH;
         let y = |lag: f64| bottom - lag / max_lag * PANEL_HEIGHT;
-        let _ = writeln!(
-            svg,
-            r#"<text x="{MARGIN_LEFT}" y="{:.0}" font-size="14" font-weight="bold">{}</text>"#,
-            top - 8.0,
-            scenario.as_str()
-        );
-        for tick in 0..=4 {
-            let fraction = f64::from(tick) / 4.0;
-            let (tx, ty) = (x(fraction * max_secs), y(fraction * max_lag));
-            let _ = writeln!(
-                svg,
-                r##"<line x1="{MARGIN_LEFT}" y1="{ty:.1}" x2="{:.1}" y2="{ty:.1}" stroke="#ddd"/><text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"##,
-                MARGIN_LEFT + PANEL_WIDTH,
-                MARGIN_LEFT - 6.0,
-                ty + 4.0,
-                int((fraction * max_lag) as u64)
-            );
-            let _ = writeln!(
-                svg,
-                r#"<text x="{tx:.1}" y="{:.1}" text-anchor="middle">{} s</text>"#,
-                bottom + 16.0,
-                axis_label(fraction * max_secs)
-            );
-        }
-        let _ = writeln!(
-            svg,
-            r#"<polyline points="{MARGIN_LEFT},{top:.1} {MARGIN_LEFT},{bottom:.1} {:.1},{bottom:.1}" fill="none" stroke="black"/>"#,
-            MARGIN_LEFT + PANEL_WIDTH
+        panel_frame(
+            &mut svg,
+            scenario.as_str(),
+            (top, bottom),
+            (max_secs, max_lag),
+            "s",
         );
         for (line, run) in runs.iter().enumerate() {
             let points: Vec<String> = run

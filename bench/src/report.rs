@@ -616,15 +616,10 @@ pub fn soak_svg(results: &[RunResult]) -> String {
         .collect();
     let width = MARGIN_LEFT + PANEL_WIDTH + 40.0;
     let height = MARGIN_TOP + 2.0 * soaks.len() as f64 * (PANEL_HEIGHT + PANEL_GAP);
-    let mut svg = String::new();
-    let _ = writeln!(
-        svg,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0}" height="{height:.0}" viewBox="0 0 {width:.0} {height:.0}" font-family="sans-serif" font-size="12">"#
-    );
-    let _ = writeln!(svg, r#"<rect width="100%" height="100%" fill="white"/>"#);
-    let _ = writeln!(
-        svg,
-        r#"<text x="{MARGIN_LEFT}" y="22" font-size="16">Soak: database size (MB, with indexes) and deliveries/s over the run</text>"#
+    let mut svg = svg_start(
+        width,
+        height,
+        "Soak: database size (MB, with indexes) and deliveries/s over the run",
     );
     let mut panel = 0;
     for (run, series) in soaks {
@@ -877,6 +872,21 @@ pub fn parse_lag_csv(csv: &str) -> Vec<OwnedLagSeries> {
 }
 
 /// An axis label: whole numbers without decimals, others with one.
+/// A chart's opening: the svg element, a white background and the chart's title.
+fn svg_start(width: f64, height: f64, title: &str) -> String {
+    let mut svg = String::new();
+    let _ = writeln!(
+        svg,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0}" height="{height:.0}" viewBox="0 0 {width:.0} {height:.0}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = writeln!(svg, r#"<rect width="100%" height="100%" fill="white"/>"#);
+    let _ = writeln!(
+        svg,
+        r#"<text x="{MARGIN_LEFT}" y="22" font-size="16">{title}</text>"#
+    );
+    svg
+}
+
 /// A chart panel's frame: its title, four grid lines with their y labels, x labels in `x_unit`,
 /// and the axes. Values run from 0 to `max` on each axis.
 fn panel_frame(
@@ -935,15 +945,10 @@ pub fn lag_svg(results: &[LagSeries<'_>]) -> String {
         .collect();
     let width = MARGIN_LEFT + PANEL_WIDTH + 40.0;
     let height = MARGIN_TOP + scenarios.len() as f64 * (PANEL_HEIGHT + PANEL_GAP);
-    let mut svg = String::new();
-    let _ = writeln!(
-        svg,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0}" height="{height:.0}" viewBox="0 0 {width:.0} {height:.0}" font-family="sans-serif" font-size="12">"#
-    );
-    let _ = writeln!(svg, r#"<rect width="100%" height="100%" fill="white"/>"#);
-    let _ = writeln!(
-        svg,
-        r#"<text x="{MARGIN_LEFT}" y="22" font-size="16">Consumer lag (messages behind, all partitions), sampled every 500 ms</text>"#
+    let mut svg = svg_start(
+        width,
+        height,
+        "Consumer lag (messages behind, all partitions), sampled every 500 ms",
     );
     for (panel, scenario) in scenarios.iter().enumerate() {
         let runs: Vec<&LagSeries<'_>> =

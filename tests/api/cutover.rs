@@ -123,14 +123,7 @@ async fn a_first_deployment_consumes_nothing_until_seeded_and_then_sends_no_hist
     );
     app.stop().await;
     assert_eq!(env.count("SELECT count(*) FROM events").await, 2);
-    let sent: Vec<String> = received(&receiver)
-        .await
-        .iter()
-        .map(|request| {
-            let body: serde_json::Value = serde_json::from_slice(&request.body).unwrap();
-            body["eventId"].as_str().unwrap().to_owned()
-        })
-        .collect();
+    let sent: Vec<String> = received_event_ids(&receiver).await;
     assert_eq!(sent, vec!["new-1", "new-2"], "no history re-sent");
 }
 
@@ -202,14 +195,7 @@ async fn seeding_from_the_old_group_or_a_time_starts_exactly_there() {
     );
     app.stop().await;
     assert_eq!(env.count("SELECT count(*) FROM events").await, 7);
-    let mut sent: Vec<String> = received(&receiver)
-        .await
-        .iter()
-        .map(|request| {
-            let body: serde_json::Value = serde_json::from_slice(&request.body).unwrap();
-            body["eventId"].as_str().unwrap().to_owned()
-        })
-        .collect();
+    let mut sent: Vec<String> = received_event_ids(&receiver).await;
     sent.sort();
     assert_eq!(
         sent,

@@ -442,6 +442,18 @@ pub async fn received(server: &MockServer) -> Vec<Request> {
     server.received_requests().await.unwrap_or_default()
 }
 
+/// The `eventId` of every webhook the receiver got, in arrival order.
+pub async fn received_event_ids(server: &MockServer) -> Vec<String> {
+    received(server)
+        .await
+        .iter()
+        .map(|request| {
+            let body: serde_json::Value = serde_json::from_slice(&request.body).unwrap();
+            body["eventId"].as_str().unwrap().to_owned()
+        })
+        .collect()
+}
+
 /// Verifies a received webhook with the independent `standardwebhooks` implementation.
 pub fn assert_signed(request: &Request) {
     let verifier = standardwebhooks::Webhook::new(SECRET).unwrap();

@@ -56,14 +56,7 @@ async fn an_idle_actor_retires_and_a_new_one_delivers_once_in_order() {
         .await,
         "a new actor delivers what came after"
     );
-    let event_ids: Vec<String> = received(&receiver)
-        .await
-        .iter()
-        .map(|request| {
-            let body: serde_json::Value = serde_json::from_slice(&request.body).unwrap();
-            body["eventId"].as_str().unwrap().to_owned()
-        })
-        .collect();
+    let event_ids: Vec<String> = received_event_ids(&receiver).await;
     assert_eq!(
         event_ids,
         ["e1", "e2", "e3", "e4", "e5"],

@@ -682,24 +682,7 @@ fn soak_panel(svg: &mut String, panel: usize, title: &str, lines: &[Line], warm_
             .iter()
             .map(|&(px, py)| format!("{:.1},{:.1}", x(px), y(py)))
             .collect();
-        let _ = writeln!(
-            svg,
-            r#"<polyline points="{}" fill="none" stroke="{}" stroke-width="2"/>"#,
-            points.join(" "),
-            line.colour
-        );
-        let legend_x = MARGIN_LEFT + PANEL_WIDTH - 160.0;
-        let legend_y = top + 14.0 + index as f64 * 16.0;
-        let _ = writeln!(
-            svg,
-            r#"<line x1="{legend_x:.1}" y1="{:.1}" x2="{:.1}" y2="{:.1}" stroke="{}" stroke-width="3"/><text x="{:.1}" y="{legend_y:.1}">{}</text>"#,
-            legend_y - 4.0,
-            legend_x + 20.0,
-            legend_y - 4.0,
-            line.colour,
-            legend_x + 26.0,
-            line.name
-        );
+        plot_line(svg, &points, line.colour, (top, index), line.name);
     }
 }
 
@@ -887,6 +870,32 @@ fn svg_start(width: f64, height: f64, title: &str) -> String {
     svg
 }
 
+/// One data line of a panel (`points` as "x,y" pairs), with its legend entry: the
+/// `index`th line of the panel starting at `top`.
+fn plot_line(
+    svg: &mut String,
+    points: &[String],
+    colour: &str,
+    (top, index): (f64, usize),
+    name: &str,
+) {
+    let _ = writeln!(
+        svg,
+        r#"<polyline points="{}" fill="none" stroke="{colour}" stroke-width="2"/>"#,
+        points.join(" ")
+    );
+    let legend_x = MARGIN_LEFT + PANEL_WIDTH - 160.0;
+    let legend_y = top + 14.0 + index as f64 * 16.0;
+    let _ = writeln!(
+        svg,
+        r#"<line x1="{legend_x:.1}" y1="{:.1}" x2="{:.1}" y2="{:.1}" stroke="{colour}" stroke-width="3"/><text x="{:.1}" y="{legend_y:.1}">{name}</text>"#,
+        legend_y - 4.0,
+        legend_x + 20.0,
+        legend_y - 4.0,
+        legend_x + 26.0,
+    );
+}
+
 /// A chart panel's frame: its title, four grid lines with their y labels, x labels in `x_unit`,
 /// and the axes. Values run from 0 to `max` on each axis.
 fn panel_frame(
@@ -980,23 +989,12 @@ pub fn lag_svg(results: &[LagSeries<'_>]) -> String {
                 .iter()
                 .map(|&(secs, lag)| format!("{:.1},{:.1}", x(secs), y(lag as f64)))
                 .collect();
-            let _ = writeln!(
-                svg,
-                r#"<polyline points="{}" fill="none" stroke="{}" stroke-width="2"/>"#,
-                points.join(" "),
-                colour(run.system)
-            );
-            let legend_x = MARGIN_LEFT + PANEL_WIDTH - 160.0;
-            let legend_y = top + 14.0 + line as f64 * 16.0;
-            let _ = writeln!(
-                svg,
-                r#"<line x1="{legend_x:.1}" y1="{:.1}" x2="{:.1}" y2="{:.1}" stroke="{}" stroke-width="3"/><text x="{:.1}" y="{legend_y:.1}">{}</text>"#,
-                legend_y - 4.0,
-                legend_x + 20.0,
-                legend_y - 4.0,
+            plot_line(
+                &mut svg,
+                &points,
                 colour(run.system),
-                legend_x + 26.0,
-                run.system.as_str()
+                (top, line),
+                run.system.as_str(),
             );
         }
     }

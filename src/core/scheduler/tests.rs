@@ -111,6 +111,11 @@ fn sends(out: &mut Vec<Command<(), ()>>) -> Vec<(AttemptToken, i64)> {
     sent
 }
 
+/// The ids of the deliveries sent, in order (the sends are taken out of `out`).
+fn sent_ids(out: &mut Vec<Command<(), ()>>) -> Vec<i64> {
+    sends(out).into_iter().map(|(_, id)| id).collect()
+}
+
 fn writes(out: &mut Vec<Command<(), ()>>) -> Vec<(IoToken, Vec<Outcome<()>>)> {
     let mut written = Vec::new();
     out.retain(|c| match c {
@@ -179,13 +184,7 @@ fn a_slot_is_free_when_the_answer_is_in_and_the_lane_waits_for_the_save() {
     s.outcomes_saved(t, saves[0].0);
     finish(&mut s, t, next[0].0, OK);
     let mut out = drain(&mut s, t);
-    assert_eq!(
-        sends(&mut out)
-            .iter()
-            .map(|(_, id)| *id)
-            .collect::<Vec<_>>(),
-        vec![2]
-    );
+    assert_eq!(sent_ids(&mut out), vec![2]);
 }
 
 /// Bug 1: disabling a broker while its breaker is open left it half-open forever.
@@ -350,13 +349,7 @@ fn an_unsaved_outcome_survives_a_restart_and_blocks_its_load() {
     );
     s.outcomes_saved(t, under_way[0].0);
     let mut out = drain(&mut s, t);
-    assert_eq!(
-        sends(&mut out)
-            .iter()
-            .map(|(_, id)| *id)
-            .collect::<Vec<_>>(),
-        vec![3]
-    );
+    assert_eq!(sent_ids(&mut out), vec![3]);
     let next = writes(&mut out);
     assert_eq!(
         next[0].1[0].delivery_id, 2,
@@ -387,10 +380,7 @@ fn a_replayed_delivery_goes_before_later_ones_of_its_load() {
     let mut out2 = drain(&mut s, t);
     out.append(&mut out2);
     assert_eq!(
-        sends(&mut out)
-            .iter()
-            .map(|(_, id)| *id)
-            .collect::<Vec<_>>(),
+        sent_ids(&mut out),
         vec![1],
         "the replayed one first, not 9, not behind 5's retry"
     );
@@ -416,13 +406,7 @@ fn a_claim_after_a_finished_predecessor_reads_the_ledger() {
         &mut out,
         &[delivery(5, "A", 5), delivery(9, "A", 9)],
     );
-    assert_eq!(
-        sends(&mut out)
-            .iter()
-            .map(|(_, id)| *id)
-            .collect::<Vec<_>>(),
-        vec![5]
-    );
+    assert_eq!(sent_ids(&mut out), vec![5]);
 }
 
 /// Bug 5: a ledger page read while an outcome was saved still shows it pending.
@@ -616,13 +600,7 @@ fn a_claim_after_the_row_was_read_unusable_reads_it_again() {
         }
     }
     assert_eq!(reads, 1, "the row is read again");
-    assert_eq!(
-        sends(&mut out)
-            .iter()
-            .map(|(_, id)| *id)
-            .collect::<Vec<_>>(),
-        vec![2]
-    );
+    assert_eq!(sent_ids(&mut out), vec![2]);
 }
 
 /// A failed ledger read is retried after a pause, not at once: a database outage must not turn

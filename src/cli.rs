@@ -13,8 +13,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::config::RetentionSettings;
 use crate::ledger::{
-    BackfillOutcome, BackfillRequest, DeadLetter, Ledger, LedgerError, ReplayOutcome,
-    ReplaySelector,
+    BackfillOutcome, BackfillRequest, DeadLetter, Ledger, LedgerError, MigrationScope,
+    ReplayOutcome, ReplaySelector,
 };
 
 pub use offsets::{offsets, OffsetsCommand};
@@ -75,8 +75,23 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct MigrateArgs {
     /// Stop after this migration version (staged rollouts; tests). Default: apply all.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "required_only")]
     pub to: Option<i32>,
+    /// Apply only what this build's `serve` needs (its transactional migrations, each a brief
+    /// catalogue change) and leave the online index builds, which can take minutes on a large
+    /// ledger, for a later `migrate` (docs/migrations.md).
+    #[arg(long)]
+    pub required_only: bool,
+}
+
+impl MigrateArgs {
+    pub fn scope(&self) -> MigrationScope {
+        match (self.to, self.required_only) {
+            (_, true) => MigrationScope::Required,
+            (Some(version), false) => MigrationScope::UpTo(version),
+            (None, false) => MigrationScope::All,
+        }
+    }
 }
 
 #[derive(Debug, Args)]

@@ -46,7 +46,7 @@ fn main() -> ExitCode {
                     served?;
                 }
                 Command::Migrate(args) => {
-                    let applied = connect(&settings)?.migrate_to(args.to).await?;
+                    let applied = connect(&settings)?.migrate_scope(args.scope()).await?;
                     println!("migrations applied: {applied:?}");
                 }
                 Command::DeadLetters(command) => {

@@ -190,8 +190,8 @@ async fn exercise(
             })
             .await?;
         notes.push(format!(
-            "the ledger already held {written} delivered deliveries (with their attempts and \
-             events; written, vacuumed and checkpointed in {:.0} s before the system started)",
+            "the ledger already held {written} delivered deliveries (each at its first attempt, with \
+             their events; written, vacuumed and checkpointed in {:.0} s before the system started)",
             started.elapsed().as_secs_f64()
         ));
     }

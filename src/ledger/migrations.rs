@@ -107,12 +107,47 @@ const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../../sql/0019_pending_by_partition.sql"),
         mode: Mode::Online,
     },
+    Migration {
+        version: 20,
+        name: "delivered_attempt_in_row",
+        sql: include_str!("../../sql/0020_delivered_attempt_in_row.sql"),
+        mode: Mode::Transactional,
+    },
 ];
 
 /// The newest migration this build's queries need. `serve` refuses a ledger that lacks any
-/// migration up to this one; migrations after it (online index builds) only make things faster
-/// and may be applied while this build runs.
-pub const REQUIRED_SCHEMA_VERSION: i32 = 16;
+/// transactional migration up to this one. Online migrations (index builds) are never required:
+/// they only make queries faster, and may be applied while this build runs.
+pub const REQUIRED_SCHEMA_VERSION: i32 = 20;
+
+/// Which of the pending migrations a `migrate` run applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MigrationScope {
+    /// Every pending migration.
+    All,
+    /// Pending migrations up to and including this version (staged rollouts; tests).
+    UpTo(i32),
+    /// Only what this build's `serve` needs (the transactional migrations up to
+    /// REQUIRED_SCHEMA_VERSION), so a deploy can start at once and leave the index builds, which
+    /// take minutes on a large ledger, for a quieter hour.
+    Required,
+}
+
+impl MigrationScope {
+    fn includes(self, migration: &Migration) -> bool {
+        match self {
+            Self::All => true,
+            Self::UpTo(target) => migration.version <= target,
+            Self::Required => migration.is_required(),
+        }
+    }
+}
+
+impl Migration {
+    fn is_required(&self) -> bool {
+        self.mode == Mode::Transactional && self.version <= REQUIRED_SCHEMA_VERSION
+    }
+}
 
 /// The newest migration this build knows.
 pub fn latest_schema_version() -> i32 {
@@ -138,16 +173,16 @@ const MIGRATION_LOCK_KEY: i64 = 0x7765_6268_6f6f_6b31;
 impl Ledger {
     /// Applies every pending migration; returns the versions applied by this call.
     pub async fn migrate(&self) -> Result<Vec<i32>, LedgerError> {
-        self.migrate_to(None).await
+        self.migrate_scope(MigrationScope::All).await
     }
 
-    /// Applies pending migrations up to `target` (all when `None`); returns the versions applied.
-    pub async fn migrate_to(&self, target: Option<i32>) -> Result<Vec<i32>, LedgerError> {
+    /// Applies the pending migrations in `scope`; returns the versions applied.
+    pub async fn migrate_scope(&self, scope: MigrationScope) -> Result<Vec<i32>, LedgerError> {
         let client = self.pooled_connection().await?;
         client
             .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK_KEY])
             .await?;
-        let result = apply_pending(&client, target).await;
+        let result = apply_pending(&client, scope).await;
         // The lock is per session and the connection goes back to the pool: always let go, and
         // put the session's timeouts back to what the pool configured.
         let unlocked = client
@@ -188,8 +223,8 @@ impl Ledger {
         let applied = self.applied_schema_versions().await?;
         let missing: Vec<i32> = MIGRATIONS
             .iter()
+            .filter(|migration| migration.is_required() && !applied.contains(&migration.version))
             .map(|migration| migration.version)
-            .filter(|version| *version <= REQUIRED_SCHEMA_VERSION && !applied.contains(version))
             .collect();
         if !missing.is_empty() {
             return Err(LedgerError::SchemaTooOld {
@@ -219,7 +254,7 @@ pub struct SchemaStatus {
 
 async fn apply_pending(
     client: &deadpool_postgres::Object,
-    target: Option<i32>,
+    scope: MigrationScope,
 ) -> Result<Vec<i32>, LedgerError> {
     client
         .batch_execute(&format!(
@@ -240,9 +275,7 @@ async fn apply_pending(
         .collect();
     let mut newly_applied = Vec::new();
     for migration in MIGRATIONS {
-        if applied.contains(&migration.version)
-            || target.is_some_and(|target| migration.version > target)
-        {
+        if applied.contains(&migration.version) || !scope.includes(migration) {
             continue;
         }
         let failed = |source| LedgerError::Migration {

@@ -13,7 +13,8 @@ pub use dead_letters::{
     DeadLetter, ReplayAnnouncements, ReplayOutcome, ReplaySelector, ReplayedBrokers,
 };
 pub use migrations::{
-    known_schema_versions, latest_schema_version, SchemaStatus, REQUIRED_SCHEMA_VERSION,
+    known_schema_versions, latest_schema_version, MigrationScope, SchemaStatus,
+    REQUIRED_SCHEMA_VERSION,
 };
 pub use reports::{AttemptStory, BrokerStatus, DeliveryStory, DuplicateDelivery, EventStory};
 pub use retention::{
@@ -58,7 +59,7 @@ pub enum LedgerError {
     },
     #[error(
         "the ledger schema is too old for this build (newest migration applied: {}, this build \
-         needs every migration up to {required}; missing: {missing:?}): run `webhook-delivery \
+         needs every transactional migration up to {required}; missing: {missing:?}): run `webhook-delivery \
          migrate` first (safe while older instances run; RUNBOOK.md \"Deploying a new version\")",
         applied.map_or_else(|| "none".to_owned(), |v| v.to_string())
     )]
@@ -783,8 +784,9 @@ impl Ledger {
             .collect())
     }
 
-    /// Writes a batch of attempt outcomes in one statement: the attempts history and the new
-    /// state of each delivery. A delivery that is no longer pending is left as it is.
+    /// Writes a batch of attempt outcomes in one statement: the new state of each delivery, with
+    /// the attempt that delivered it, and every other attempt as history. A delivery that is no
+    /// longer pending is left as it is.
     pub async fn record_attempts(&self, records: &[AttemptRecord]) -> Result<(), LedgerError> {
         if records.is_empty() {
             return Ok(());
@@ -835,31 +837,40 @@ impl Ledger {
                          AS t(delivery_id, broker_id, attempt, started_at, latency_ms, status_code,
                               error_class, error_message, outcome, retry_in_ms, dead_reason)
                  ),
-                 history AS (
-                     INSERT INTO delivery_attempts (delivery_id, broker_id, attempt, started_at, latency_ms,
-                                                    status_code, error_class, error_message, outcome)
-                     SELECT delivery_id, broker_id, attempt, started_at, latency_ms, status_code,
-                            error_class, error_message, outcome
-                     FROM input
+                 saved AS (
+                     UPDATE deliveries d SET
+                         state = CASE i.outcome WHEN 'retry' THEN 'pending' ELSE i.outcome END,
+                         attempts = i.attempt,
+                         next_attempt_at = CASE WHEN i.outcome = 'retry'
+                                                THEN now() + i.retry_in_ms * interval '1 millisecond'
+                                                ELSE d.next_attempt_at END,
+                         last_status_code = i.status_code,
+                         last_error = i.error_message,
+                         dead_reason = i.dead_reason,
+                         delivered_at = CASE WHEN i.outcome = 'delivered' THEN now() END,
+                         delivered_started_at = CASE WHEN i.outcome = 'delivered' THEN i.started_at END,
+                         delivered_latency_ms = CASE WHEN i.outcome = 'delivered' THEN i.latency_ms END,
+                         updated_at = now()
+                     FROM input i
+                     -- The pending check is written so that the planner cannot estimate it: with
+                     -- statistics taken while few rows were pending (a ledger of delivered history),
+                     -- a plain `d.state = 'pending'` made it hash every pending row instead of one
+                     -- primary-key probe per outcome (docs/performance.md, \"Outcome writes\").
+                     WHERE d.delivery_id = i.delivery_id
+                       AND (CASE WHEN d.state = 'pending' THEN true END)
+                     RETURNING d.delivery_id, d.state
                  )
-                 UPDATE deliveries d SET
-                     state = CASE i.outcome WHEN 'retry' THEN 'pending' ELSE i.outcome END,
-                     attempts = i.attempt,
-                     next_attempt_at = CASE WHEN i.outcome = 'retry'
-                                            THEN now() + i.retry_in_ms * interval '1 millisecond'
-                                            ELSE d.next_attempt_at END,
-                     last_status_code = i.status_code,
-                     last_error = i.error_message,
-                     dead_reason = i.dead_reason,
-                     delivered_at = CASE WHEN i.outcome = 'delivered' THEN now() END,
-                     updated_at = now()
+                 -- The attempt that delivered lives on its delivery's row (migration 20); every
+                 -- other attempt is history. So is a 2xx for a delivery that was no longer
+                 -- pending: a second send, which `report duplicates` must find.
+                 INSERT INTO delivery_attempts (delivery_id, broker_id, attempt, started_at, latency_ms,
+                                                status_code, error_class, error_message, outcome)
+                 SELECT i.delivery_id, i.broker_id, i.attempt, i.started_at, i.latency_ms, i.status_code,
+                        i.error_class, i.error_message, i.outcome
                  FROM input i
-                 -- The pending check is written so that the planner cannot estimate it: with
-                 -- statistics taken while few rows were pending (a ledger of delivered history),
-                 -- a plain `d.state = 'pending'` made it hash every pending row instead of one
-                 -- primary-key probe per outcome (docs/performance.md, \"Outcome writes\").
-                 WHERE d.delivery_id = i.delivery_id
-                   AND (CASE WHEN d.state = 'pending' THEN true END)",
+                 WHERE i.outcome <> 'delivered'
+                    OR NOT EXISTS (SELECT 1 FROM saved s
+                                   WHERE s.delivery_id = i.delivery_id AND s.state = 'delivered')",
             )
             .await?;
         client

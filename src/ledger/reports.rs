@@ -211,16 +211,33 @@ impl Ledger {
             .client()
             .await?
             .query(
-                "SELECT d.broker_id, d.idempotency_key, e.event_id, d.load_id, count(*),
-                        min(a.started_at), max(a.started_at)
-                 FROM delivery_attempts a
-                 JOIN deliveries d ON d.delivery_id = a.delivery_id
-                 JOIN events e ON e.idempotency_key = d.idempotency_key
-                 WHERE a.outcome = 'delivered' AND a.status_code BETWEEN 200 AND 299
-                   AND a.started_at >= $1 AND a.started_at < $2
-                 GROUP BY d.broker_id, d.idempotency_key, e.event_id, d.load_id
-                 HAVING count(*) > 1
-                 ORDER BY d.broker_id, min(a.started_at), d.idempotency_key",
+                // Every 2xx but the one that delivered is a delivery_attempts row, and a
+                // delivery's row holds at most one (migration 20), so a duplicate in the window
+                // has at least one history row in it: start from those (the partial index
+                // delivery_attempts_delivered_by_time), then add the row's own if it is in the
+                // window too. Deliveries of an older release have all their 2xx as history rows.
+                "WITH extra AS (
+                     SELECT a.delivery_id, count(*) AS answers,
+                            min(a.started_at) AS first_at, max(a.started_at) AS last_at
+                     FROM delivery_attempts a
+                     WHERE a.outcome = 'delivered' AND a.status_code BETWEEN 200 AND 299
+                       AND a.started_at >= $1 AND a.started_at < $2
+                     GROUP BY a.delivery_id
+                 ),
+                 counted AS (
+                     SELECT d.broker_id, d.idempotency_key, d.load_id, x.first_at, x.last_at,
+                            x.answers + COALESCE(d.delivered_started_at >= $1
+                                                 AND d.delivered_started_at < $2, false)::int
+                                AS answers,
+                            CASE WHEN d.delivered_started_at >= $1 AND d.delivered_started_at < $2
+                                 THEN d.delivered_started_at END AS row_at
+                     FROM extra x JOIN deliveries d ON d.delivery_id = x.delivery_id
+                 )
+                 SELECT c.broker_id, c.idempotency_key, e.event_id, c.load_id, c.answers,
+                        LEAST(c.first_at, c.row_at), GREATEST(c.last_at, c.row_at)
+                 FROM counted c JOIN events e ON e.idempotency_key = c.idempotency_key
+                 WHERE c.answers > 1
+                 ORDER BY c.broker_id, LEAST(c.first_at, c.row_at), c.idempotency_key",
                 &[&since, &until],
             )
             .await?;
@@ -271,11 +288,19 @@ impl Ledger {
             .await?;
         let attempts = client
             .query(
+                // The history rows, and the attempt that delivered where it is kept on the
+                // delivery's row (migration 20). Both halves are index lookups by the key;
+                // the view delivery_attempt_history is not, when joined.
                 "SELECT a.delivery_id, a.attempt, a.started_at, a.latency_ms, a.status_code,
                         a.error_class, a.error_message, a.outcome
                  FROM delivery_attempts a JOIN deliveries d ON d.delivery_id = a.delivery_id
                  WHERE d.idempotency_key = $1
-                 ORDER BY a.started_at, a.attempt_id",
+                 UNION ALL
+                 SELECT delivery_id, attempts, delivered_started_at, delivered_latency_ms,
+                        last_status_code, NULL, NULL, 'delivered'
+                 FROM deliveries
+                 WHERE idempotency_key = $1 AND delivered_started_at IS NOT NULL
+                 ORDER BY 3, 2",
                 &[&key],
             )
             .await?;

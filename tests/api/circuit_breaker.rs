@@ -80,5 +80,9 @@ async fn the_breaker_opens_holds_probes_and_closes() {
     let opened = &logged("circuit state changed", &broker_id)[0];
     assert!(opened["open_until"].is_string());
     // No attempt budget was spent while open: 9 requests, 9 attempts.
-    assert_eq!(env.count("SELECT count(*) FROM delivery_attempts").await, 9);
+    assert_eq!(
+        env.count("SELECT count(*) FROM delivery_attempt_history")
+            .await,
+        9
+    );
 }

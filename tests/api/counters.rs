@@ -287,7 +287,7 @@ async fn sweep_gauges_and_statuses_answer_from_counts_and_index_probes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrating_a_ledger_with_history_starts_the_counts_exact() {
     // The schema before the counts existed, with pending, dead and delivered rows in it.
-    let env = TestEnv::with_schema(1, Some(12)).await;
+    let env = TestEnv::with_schema(1, MigrationScope::UpTo(12)).await;
     env.db
         .batch_execute(
             "INSERT INTO deliveries (idempotency_key, broker_id, load_id, kafka_partition, kafka_offset, state)

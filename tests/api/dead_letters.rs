@@ -23,7 +23,8 @@ async fn a_permanent_failure_is_dead_lettered_listed_and_replayed_with_the_same_
     );
     let first_id = header(&received(receiver).await[0], "webhook-id").to_owned();
     assert_eq!(
-        env.count("SELECT count(*) FROM delivery_attempts").await,
+        env.count("SELECT count(*) FROM delivery_attempt_history")
+            .await,
         2,
         "a 400 is permanent: no retry"
     );

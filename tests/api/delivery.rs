@@ -69,7 +69,11 @@ async fn events_reach_exactly_the_subscribed_brokers_once_each_signed() {
         }
     }
     assert_eq!(env.count("SELECT count(*) FROM deliveries").await, 7);
-    assert_eq!(env.count("SELECT count(*) FROM delivery_attempts").await, 7);
+    assert_eq!(
+        env.count("SELECT count(*) FROM delivery_attempt_history")
+            .await,
+        7
+    );
 }
 
 async fn futures_counts(receivers: &[MockServer]) -> Vec<usize> {

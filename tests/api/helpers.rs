@@ -10,6 +10,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
 use tokio_postgres::NoTls;
 use webhook_delivery::config::Settings;
+pub use webhook_delivery::ledger::MigrationScope;
 use webhook_delivery::startup::Application;
 use webhook_delivery::telemetry::{get_subscriber, init_subscriber, install_panic_hook};
 use wiremock::{MockServer, Request};
@@ -141,11 +142,11 @@ pub struct TestEnv {
 
 impl TestEnv {
     pub async fn new(partitions: i32) -> TestEnv {
-        Self::with_schema(partitions, None).await
+        Self::with_schema(partitions, MigrationScope::All).await
     }
 
-    /// A world whose ledger has migrations applied only up to `schema_version` (all if `None`).
-    pub async fn with_schema(partitions: i32, schema_version: Option<i32>) -> TestEnv {
+    /// A world whose ledger has only the migrations in `schema` applied.
+    pub async fn with_schema(partitions: i32, schema: MigrationScope) -> TestEnv {
         LazyLock::force(&TRACING);
         let db_name = unique("wd_test").replace('-', "_");
         let (admin, connection) = tokio_postgres::connect(ADMIN_DB_URL, NoTls)
@@ -160,7 +161,7 @@ impl TestEnv {
         // The service creates the schema; tests need it before seeding brokers.
         webhook_delivery::ledger::Ledger::connect_lazy(&db_url, 1)
             .unwrap()
-            .migrate_to(schema_version)
+            .migrate_scope(schema)
             .await
             .unwrap();
         let (db, connection) = tokio_postgres::connect(&db_url, NoTls).await.unwrap();

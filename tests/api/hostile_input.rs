@@ -599,7 +599,11 @@ async fn an_outcome_write_stall_is_reported_and_nothing_is_sent_twice() {
         (5, 5),
         "nothing sent twice: {ids:?}"
     );
-    assert_eq!(env.count("SELECT count(*) FROM delivery_attempts").await, 5);
+    assert_eq!(
+        env.count("SELECT count(*) FROM delivery_attempt_history")
+            .await,
+        5
+    );
 }
 
 const PROPTEST_LIMITS: EventLimits = EventLimits {

@@ -62,7 +62,11 @@ async fn an_idle_actor_retires_and_a_new_one_delivers_once_in_order() {
         ["e1", "e2", "e3", "e4", "e5"],
         "each once, in order"
     );
-    assert_eq!(env.count("SELECT count(*) FROM delivery_attempts").await, 5);
+    assert_eq!(
+        env.count("SELECT count(*) FROM delivery_attempt_history")
+            .await,
+        5
+    );
     app.stop().await;
 }
 

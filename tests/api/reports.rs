@@ -8,6 +8,7 @@ use chrono::{SecondsFormat, Utc};
 use serde_json::Value;
 use webhook_delivery::core::event::IdempotencyKey;
 use webhook_delivery::core::signing::webhook_id;
+use webhook_delivery::ledger::{AttemptOutcome, AttemptRecord, Ledger};
 
 use crate::helpers::*;
 
@@ -312,6 +313,19 @@ async fn report_deliveries_tells_the_story_of_one_event() {
         )
     );
     assert!(attempts[0]["latency_ms"].is_i64());
+    assert!(attempts[1]["latency_ms"].is_i64());
+    assert_eq!(
+        env.count("SELECT count(*) FROM delivery_attempts WHERE outcome = 'retry'")
+            .await,
+        1,
+        "the failed attempt is a history row"
+    );
+    assert_eq!(
+        env.count("SELECT count(*) FROM delivery_attempts WHERE outcome = 'delivered'")
+            .await,
+        0,
+        "the attempt that delivered lives on the delivery's row"
+    );
 
     let text = stdout_of(run_cli(&env, &["report", "deliveries", "--event-id", "e1"]));
     for needle in [
@@ -347,4 +361,112 @@ async fn report_deliveries_tells_the_story_of_one_event() {
     assert!(unknown.stdout.is_empty());
     let stderr = String::from_utf8_lossy(&unknown.stderr);
     assert!(stderr.contains("no-such-event"), "{stderr}");
+}
+
+/// An outcome for delivery `delivery_id` of broker b1, as a DeliveryActor reports it.
+fn outcome_of(
+    delivery_id: i64,
+    attempt: u32,
+    status: u16,
+    outcome: AttemptOutcome,
+) -> AttemptRecord {
+    AttemptRecord {
+        delivery_id,
+        broker_id: "b1".to_owned(),
+        attempt,
+        started_at: Utc::now(),
+        latency: Duration::from_millis(7),
+        status_code: Some(status),
+        error_class: None,
+        error_message: None,
+        outcome,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_2xx_for_a_delivered_delivery_is_history_and_a_duplicate() {
+    let env = TestEnv::new(1).await;
+    env.add_broker("b1", "http://127.0.0.1:9").await;
+    let delivery_id: i64 = env
+        .db
+        .query_one(
+            "WITH e AS (INSERT INTO events (idempotency_key, event_id, load_id, status, topic,
+                                           kafka_partition, kafka_offset, payload)
+                        VALUES ($1, 'e1', 'L1', 'matched', 't', 0, 0, '{}'))
+             INSERT INTO deliveries (idempotency_key, broker_id, load_id, kafka_partition, kafka_offset)
+             VALUES ($1, 'b1', 'L1', 0, 0) RETURNING delivery_id",
+            &[&IdempotencyKey::from_event_id("e1").as_str()],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let ledger = Ledger::connect_lazy(&env.db_url, 1).unwrap();
+
+    ledger
+        .record_attempts(&[outcome_of(delivery_id, 1, 200, AttemptOutcome::Delivered)])
+        .await
+        .unwrap();
+    let row = env
+        .db
+        .query_one(
+            "SELECT state, attempts, last_status_code, delivered_latency_ms,
+                    delivered_started_at IS NOT NULL
+             FROM deliveries WHERE delivery_id = $1",
+            &[&delivery_id],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            row.get::<_, String>(0),
+            row.get::<_, i32>(1),
+            row.get::<_, Option<i32>>(2),
+            row.get::<_, Option<i32>>(3),
+            row.get::<_, bool>(4)
+        ),
+        ("delivered".to_owned(), 1, Some(200), Some(7), true)
+    );
+    assert_eq!(env.count("SELECT count(*) FROM delivery_attempts").await, 0);
+
+    // Sent again (an old owner that had not seen the first outcome): the row keeps the first
+    // delivery, the second 2xx and a late failure are history.
+    ledger
+        .record_attempts(&[
+            outcome_of(delivery_id, 1, 204, AttemptOutcome::Delivered),
+            outcome_of(
+                delivery_id,
+                2,
+                503,
+                AttemptOutcome::RetryIn(Duration::from_secs(1)),
+            ),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(
+        env.count(
+            "SELECT count(*) FROM deliveries
+             WHERE state = 'delivered' AND last_status_code = 200 AND attempts = 1"
+        )
+        .await,
+        1,
+        "a delivery that is no longer pending is left as it is"
+    );
+    assert_eq!(
+        env.count("SELECT count(*) FROM delivery_attempt_history")
+            .await,
+        3
+    );
+    let report: Value = serde_json::from_str(&stdout_of(run_cli(
+        &env,
+        &[
+            "report",
+            "duplicates",
+            "--since",
+            &hours_ago(1),
+            "--format",
+            "json",
+        ],
+    )))
+    .unwrap();
+    assert_eq!(duplicates_of(&report), expected(&[("b1", "e1", 2)]));
 }

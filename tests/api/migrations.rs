@@ -24,6 +24,19 @@ async fn serve_refuses_a_ledger_older_than_it_needs_and_says_to_run_migrate() {
     // Nothing was created by serve: it runs no DDL.
     assert_eq!(env.count("SELECT count(*) FROM schema_migrations").await, 1);
 
+    // What serve needs first (a deploy that leaves the index builds for later), then the rest.
+    let migrated = run_cli(&env, &["migrate", "--required-only"]);
+    assert!(
+        migrated.status.success(),
+        "{}",
+        String::from_utf8_lossy(&migrated.stderr)
+    );
+    let ledger = Ledger::connect_lazy(&env.db_url, 1).unwrap();
+    let status = ledger.check_schema().await.expect("serve can start now");
+    assert!(
+        !status.pending_optional.is_empty(),
+        "the online index builds are left for later"
+    );
     let migrated = run_cli(&env, &["migrate"]);
     assert!(
         migrated.status.success(),
@@ -31,9 +44,8 @@ async fn serve_refuses_a_ledger_older_than_it_needs_and_says_to_run_migrate() {
         String::from_utf8_lossy(&migrated.stderr)
     );
     assert_eq!(
-        env.count("SELECT max(version)::int8 FROM schema_migrations")
-            .await,
-        i64::from(latest_schema_version())
+        ledger.applied_schema_versions().await.unwrap(),
+        known_schema_versions()
     );
 }
 

@@ -16,6 +16,7 @@ mod many_brokers;
 mod migrations;
 mod ordering;
 mod outbound;
+mod plans;
 mod poison;
 mod rebalance;
 mod reports;

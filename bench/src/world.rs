@@ -267,7 +267,8 @@ pub struct History<'a> {
 
 /// One chunk of history: events $1..$2 of $3, each delivered to its load's subscribers
 /// (load = event % loads, subscriber k = (load + k * stride) % brokers) at its first attempt,
-/// which this build keeps on the delivery's row (migration 20). Names follow `broker_id` and `crate::event::load_id`.
+/// which this build keeps on the delivery's row (migration 20). Names follow `broker_id` and
+/// `crate::event::load_id`.
 const HISTORY_SQL: &str = "
 WITH numbered AS (
     SELECT g,
@@ -296,8 +297,9 @@ new_deliveries AS (
     FROM numbered
     CROSS JOIN generate_series(0, $5::int8 - 1) k
     CROSS JOIN LATERAL (SELECT (load + k * $6::int8) % $7::int8 AS b) subscriber
+    RETURNING 1
 )
-SELECT count(*) FROM new_events";
+SELECT count(*) FROM new_deliveries";
 
 pub fn broker_id(index: usize) -> String {
     format!("bench-broker-{index:03}")

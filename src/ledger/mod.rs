@@ -59,8 +59,9 @@ pub enum LedgerError {
     },
     #[error(
         "the ledger schema is too old for this build (newest migration applied: {}, this build \
-         needs every transactional migration up to {required}; missing: {missing:?}): run `webhook-delivery \
-         migrate` first (safe while older instances run; RUNBOOK.md \"Deploying a new version\")",
+         needs every transactional migration up to {required}; missing: {missing:?}): run \
+         `webhook-delivery migrate` first (safe while older instances run; RUNBOOK.md \"Deploying \
+         a new version\")",
         applied.map_or_else(|| "none".to_owned(), |v| v.to_string())
     )]
     SchemaTooOld {
@@ -382,8 +383,11 @@ pub struct Ledger {
     tls: tls::PostgresTls,
 }
 
-/// What the claim's transaction sets before `CLAIM_STATEMENT` (why: `Ledger::claim_batch`).
-pub const CLAIM_SETTINGS: &str = "SET LOCAL enable_sort = off; SET LOCAL jit = off";
+/// Set in the transaction of a statement whose probes (`ORDER BY ... LIMIT` on one index) must
+/// keep their one-step plan whatever the planner's statistics say: a sort is priced out, so an
+/// index in the probe's order is its only plan without one; JIT is off because those prices
+/// would pass `jit_above_cost` (why in full: `Ledger::claim_batch`).
+pub const PROBE_PLAN_SETTINGS: &str = "SET LOCAL enable_sort = off; SET LOCAL jit = off";
 
 /// The claim (`Ledger::claim_batch`): $1 topic, $2 partition, then one array per event field.
 /// Public, with its settings, so a test can check its plan.
@@ -427,8 +431,9 @@ pub const CLAIM_STATEMENT: &str = "WITH input AS (
                  -- batch; only the first row of each pair probes the ledger, and that probe is one
                  -- backward step on deliveries_pending_by_load starting below the row's own offset
                  -- (COALESCE evaluates the subquery only when needed). Its cost does not depend on
-                 -- how many deliveries of the load are pending (docs/performance.md). The subquery
-                 -- sees the ledger as it was before this statement: earlier rows only.
+                 -- how many deliveries of the load are pending, and PROBE_PLAN_SETTINGS keep it that
+                 -- plan whatever the statistics say (docs/performance.md). The subquery sees the
+                 -- ledger as it was before this statement: earlier rows only.
                  SELECT b.delivery_id, b.idempotency_key, b.broker_id, b.load_id, b.kafka_offset,
                         COALESCE(b.previous_in_batch,
                                  (SELECT p.kafka_offset FROM deliveries p
@@ -438,6 +443,31 @@ pub const CLAIM_STATEMENT: &str = "WITH input AS (
                                   LIMIT 1)) AS pending_predecessor_offset
                  FROM in_batch b
                  ORDER BY b.kafka_offset, b.broker_id";
+
+/// A broker's ledger page (`Ledger::pending_for_broker`): $1 broker, $2 held partitions, $3/$4
+/// the cursor (partition, offset), $5 the page size. Public so a test can check its plan.
+pub const PAGE_STATEMENT: &str = "WITH page AS (
+                     SELECT d.delivery_id, d.idempotency_key, d.load_id, d.kafka_partition,
+                            d.kafka_offset, d.attempts, d.next_attempt_at
+                     FROM unnest($2::int4[]) AS held(kafka_partition)
+                     CROSS JOIN LATERAL (
+                         SELECT d.delivery_id, d.idempotency_key, d.load_id, d.kafka_partition,
+                                d.kafka_offset, d.attempts, d.next_attempt_at
+                         FROM deliveries d
+                         WHERE d.broker_id = $1 AND d.state = 'pending'
+                           AND d.kafka_partition = held.kafka_partition
+                           AND d.kafka_offset > CASE WHEN held.kafka_partition = $3 THEN $4
+                                                     ELSE -9223372036854775808 END
+                         ORDER BY d.kafka_offset
+                         LIMIT $5) d
+                     WHERE held.kafka_partition >= $3
+                     ORDER BY d.kafka_partition, d.kafka_offset
+                     LIMIT $5)
+                 SELECT p.delivery_id, p.idempotency_key, p.load_id, p.kafka_partition, p.kafka_offset,
+                        p.attempts, GREATEST(0, (EXTRACT(EPOCH FROM (p.next_attempt_at - now())) * 1000))::int8,
+                        e.payload, e.event_id
+                 FROM page p JOIN events e ON e.idempotency_key = p.idempotency_key
+                 ORDER BY p.kafka_partition, p.kafka_offset";
 
 impl Ledger {
     /// The connection every command uses: `postgres.url` (with its `sslmode`),
@@ -513,6 +543,29 @@ impl Ledger {
     }
 
     /// A pooled connection whose round trips are each bounded by `call_timeout`.
+    /// Runs one read-only statement in a transaction under PROBE_PLAN_SETTINGS, within the
+    /// per-call bound.
+    async fn query_with_probe_plans(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<tokio_postgres::Row>, LedgerError> {
+        let mut connection = self.pooled_connection().await?;
+        let read = async {
+            let transaction = connection.transaction().await?;
+            transaction.batch_execute(PROBE_PLAN_SETTINGS).await?;
+            let statement = transaction.prepare_cached(sql).await?;
+            let rows = transaction.query(&statement, params).await?;
+            transaction.commit().await?;
+            Ok::<_, tokio_postgres::Error>(rows)
+        };
+        Ok(tokio::time::timeout(self.call_timeout, read)
+            .await
+            .map_err(|_| LedgerError::TimedOut {
+                after: self.call_timeout,
+            })??)
+    }
+
     async fn client(&self) -> Result<BoundedClient, LedgerError> {
         Ok(BoundedClient {
             client: self.pooled_connection().await?,
@@ -591,7 +644,7 @@ impl Ledger {
             // counting trigger's) have no sort-free alternative and stay as they are. Pricing
             // them out inflates every estimate past jit_above_cost, and compiling the statement
             // would take longer than running it: no JIT here.
-            transaction.batch_execute(CLAIM_SETTINGS).await?;
+            transaction.batch_execute(PROBE_PLAN_SETTINGS).await?;
             let statement = transaction.prepare_cached(CLAIM_STATEMENT).await?;
             let rows = transaction
                 .query(
@@ -682,42 +735,16 @@ impl Ledger {
     ) -> Result<Vec<PendingDelivery>, LedgerError> {
         let (after_partition, after_offset) = after.unwrap_or((i32::MIN, i64::MIN));
         let fetch = i64::try_from(limit).unwrap_or(i64::MAX);
-        let client = self.client().await?;
-        let statement = client
-            .prepare_cached(
-                // One range scan of deliveries_pending_by_partition per held partition from the
-                // cursor on, each stopping at the page size, and one event probe per row of the
-                // page: bounded by partitions x page size, whatever the broker's pending depth
-                // (docs/performance.md, "A broker's ledger page"). The partition and offset
-                // bounds are separate index conditions so a scan never starts before its
-                // partition's first row after the cursor.
-                "WITH page AS (
-                     SELECT d.delivery_id, d.idempotency_key, d.load_id, d.kafka_partition,
-                            d.kafka_offset, d.attempts, d.next_attempt_at
-                     FROM unnest($2::int4[]) AS held(kafka_partition)
-                     CROSS JOIN LATERAL (
-                         SELECT d.delivery_id, d.idempotency_key, d.load_id, d.kafka_partition,
-                                d.kafka_offset, d.attempts, d.next_attempt_at
-                         FROM deliveries d
-                         WHERE d.broker_id = $1 AND d.state = 'pending'
-                           AND d.kafka_partition = held.kafka_partition
-                           AND d.kafka_offset > CASE WHEN held.kafka_partition = $3 THEN $4
-                                                     ELSE -9223372036854775808 END
-                         ORDER BY d.kafka_offset
-                         LIMIT $5) d
-                     WHERE held.kafka_partition >= $3
-                     ORDER BY d.kafka_partition, d.kafka_offset
-                     LIMIT $5)
-                 SELECT p.delivery_id, p.idempotency_key, p.load_id, p.kafka_partition, p.kafka_offset,
-                        p.attempts, GREATEST(0, (EXTRACT(EPOCH FROM (p.next_attempt_at - now())) * 1000))::int8,
-                        e.payload, e.event_id
-                 FROM page p JOIN events e ON e.idempotency_key = p.idempotency_key
-                 ORDER BY p.kafka_partition, p.kafka_offset",
-            )
-            .await?;
-        let rows = client
-            .query(
-                &statement,
+        // One range scan of deliveries_pending_by_partition per held partition from the cursor
+        // on, each stopping at the page size, and one event probe per row of the page: bounded
+        // by partitions x page size, whatever the broker's pending depth (docs/performance.md,
+        // "A broker's ledger page"), and with PROBE_PLAN_SETTINGS whatever the statistics say
+        // (another index of the broker's pending rows plus a sort would read all of a
+        // partition's rows for every page). The partition and offset bounds are separate index
+        // conditions so a scan never starts before its partition's first row after the cursor.
+        let rows = self
+            .query_with_probe_plans(
+                PAGE_STATEMENT,
                 &[
                     &broker_id,
                     &partitions,

@@ -782,12 +782,11 @@ impl Ledger {
     ) -> Result<Vec<String>, LedgerError> {
         let overdue_ms = i64::try_from(overdue_for.as_millis()).unwrap_or(i64::MAX);
         let rows = self
-            .client()
-            .await?
-            .query(
+            .query_with_probe_plans(
                 // One probe of deliveries_pending_due per (broker, partition) with pending work
                 // (from delivery_counts): bounded by those pairs, not by the pending rows. The
-                // LIMIT keeps each probe a nested index lookup whatever the statistics say.
+                // LIMIT keeps each probe a nested index lookup, and PROBE_PLAN_SETTINGS keep it
+                // on deliveries_pending_due, whatever the statistics say.
                 "SELECT DISTINCT c.broker_id FROM delivery_counts c
                  CROSS JOIN LATERAL (SELECT 1 FROM deliveries d
                                      WHERE d.broker_id = c.broker_id AND d.kafka_partition = c.kafka_partition

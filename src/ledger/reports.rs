@@ -93,16 +93,15 @@ impl Ledger {
     /// by construction: a sum over `delivery_counts` (one row per broker and partition, kept by
     /// triggers) and one index probe per broker with pending work, whatever the backlog.
     pub async fn delivery_totals(&self) -> Result<(i64, i64, f64), LedgerError> {
-        let row = self
-            .client()
-            .await?
-            .query_one(
+        let rows = self
+            .query_with_probe_plans(
                 "SELECT COALESCE(sum(pending), 0)::int8, COALESCE(sum(dead), 0)::int8,
                         GREATEST(EXTRACT(EPOCH FROM now() - (
                             SELECT min(due.next_attempt_at)
                             FROM delivery_counts p
                             -- LIMIT keeps this a probe of deliveries_pending_due per (broker,
-                            -- partition) with pending work, never a join over the pending rows.
+                            -- partition) with pending work, never a join over the pending rows,
+                            -- and PROBE_PLAN_SETTINGS keep the probe on that index.
                             CROSS JOIN LATERAL (SELECT d.next_attempt_at FROM deliveries d
                                                 WHERE d.broker_id = p.broker_id
                                                   AND d.kafka_partition = p.kafka_partition
@@ -114,6 +113,7 @@ impl Ledger {
                 &[],
             )
             .await?;
+        let row = &rows[0];
         Ok((row.get(0), row.get(1), row.get(2)))
     }
 
@@ -135,9 +135,7 @@ impl Ledger {
     /// letter's error one per broker with dead letters.
     pub async fn broker_statuses(&self) -> Result<Vec<BrokerStatus>, LedgerError> {
         let rows = self
-            .client()
-            .await?
-            .query(
+            .query_with_probe_plans(
                 // One pass over delivery_counts; per (broker, partition) with pending work one
                 // probe of deliveries_pending_due for its earliest-due row (LIMIT keeps each a
                 // nested index lookup); per broker with dead letters one deliveries_dead probe.

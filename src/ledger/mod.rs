@@ -542,7 +542,6 @@ impl Ledger {
         })
     }
 
-    /// A pooled connection whose round trips are each bounded by `call_timeout`.
     /// Runs one read-only statement in a transaction under PROBE_PLAN_SETTINGS, within the
     /// per-call bound.
     async fn query_with_probe_plans(
@@ -566,6 +565,7 @@ impl Ledger {
             })??)
     }
 
+    /// A pooled connection whose round trips are each bounded by `call_timeout`.
     async fn client(&self) -> Result<BoundedClient, LedgerError> {
         Ok(BoundedClient {
             client: self.pooled_connection().await?,

@@ -95,26 +95,31 @@ async fn the_claims_probe_and_a_ledger_page_keep_their_index_whatever_the_statis
         .await
         .unwrap();
     for mode in ["force_custom_plan", "force_generic_plan"] {
-        let plan = claim_plan(&env, 500, mode).await;
-        assert!(
-            plan.contains("Backward using deliveries_pending_by_load on deliveries p"),
-            "{mode}: the probe steps back on deliveries_pending_by_load:\n{plan}"
+        assert_probes_stay_on(
+            &claim_plan(&env, 500, mode).await,
+            "Backward using deliveries_pending_by_load on deliveries p",
+            "Sort Key: p.kafka_offset",
+            &format!("{mode}, the claim's predecessor probe"),
         );
-        assert!(
-            !plan.contains("Sort Key: p.kafka_offset"),
-            "{mode}: the probe sorts nothing:\n{plan}"
+        assert_probes_stay_on(
+            &page_plan(&env, mode).await,
+            "using deliveries_pending_by_partition on deliveries d",
+            "Sort Key: d.kafka_offset",
+            &format!("{mode}, a ledger page's per-partition scans"),
         );
-        assert!(!plan.contains("JIT"), "{mode}: no JIT:\n{plan}");
-
-        let plan = page_plan(&env, mode).await;
-        assert!(
-            plan.contains("using deliveries_pending_by_partition on deliveries d"),
-            "{mode}: each partition's rows are a range of deliveries_pending_by_partition:\n{plan}"
-        );
-        assert!(
-            !plan.contains("Sort Key: d.kafka_offset"),
-            "{mode}: no partition's rows are sorted:\n{plan}"
-        );
-        assert!(!plan.contains("JIT"), "{mode}: no JIT:\n{plan}");
     }
+}
+
+/// `plan` scans with `index_scan`, never sorts the probed rows (`probe_sort`), and is not
+/// JIT-compiled.
+fn assert_probes_stay_on(plan: &str, index_scan: &str, probe_sort: &str, what: &str) {
+    assert!(
+        plan.contains(index_scan),
+        "{what}: `{index_scan}` expected:\n{plan}"
+    );
+    assert!(
+        !plan.contains(probe_sort),
+        "{what}: `{probe_sort}` found:\n{plan}"
+    );
+    assert!(!plan.contains("JIT"), "{what}: JIT-compiled:\n{plan}");
 }

@@ -542,23 +542,28 @@ impl Ledger {
         })
     }
 
-    /// Runs one read-only statement in a transaction under PROBE_PLAN_SETTINGS, within the
-    /// per-call bound.
+    /// Runs `sql` in a transaction under PROBE_PLAN_SETTINGS, after `first` if given (a lock the
+    /// statement's snapshot must come after), all within the per-call bound, lock waits
+    /// included. A transaction cut short by the bound is rolled back when it is dropped.
     async fn query_with_probe_plans(
         &self,
+        first: Option<(&str, &[&(dyn tokio_postgres::types::ToSql + Sync)])>,
         sql: &str,
         params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
     ) -> Result<Vec<tokio_postgres::Row>, LedgerError> {
         let mut connection = self.pooled_connection().await?;
-        let read = async {
+        let run = async {
             let transaction = connection.transaction().await?;
+            if let Some((first_sql, first_params)) = first {
+                transaction.execute(first_sql, first_params).await?;
+            }
             transaction.batch_execute(PROBE_PLAN_SETTINGS).await?;
             let statement = transaction.prepare_cached(sql).await?;
             let rows = transaction.query(&statement, params).await?;
             transaction.commit().await?;
             Ok::<_, tokio_postgres::Error>(rows)
         };
-        Ok(tokio::time::timeout(self.call_timeout, read)
+        Ok(tokio::time::timeout(self.call_timeout, run)
             .await
             .map_err(|_| LedgerError::TimedOut {
                 after: self.call_timeout,
@@ -621,50 +626,34 @@ impl Ledger {
         let statuses: Vec<&str> = events.iter().map(|(_, e)| e.status.as_str()).collect();
         let offsets: Vec<i64> = events.iter().map(|(offset, _)| *offset).collect();
         let payloads: Vec<&[u8]> = events.iter().map(|(_, e)| &e.payload[..]).collect();
-        let mut connection = self.pooled_connection().await?;
-        let claim = async {
-            let transaction = connection.transaction().await?;
-            // Claims of one partition never overlap, even across instances (an old owner's
-            // claim stuck behind a lock while the partition moved on): each must see the rows of
-            // the one before it, or a delivery's predecessor below could be missed and a load's
-            // statuses sent out of order. The lock is taken before the claim statement starts,
-            // so that statement's snapshot includes the previous claim's rows.
-            transaction
-                .execute(
+        // Claims of one partition never overlap, even across instances (an old owner's claim
+        // stuck behind a lock while the partition moved on): each must see the rows of the one
+        // before it, or a delivery's predecessor below could be missed and a load's statuses
+        // sent out of order. The lock is taken before the claim statement starts, so that
+        // statement's snapshot includes the previous claim's rows.
+        //
+        // Planner statistics of a young or fast-changing ledger can price a sort of every
+        // pending row of the broker as cheaply as the one-step predecessor probe: seen with one
+        // broker, 3.8 s claims that read all its pending rows once per new delivery
+        // (docs/performance.md, "The claim's probe, whatever the statistics say"). With sorts
+        // priced out (PROBE_PLAN_SETTINGS), the probe's only plan without a sort is the backward
+        // step on deliveries_pending_by_load; the statement's other sorts (and the counting
+        // trigger's) have no sort-free alternative and stay as they are. Pricing them out
+        // inflates every estimate past jit_above_cost, and compiling the statement would take
+        // longer than running it: no JIT here.
+        let rows = self
+            .query_with_probe_plans(
+                Some((
                     "SELECT pg_advisory_xact_lock(hashtext($1), $2)",
                     &[&topic, &partition],
-                )
-                .await?;
-            // Planner statistics of a young or fast-changing ledger can price a sort of every
-            // pending row of the broker as cheaply as the one-step predecessor probe: seen with
-            // one broker, 3.8 s claims that read all its pending rows once per new delivery
-            // (docs/performance.md, "The claim's probe, whatever the statistics say"). With
-            // sorts priced out for this transaction, the probe's only plan without a sort is the
-            // backward step on deliveries_pending_by_load; the statement's other sorts (and the
-            // counting trigger's) have no sort-free alternative and stay as they are. Pricing
-            // them out inflates every estimate past jit_above_cost, and compiling the statement
-            // would take longer than running it: no JIT here.
-            transaction.batch_execute(PROBE_PLAN_SETTINGS).await?;
-            let statement = transaction.prepare_cached(CLAIM_STATEMENT).await?;
-            let rows = transaction
-                .query(
-                    &statement,
-                    &[
-                        &topic, &partition, &keys, &event_ids, &load_ids, &statuses, &offsets,
-                        &payloads,
-                    ],
-                )
-                .await?;
-            transaction.commit().await?;
-            Ok::<_, tokio_postgres::Error>(rows)
-        };
-        // One bound for the whole claim, lock wait included; a transaction cut short here is
-        // rolled back when it is dropped.
-        let rows = tokio::time::timeout(self.call_timeout, claim)
-            .await
-            .map_err(|_| LedgerError::TimedOut {
-                after: self.call_timeout,
-            })??;
+                )),
+                CLAIM_STATEMENT,
+                &[
+                    &topic, &partition, &keys, &event_ids, &load_ids, &statuses, &offsets,
+                    &payloads,
+                ],
+            )
+            .await?;
         let by_key: HashMap<&str, &ShipmentEvent> =
             events.iter().map(|(_, e)| (e.key.as_str(), e)).collect();
         Ok(rows
@@ -744,6 +733,7 @@ impl Ledger {
         // conditions so a scan never starts before its partition's first row after the cursor.
         let rows = self
             .query_with_probe_plans(
+                None,
                 PAGE_STATEMENT,
                 &[
                     &broker_id,
@@ -783,6 +773,7 @@ impl Ledger {
         let overdue_ms = i64::try_from(overdue_for.as_millis()).unwrap_or(i64::MAX);
         let rows = self
             .query_with_probe_plans(
+                None,
                 // One probe of deliveries_pending_due per (broker, partition) with pending work
                 // (from delivery_counts): bounded by those pairs, not by the pending rows. The
                 // LIMIT keeps each probe a nested index lookup, and PROBE_PLAN_SETTINGS keep it

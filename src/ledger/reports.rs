@@ -95,6 +95,7 @@ impl Ledger {
     pub async fn delivery_totals(&self) -> Result<(i64, i64, f64), LedgerError> {
         let rows = self
             .query_with_probe_plans(
+                None,
                 "SELECT COALESCE(sum(pending), 0)::int8, COALESCE(sum(dead), 0)::int8,
                         GREATEST(EXTRACT(EPOCH FROM now() - (
                             SELECT min(due.next_attempt_at)
@@ -136,6 +137,7 @@ impl Ledger {
     pub async fn broker_statuses(&self) -> Result<Vec<BrokerStatus>, LedgerError> {
         let rows = self
             .query_with_probe_plans(
+                None,
                 // One pass over delivery_counts; per (broker, partition) with pending work one
                 // probe of deliveries_pending_due for its earliest-due row (LIMIT keeps each a
                 // nested index lookup); per broker with dead letters one deliveries_dead probe.

@@ -186,6 +186,9 @@ pub struct DeliverySettings {
     pub request_timeout_ms: u64,
     pub mailbox_capacity: usize,
     pub max_in_flight_per_broker: usize,
+    /// Whether a broker's concurrency adapts to its endpoint's round trips, up to
+    /// `max_in_flight_per_broker` (src/core/concurrency.rs); if not, it is fixed at that.
+    pub adaptive_in_flight: bool,
     /// Ledger page reads under way at once across all DeliveryActors.
     pub max_concurrent_ledger_loads: usize,
     /// A broker's actor with nothing to do for this long stops; a new one starts on demand.

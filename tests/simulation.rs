@@ -21,8 +21,8 @@ use webhook_delivery::core::breaker::BreakerConfig;
 use webhook_delivery::core::lanes::Head;
 use webhook_delivery::core::policy::{AttemptResult, RetryPolicy};
 use webhook_delivery::core::scheduler::{
-    AttemptToken, Claimed, Command, Decision, Delivery, IoToken, NotMade, Outcome, Scheduler,
-    SchedulerConfig, Unusable,
+    AttemptToken, Claimed, Command, Decision, Delivery, IoToken, NotMade, Outcome, PartitionCursor,
+    Scheduler, SchedulerConfig, Unusable,
 };
 use webhook_delivery::core::Millis;
 
@@ -109,9 +109,8 @@ struct Write {
 
 struct Page {
     token: IoToken,
-    partitions: Vec<i32>,
-    after: Option<(i32, i64)>,
-    limit: usize,
+    cursors: Vec<PartitionCursor>,
+    per_partition: usize,
     snapshot: Option<Vec<Delivery<()>>>,
 }
 
@@ -167,6 +166,7 @@ fn config_for(rng: &mut Rng) -> SchedulerConfig {
             max_open: Duration::from_secs(30),
             half_open_probes: rng.range(1, 2) as u32,
         },
+        adaptive_in_flight: rng.chance(50),
     }
 }
 
@@ -278,16 +278,14 @@ impl World {
                 }
                 Command::LoadPending {
                     token,
-                    partitions,
-                    after,
-                    limit,
+                    cursors,
+                    per_partition,
                 } => {
-                    self.log(format!("page asked after {after:?} in {partitions:?}"));
+                    self.log(format!("page asked: {per_partition} after {cursors:?}"));
                     self.pages.push(Page {
                         token,
-                        partitions,
-                        after,
-                        limit,
+                        cursors,
+                        per_partition,
                         snapshot: None,
                     })
                 }
@@ -446,15 +444,23 @@ impl World {
     }
 
     fn snapshot(&self, page: &Page) -> Vec<Delivery<()>> {
-        let mut rows: Vec<(&i64, &Row)> = self
-            .rows
+        let mut rows: Vec<(&i64, &Row)> = page
+            .cursors
             .iter()
-            .filter(|(_, r)| r.state == State::Pending && page.partitions.contains(&r.partition))
-            .filter(|(_, r)| page.after.is_none_or(|a| (r.partition, r.offset) > a))
+            .flat_map(|cursor| {
+                let mut of_partition: Vec<(&i64, &Row)> = self
+                    .rows
+                    .iter()
+                    .filter(|(_, r)| r.state == State::Pending && r.partition == cursor.partition)
+                    .filter(|(_, r)| cursor.after.is_none_or(|a| r.offset > a))
+                    .collect();
+                of_partition.sort_by_key(|(_, r)| r.offset);
+                of_partition.truncate(page.per_partition);
+                of_partition
+            })
             .collect();
         rows.sort_by_key(|(_, r)| (r.partition, r.offset));
         rows.into_iter()
-            .take(page.limit)
             .map(|(id, r)| Delivery {
                 id: *id,
                 load: r.load.clone(),
@@ -741,6 +747,9 @@ impl World {
         if s.in_flight() > self.config.max_in_flight {
             self.fail(seed, "more requests in flight than allowed");
         }
+        if !(1..=self.config.max_in_flight).contains(&s.in_flight_limit()) {
+            self.fail(seed, "the concurrency limit left [1, max_in_flight]");
+        }
         let mut started = HashMap::new();
         for (load, head, _) in s.lanes().loads() {
             if head != Head::Idle {
@@ -755,7 +764,7 @@ impl World {
                 .next_ready(self.now)
                 .and_then(|l| s.lanes().head(l))
                 .is_some_and(|(e, _)| s.holds_lease(e.order.0));
-            if ready && s.in_flight() < self.config.max_in_flight && s.endpoint_usable() {
+            if ready && s.in_flight() < s.in_flight_limit() && s.endpoint_usable() {
                 self.fail(seed, "half-open with no probe in flight while one is ready");
             }
         }

@@ -81,6 +81,7 @@ pub async fn brokers(state: web::Data<AdminState>, request: HttpRequest) -> Http
                     .or(row.circuit_consecutive_failures.map(i64::from))
                     .unwrap_or(0),
                 "in_flight": here.map_or(0, |s| s.in_flight),
+                "in_flight_limit": here.map(|s| s.in_flight_limit),
                 "in_memory": here.map_or(0, |s| s.in_memory),
                 "pending": row.pending,
                 "dead": row.dead,

@@ -6,6 +6,7 @@
 
 pub mod bisect;
 pub mod breaker;
+pub mod concurrency;
 pub mod event;
 pub mod lanes;
 pub mod policy;

@@ -35,6 +35,7 @@ use tokio_postgres::{Row, Statement, ToStatement};
 
 use crate::config::PostgresSettings;
 use crate::core::event::{IdempotencyKey, ShipmentEvent};
+use crate::core::scheduler::PartitionCursor;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LedgerError {
@@ -444,25 +445,22 @@ pub const CLAIM_STATEMENT: &str = "WITH input AS (
                  FROM in_batch b
                  ORDER BY b.kafka_offset, b.broker_id";
 
-/// A broker's ledger page (`Ledger::pending_for_broker`): $1 broker, $2 held partitions, $3/$4
-/// the cursor (partition, offset), $5 the page size. Public so a test can check its plan.
+/// A broker's ledger page (`Ledger::pending_for_broker`): $1 broker, $2/$3 the partitions
+/// being read and the offset each one's rows start after, $4 the rows per partition. Public so
+/// a test can check its plan.
 pub const PAGE_STATEMENT: &str = "WITH page AS (
                      SELECT d.delivery_id, d.idempotency_key, d.load_id, d.kafka_partition,
                             d.kafka_offset, d.attempts, d.next_attempt_at
-                     FROM unnest($2::int4[]) AS held(kafka_partition)
+                     FROM unnest($2::int4[], $3::int8[]) AS cursor(kafka_partition, after_offset)
                      CROSS JOIN LATERAL (
                          SELECT d.delivery_id, d.idempotency_key, d.load_id, d.kafka_partition,
                                 d.kafka_offset, d.attempts, d.next_attempt_at
                          FROM deliveries d
                          WHERE d.broker_id = $1 AND d.state = 'pending'
-                           AND d.kafka_partition = held.kafka_partition
-                           AND d.kafka_offset > CASE WHEN held.kafka_partition = $3 THEN $4
-                                                     ELSE -9223372036854775808 END
+                           AND d.kafka_partition = cursor.kafka_partition
+                           AND d.kafka_offset > cursor.after_offset
                          ORDER BY d.kafka_offset
-                         LIMIT $5) d
-                     WHERE held.kafka_partition >= $3
-                     ORDER BY d.kafka_partition, d.kafka_offset
-                     LIMIT $5)
+                         LIMIT $4) d)
                  SELECT p.delivery_id, p.idempotency_key, p.load_id, p.kafka_partition, p.kafka_offset,
                         p.attempts, GREATEST(0, (EXTRACT(EPOCH FROM (p.next_attempt_at - now())) * 1000))::int8,
                         e.payload, e.event_id
@@ -709,39 +707,35 @@ impl Ledger {
         Ok(())
     }
 
-    /// One page of a broker's pending deliveries in `partitions`, in (partition, offset) order,
-    /// after the cursor `after`. Not-yet-due rows are included (with `due_in`) so that every
-    /// load's deliveries come back as an unbroken prefix, which is what keeps per-load order
-    /// (docs/design.md 4): a load lives in one partition, and the page cuts each partition's rows
-    /// at one offset. The scheduler walks the pages with the cursor, so rows it cannot use now
-    /// (behind a retry) never hide the ones it can.
+    /// One page of a broker's pending deliveries: up to `per_partition` rows of each cursor's
+    /// partition after its offset, in (partition, offset) order. Not-yet-due rows are included
+    /// (with `due_in`) so that every load's deliveries come back as an unbroken prefix, which is
+    /// what keeps per-load order (docs/design.md 4): a load lives in one partition, and the page
+    /// cuts each partition's rows at one offset. The scheduler walks the pages with its cursors,
+    /// so rows it cannot use now (behind a retry) never hide the ones it can, and gives each
+    /// partition an equal share, so one deep load does not crowd out the others.
     pub async fn pending_for_broker(
         &self,
         broker_id: &str,
-        partitions: &[i32],
-        after: Option<(i32, i64)>,
-        limit: usize,
+        cursors: &[PartitionCursor],
+        per_partition: usize,
     ) -> Result<Vec<PendingDelivery>, LedgerError> {
-        let (after_partition, after_offset) = after.unwrap_or((i32::MIN, i64::MIN));
-        let fetch = i64::try_from(limit).unwrap_or(i64::MAX);
-        // One range scan of deliveries_pending_by_partition per held partition from the cursor
-        // on, each stopping at the page size, and one event probe per row of the page: bounded
-        // by partitions x page size, whatever the broker's pending depth (docs/performance.md,
-        // "A broker's ledger page"), and with PROBE_PLAN_SETTINGS whatever the statistics say
-        // (another index of the broker's pending rows plus a sort would read all of a
-        // partition's rows for every page). The partition and offset bounds are separate index
-        // conditions so a scan never starts before its partition's first row after the cursor.
+        let partitions: Vec<i32> = cursors.iter().map(|c| c.partition).collect();
+        let afters: Vec<i64> = cursors
+            .iter()
+            .map(|c| c.after.unwrap_or(i64::MIN))
+            .collect();
+        let fetch = i64::try_from(per_partition).unwrap_or(i64::MAX);
+        // One range scan of deliveries_pending_by_partition per cursor, each stopping at its
+        // share, and one event probe per row of the page: bounded by the page size, whatever
+        // the broker's pending depth (docs/performance.md, "A broker's ledger page"), and with
+        // PROBE_PLAN_SETTINGS whatever the statistics say (another index of the broker's
+        // pending rows plus a sort would read all of a partition's rows for every page).
         let rows = self
             .query_with_probe_plans(
                 None,
                 PAGE_STATEMENT,
-                &[
-                    &broker_id,
-                    &partitions,
-                    &after_partition,
-                    &after_offset,
-                    &fetch,
-                ],
+                &[&broker_id, &partitions, &afters, &fetch],
             )
             .await?;
         Ok(rows

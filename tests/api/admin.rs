@@ -48,6 +48,7 @@ async fn the_admin_api_reports_health_metrics_brokers_and_replays_with_a_token()
         "webhook_delivery_attempt_duration_seconds_bucket",
         "webhook_delivery_circuit_state{broker_id=\"healthy\"} 0",
         "webhook_delivery_in_flight_requests{broker_id=",
+        "webhook_delivery_in_flight_limit{broker_id=\"healthy\"} ",
         "webhook_delivery_mailbox_depth{broker_id=",
     ] {
         assert!(
@@ -90,6 +91,12 @@ async fn the_admin_api_reports_health_metrics_brokers_and_replays_with_a_token()
         .unwrap()
         .starts_with("HTTP 400"));
     assert_eq!(failing_row["enabled"], true);
+    assert!(
+        failing_row["in_flight_limit"]
+            .as_u64()
+            .is_some_and(|n| n >= 1),
+        "the broker's live concurrency limit: {failing_row}"
+    );
 
     let letters: Vec<serde_json::Value> = app
         .admin_get_with_token("/dead-letters?broker=failing", TOKEN)

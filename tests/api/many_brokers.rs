@@ -43,6 +43,10 @@ async fn an_idle_actor_retires_and_a_new_one_delivers_once_in_order() {
         .find(|b| b["broker_id"] == broker.as_str())
         .expect("/brokers still lists a broker whose actor retired");
     assert_eq!(row["in_memory"], 0);
+    assert!(
+        row["in_flight_limit"].is_null(),
+        "no actor, so no concurrency limit"
+    );
     for i in 2..=5 {
         env.produce_event(Some(&format!("e{i}")), "L1", "matched")
             .await;

@@ -63,8 +63,8 @@ async fn page_plan(env: &TestEnv, plan_cache_mode: &str) -> String {
     plan_of(
         env,
         PAGE_STATEMENT,
-        "text, int4[], int4, int8, int8",
-        "'b1', ARRAY[0, 1], -2147483648, -9223372036854775808, 1000",
+        "text, int4[], int8[], int8",
+        "'b1', ARRAY[0, 1], ARRAY[-9223372036854775808, -9223372036854775808]::int8[], 500",
         plan_cache_mode,
     )
     .await

@@ -33,8 +33,8 @@ use crate::config::DeliverySettings;
 use crate::core::breaker::{BreakerConfig, Transition};
 use crate::core::policy::{parse_retry_after, AttemptResult, RetryPolicy};
 use crate::core::scheduler::{
-    AttemptToken, Command, Decision, Delivery, IoToken, NotMade, Outcome, Scheduler,
-    SchedulerConfig, Unusable,
+    AttemptToken, Command, Decision, Delivery, IoToken, NotMade, Outcome, PartitionCursor,
+    Scheduler, SchedulerConfig, Unusable,
 };
 use crate::core::signing::{signature_header, webhook_id};
 use crate::core::Millis;
@@ -94,6 +94,8 @@ pub struct BrokerSnapshot {
     pub circuit_open_until: Option<DateTime<Utc>>,
     pub consecutive_failures: u32,
     pub in_flight: usize,
+    /// Requests allowed at once now (adaptive, up to `max_in_flight_per_broker`).
+    pub in_flight_limit: usize,
     pub in_memory: usize,
 }
 
@@ -200,6 +202,7 @@ impl DeliveryActor {
         let config = SchedulerConfig {
             capacity: deps.settings.mailbox_capacity,
             max_in_flight: deps.settings.max_in_flight_per_broker,
+            adaptive_in_flight: deps.settings.adaptive_in_flight,
             request_timeout: deps.settings.request_timeout(),
             endpoint_refresh: ENDPOINT_REFRESH,
             retry: deps.retry,
@@ -255,10 +258,9 @@ impl DeliveryActor {
                 }
                 Command::LoadPending {
                     token,
-                    partitions,
-                    after,
-                    limit,
-                } => self.load_pending(ctx, token, partitions, after, limit),
+                    cursors,
+                    per_partition,
+                } => self.load_pending(ctx, token, cursors, per_partition),
                 Command::LoadBroker => self.supervisor.do_send(WantBrokerRow {
                     broker_id: self.broker_id.clone(),
                 }),
@@ -450,9 +452,8 @@ impl DeliveryActor {
         &mut self,
         ctx: &mut Context<Self>,
         token: IoToken,
-        partitions: Vec<i32>,
-        after: Option<(i32, i64)>,
-        limit: usize,
+        cursors: Vec<PartitionCursor>,
+        per_partition: usize,
     ) {
         if !self.deps.buffered.has_room() {
             // Memory is full (all brokers together): read nothing now; the scheduler tries
@@ -465,9 +466,8 @@ impl DeliveryActor {
         let (ledger, permits) = (self.deps.ledger.clone(), self.deps.ledger_loads.clone());
         let request = LoadPending {
             broker_id: self.broker_id.clone(),
-            partitions,
-            after,
-            limit,
+            cursors,
+            per_partition,
         };
         // The permit is held until the answer is in; a restart drops the future, and the
         // permit with it.
@@ -667,6 +667,10 @@ impl DeliveryActor {
             .in_flight
             .with_label_values(&broker)
             .set(self.scheduler.in_flight() as i64);
+        metrics
+            .in_flight_limit
+            .with_label_values(&broker)
+            .set(self.scheduler.in_flight_limit() as i64);
     }
 
     /// Runs one step of delivery code with panics contained: a panic is logged with the broker
@@ -708,6 +712,7 @@ impl DeliveryActor {
             circuit_open_until: breaker.open_until().map(wall_clock),
             consecutive_failures: breaker.consecutive_failures(),
             in_flight: self.scheduler.in_flight(),
+            in_flight_limit: self.scheduler.in_flight_limit(),
             in_memory: self.scheduler.held(),
         }
     }

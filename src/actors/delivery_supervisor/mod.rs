@@ -104,6 +104,7 @@ impl DeliverySupervisor {
         for gauge in [
             &metrics.mailbox_depth,
             &metrics.in_flight,
+            &metrics.in_flight_limit,
             &metrics.circuit_state,
         ] {
             // Absent series are fine (never set).

@@ -4,6 +4,7 @@ use actix::{Handler, Message, ResponseFuture};
 
 use super::LedgerGateway;
 use crate::core::event::ShipmentEvent;
+use crate::core::scheduler::PartitionCursor;
 use crate::ledger::{
     AttemptRecord, BrokerRow, CircuitRecord, ClaimedDelivery, LedgerError, PendingDelivery,
     RejectedMessage,
@@ -86,14 +87,13 @@ impl Handler<RecordRejected> for LedgerGateway {
     }
 }
 
-/// One page of a broker's pending deliveries, in (partition, offset) order after `after`.
+/// One page of a broker's pending deliveries: up to `per_partition` rows after each cursor.
 #[derive(Message)]
 #[rtype(result = "Result<Vec<PendingDelivery>, LedgerError>")]
 pub struct LoadPending {
     pub broker_id: String,
-    pub partitions: Vec<i32>,
-    pub after: Option<(i32, i64)>,
-    pub limit: usize,
+    pub cursors: Vec<PartitionCursor>,
+    pub per_partition: usize,
 }
 
 impl Handler<LoadPending> for LedgerGateway {
@@ -104,7 +104,7 @@ impl Handler<LoadPending> for LedgerGateway {
         let watch = self.watch.clone();
         Box::pin(async move {
             ledger
-                .pending_for_broker(&msg.broker_id, &msg.partitions, msg.after, msg.limit)
+                .pending_for_broker(&msg.broker_id, &msg.cursors, msg.per_partition)
                 .await
                 .inspect_err(|error| watch.count("load_pending", error))
         })

@@ -7,14 +7,20 @@
 //! What it decides, and the rules that keep it right:
 //! - **Lanes** (one per load, [`Lanes`]): at most one delivery of a load started and not yet
 //!   saved; a lane holds a prefix of its load's pending deliveries in offset order.
-//! - **Slots**: at most `max_in_flight` requests out. A slot is free as soon as the answer is
+//! - **Slots**: at most the broker's concurrency limit of requests out ([`ConcurrencyLimit`]:
+//!   adaptive up to `max_in_flight`, or fixed at it). A slot is free as soon as the answer is
 //!   in; only that load's lane waits for the outcome to be saved.
+//! - **Outcome writes**: up to two under way at once, so a decided outcome seldom waits for
+//!   the rest of the broker's previous write before its own starts. A lane has at most one
+//!   outcome unsaved, so no two writes touch the same lane, and they may commit in any order.
 //! - **Breaker** ([`CircuitBreaker`]): a probe slot is taken only for a request really made.
 //! - **Room**: at most `capacity` deliveries held. Deliveries waiting for a retry give way to a
 //!   ready delivery of another load (they are evicted; the ledger still has them).
-//! - **Ledger loads** walk the broker's pending rows in (partition, offset) order with a cursor,
-//!   page by page, so rows that cannot be used now (behind a retry) do not hide the ones that
-//!   can. A row whose outcome was saved while the page was being read is not taken back.
+//! - **Ledger loads** walk the broker's pending rows with a cursor per partition, page by page,
+//!   so rows that cannot be used now (behind a retry) do not hide the ones that can. A page
+//!   gives every partition still being read an equal share, so one deep load cannot fill memory
+//!   while the broker's loads in other partitions wait. A row whose outcome was saved while the
+//!   page was being read is not taken back.
 //! - **Generations**: a lease is (partition, generation), so a stale revoke cannot drop a newer
 //!   lease; requests carry the incarnation (`epoch`) that started them, so after a restart the
 //!   answers to the old incarnation's requests are ignored.
@@ -23,6 +29,7 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::time::Duration;
 
 use super::breaker::{BreakerConfig, CircuitBreaker, ProbeId, RequestOutcome, Transition};
+use super::concurrency::{ConcurrencyConfig, ConcurrencyLimit, Response};
 use super::lanes::{Entry, Head, Lanes, Order};
 use super::Millis;
 use crate::core::policy::{classify, AttemptResult, RetryPolicy, Verdict};
@@ -32,13 +39,19 @@ mod tests;
 
 /// How long to wait before retrying a failed outcome write, ledger page or broker row read.
 const RETRY_IO_AFTER: Duration = Duration::from_secs(1);
+/// Outcome writes under way at once. More than one, so a decided outcome need not wait for the
+/// rest of the previous write; few, so a busy broker's outcomes still go out in batches.
+const MAX_WRITES_IN_FLIGHT: usize = 2;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SchedulerConfig {
     /// Deliveries held in memory at most (`delivery.mailbox_capacity`).
     pub capacity: usize,
-    /// Requests out at once (`delivery.max_in_flight_per_broker`).
+    /// Requests out at once at most (`delivery.max_in_flight_per_broker`).
     pub max_in_flight: usize,
+    /// Whether the limit adapts to the endpoint's round trips below `max_in_flight`
+    /// (`delivery.adaptive_in_flight`).
+    pub adaptive_in_flight: bool,
     /// A request's time limit; a half-open probe unanswered for longer than this (plus a
     /// second) counts as failed.
     pub request_timeout: Duration,
@@ -144,13 +157,13 @@ pub enum Command<P, R> {
         token: IoToken,
         outcomes: Vec<Outcome<R>>,
     },
-    /// Read up to `limit` pending rows of this broker in `partitions`, in (partition, offset)
-    /// order, after `after`. Answer with `loaded` or `load_failed`.
+    /// Read up to `per_partition` pending rows of this broker from each cursor's partition, in
+    /// offset order after the cursor; the page is in (partition, offset) order. Answer with
+    /// `loaded` or `load_failed`.
     LoadPending {
         token: IoToken,
-        partitions: Vec<i32>,
-        after: Option<Order>,
-        limit: usize,
+        cursors: Vec<PartitionCursor>,
+        per_partition: usize,
     },
     /// Read the broker row. Answer with `broker_loaded` or `broker_load_failed`. (The shell
     /// may also pass in rows it read unasked, the periodic refresh.)
@@ -161,9 +174,18 @@ pub enum Command<P, R> {
     BreakerChanged(Transition),
 }
 
+/// Where a sweep stands in one partition: its next rows are the ones after `after` (all of them
+/// when `None`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartitionCursor {
+    pub partition: i32,
+    pub after: Option<i64>,
+}
+
 #[derive(Debug)]
 struct InFlight {
     id: i64,
+    started: Millis,
     load: String,
     attempt: u32,
     probe: Option<ProbeId>,
@@ -183,7 +205,11 @@ enum EndpointState {
 struct Sweep {
     /// The `wanted` count when it started: everything wanted before is covered once it ends.
     started_at: u64,
-    after: Option<Order>,
+    /// The partitions not read to the end yet, each with the offset its next page starts after.
+    cursors: BTreeMap<i32, Option<i64>>,
+    /// Rows asked of each partition for the page being read: one that returns fewer is read to
+    /// the end.
+    per_partition: usize,
     /// Loads with a pending row this sweep saw but did not take: their later rows must not be
     /// taken either (a lane is a prefix).
     blocked: HashSet<String>,
@@ -199,6 +225,7 @@ pub struct Scheduler<P, R> {
     next_seq: u64,
     lanes: Lanes<P>,
     breaker: CircuitBreaker,
+    in_flight_limit: ConcurrencyLimit,
     /// Partitions whose lease this instance holds, with the lease's generation.
     leases: BTreeMap<i32, u64>,
     /// The newest lease generation seen per partition (a stale grant is ignored too).
@@ -211,7 +238,9 @@ pub struct Scheduler<P, R> {
     endpoint_retry_at: Option<Millis>,
     in_flight: HashMap<AttemptToken, InFlight>,
     outbox: Vec<Outcome<R>>,
-    saving: Option<(IoToken, Vec<Outcome<R>>)>,
+    /// Outcome writes under way (at most `MAX_WRITES_IN_FLIGHT`); no two hold outcomes of the
+    /// same lane.
+    saving: HashMap<IoToken, Vec<Outcome<R>>>,
     save_retry_at: Option<Millis>,
     /// Bumped whenever the ledger may hold pending rows that are not in memory.
     wanted: u64,
@@ -254,6 +283,10 @@ impl<P: Clone, R: Clone> Scheduler<P, R> {
             next_seq: 0,
             lanes: Lanes::default(),
             breaker: CircuitBreaker::new(config.breaker, probe_timeout, now),
+            in_flight_limit: ConcurrencyLimit::new(ConcurrencyConfig {
+                max: config.max_in_flight,
+                adaptive: config.adaptive_in_flight,
+            }),
             leases: BTreeMap::new(),
             newest_lease: HashMap::new(),
             endpoint: EndpointState::Unknown,
@@ -262,7 +295,7 @@ impl<P: Clone, R: Clone> Scheduler<P, R> {
             endpoint_retry_at: None,
             in_flight: HashMap::new(),
             outbox: Vec::new(),
-            saving: None,
+            saving: HashMap::new(),
             save_retry_at: None,
             // A new scheduler knows nothing yet: look in the ledger first.
             wanted: 1,
@@ -293,7 +326,7 @@ impl<P: Clone, R: Clone> Scheduler<P, R> {
     /// is due already and still waiting waits for an input (an answer, a save, a row).
     pub fn next_wakeup(&self, now: Millis) -> Option<Millis> {
         let lanes_due = self.lanes.next_due().filter(|_| {
-            self.in_flight.len() < self.config.max_in_flight && self.breaker.may_request()
+            self.in_flight.len() < self.in_flight_limit.current() && self.breaker.may_request()
         });
         let endpoint_due = match &self.endpoint {
             EndpointState::Known { at, .. } if !self.lanes.is_empty() && !self.loading_endpoint => {
@@ -339,6 +372,11 @@ impl<P: Clone, R: Clone> Scheduler<P, R> {
         self.in_flight.len()
     }
 
+    /// Requests allowed at once now (the adaptive limit, or `max_in_flight`).
+    pub fn in_flight_limit(&self) -> usize {
+        self.in_flight_limit.current()
+    }
+
     pub fn held(&self) -> usize {
         self.lanes.len()
     }
@@ -378,7 +416,7 @@ impl<P: Clone, R: Clone> Scheduler<P, R> {
         self.draining
             && self.in_flight.is_empty()
             && self.outbox.is_empty()
-            && self.saving.is_none()
+            && self.saving.is_empty()
     }
 
     /// Nothing to do and nothing to remember: nothing held, requested, decided but unsaved or
@@ -390,7 +428,7 @@ impl<P: Clone, R: Clone> Scheduler<P, R> {
         self.lanes.is_empty()
             && self.in_flight.is_empty()
             && self.outbox.is_empty()
-            && self.saving.is_none()
+            && self.saving.is_empty()
             && self.loading.is_none()
             && self.sweep.is_none()
             && self.wanted <= self.done
@@ -499,9 +537,12 @@ impl<P: Clone, R: Clone> Scheduler<P, R> {
         let Some(mut sweep) = self.sweep.take() else {
             return self.drive(now);
         };
-        let full_page = rows.len() >= self.page_size();
+        let mut read: HashMap<i32, usize> = HashMap::new();
         for row in rows {
-            sweep.after = Some((row.partition, row.offset));
+            if let Some(cursor) = sweep.cursors.get_mut(&row.partition) {
+                *cursor = Some(row.offset);
+            }
+            *read.entry(row.partition).or_default() += 1;
             if self.lanes.holds(row.id) || saved_meanwhile.contains(&row.id) {
                 continue;
             }
@@ -525,6 +566,11 @@ impl<P: Clone, R: Clone> Scheduler<P, R> {
                 sweep.blocked.insert(row.load);
             }
         }
+        let per_partition = sweep.per_partition;
+        sweep
+            .cursors
+            .retain(|partition, _| read.get(partition).is_some_and(|&n| n >= per_partition));
+        let full_page = !sweep.cursors.is_empty();
         let room_left = self.lanes.len() < self.config.capacity || self.has_waiting_lane(now);
         if full_page && room_left {
             self.sweep = Some(sweep);
@@ -581,6 +627,12 @@ impl<P: Clone, R: Clone> Scheduler<P, R> {
             }
             None => self.breaker.request_not_made(flight.probe),
         }
+        let response = match (&result, verdict) {
+            (AttemptResult::RequestInvalid, _) => Response::Ignored,
+            (_, Verdict::Retry) => Response::BackPressure,
+            _ => Response::Processed(now.since(flight.started)),
+        };
+        self.in_flight_limit.request_finished(now, response);
         let decision = match verdict {
             Verdict::Delivered => Decision::Delivered,
             Verdict::Retry => {
@@ -653,13 +705,9 @@ impl<P: Clone, R: Clone> Scheduler<P, R> {
 
     /// The outcomes of `WriteOutcomes { token }` are committed: their lanes move on.
     pub fn outcomes_saved(&mut self, now: Millis, token: IoToken) {
-        let Some((saving, batch)) = self.saving.take() else {
+        let Some(batch) = self.saving.remove(&token) else {
             return;
         };
-        if saving != token {
-            self.saving = Some((saving, batch));
-            return;
-        }
         for outcome in batch {
             let retry = match outcome.decision {
                 Decision::RetryIn(delay) => Some((outcome.decided_at + delay, outcome.attempt)),
@@ -687,8 +735,7 @@ impl<P: Clone, R: Clone> Scheduler<P, R> {
 
     /// The write failed: the batch goes back in front of the queue and is tried again.
     pub fn outcomes_save_failed(&mut self, now: Millis, token: IoToken) {
-        if self.saving.as_ref().is_some_and(|(t, _)| *t == token) {
-            let (_, batch) = self.saving.take().expect("checked above");
+        if let Some(batch) = self.saving.remove(&token) {
             self.outbox.splice(0..0, batch);
             self.save_retry_at = Some(now + RETRY_IO_AFTER);
         }
@@ -988,7 +1035,8 @@ impl<P: Clone, R: Clone> Scheduler<P, R> {
                 self.decide(now, &load, id, attempt - 1, decision, None, None);
                 continue;
             }
-            if self.in_flight.len() >= self.config.max_in_flight || !self.breaker.may_request() {
+            if self.in_flight.len() >= self.in_flight_limit.current() || !self.breaker.may_request()
+            {
                 break;
             }
             let probe = self.breaker.request_started(now);
@@ -1005,11 +1053,13 @@ impl<P: Clone, R: Clone> Scheduler<P, R> {
                 token,
                 InFlight {
                     id,
+                    started: now,
                     load: load.clone(),
                     attempt,
                     probe,
                 },
             );
+            self.in_flight_limit.request_started(self.in_flight.len());
             self.commands.push_back(Command::Send {
                 token,
                 delivery_id: id,
@@ -1021,7 +1071,7 @@ impl<P: Clone, R: Clone> Scheduler<P, R> {
     }
 
     fn write_outcomes(&mut self, now: Millis) {
-        if self.saving.is_some() || self.outbox.is_empty() {
+        if self.outbox.is_empty() || self.saving.len() >= MAX_WRITES_IN_FLIGHT {
             return;
         }
         if self.save_retry_at.is_some_and(|at| now < at) {
@@ -1034,7 +1084,7 @@ impl<P: Clone, R: Clone> Scheduler<P, R> {
             token,
             outcomes: batch.clone(),
         });
-        self.saving = Some((token, batch));
+        self.saving.insert(token, batch);
     }
 
     fn read_ledger(&mut self, now: Millis) {
@@ -1056,20 +1106,31 @@ impl<P: Clone, R: Clone> Scheduler<P, R> {
             self.room_changed = false;
             self.sweep = Some(Sweep {
                 started_at: self.wanted,
-                after: None,
+                cursors: self.leases.keys().map(|&p| (p, None)).collect(),
+                per_partition: 0,
                 blocked: HashSet::new(),
                 skipped: false,
                 skipped_ready: false,
             });
         }
-        let after = self.sweep.as_ref().and_then(|s| s.after);
+        let page_size = self.page_size();
         let token = self.io_token();
+        let Some(sweep) = self.sweep.as_mut() else {
+            return;
+        };
+        // An equal share of the page for every partition still being read (rounded up, so a
+        // page is at most page size + partitions - 1 rows).
+        sweep.per_partition = page_size.div_ceil(sweep.cursors.len().max(1));
+        let cursors = sweep
+            .cursors
+            .iter()
+            .map(|(&partition, &after)| PartitionCursor { partition, after })
+            .collect();
         self.loading = Some(token);
         self.commands.push_back(Command::LoadPending {
             token,
-            partitions: self.leases.keys().copied().collect(),
-            after,
-            limit: self.page_size(),
+            cursors,
+            per_partition: sweep.per_partition,
         });
     }
 

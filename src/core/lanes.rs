@@ -81,6 +81,16 @@ impl<P> Lanes<P> {
         self.lanes.contains_key(load)
     }
 
+    /// How many lanes there are (loads with something held).
+    pub fn lane_count(&self) -> usize {
+        self.lanes.len()
+    }
+
+    /// How many deliveries of `load` are held.
+    pub fn lane_len(&self, load: &str) -> usize {
+        self.lanes.get(load).map_or(0, |lane| lane.entries.len())
+    }
+
     /// Does the lane of `load` hold the delivery at `order`?
     pub fn holds_order(&self, load: &str, order: Order) -> bool {
         self.lanes

@@ -15,7 +15,10 @@
 //!   outcome unsaved, so no two writes touch the same lane, and they may commit in any order.
 //! - **Breaker** ([`CircuitBreaker`]): a probe slot is taken only for a request really made.
 //! - **Room**: at most `capacity` deliveries held. Deliveries waiting for a retry give way to a
-//!   ready delivery of another load (they are evicted; the ledger still has them).
+//!   ready delivery of another load (they are evicted; the ledger still has them). A claimed
+//!   delivery of a load holding less than its fair share of memory takes the place of the
+//!   last delivery of the longest lane, so the first load claimed cannot fill memory while
+//!   the others wait for a sweep.
 //! - **Ledger loads** walk the broker's pending rows with a cursor per partition, page by page,
 //!   so rows that cannot be used now (behind a retry) do not hide the ones that can. A page
 //!   gives every partition still being read an equal share, so one deep load cannot fill memory
@@ -25,7 +28,7 @@
 //!   lease; requests carry the incarnation (`epoch`) that started them, so after a restart the
 //!   answers to the old incarnation's requests are ignored.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet, VecDeque};
 use std::time::Duration;
 
 use super::breaker::{BreakerConfig, CircuitBreaker, ProbeId, RequestOutcome, Transition};
@@ -446,6 +449,9 @@ impl<P: Clone, R: Clone> Scheduler<P, R> {
     /// `claims_stale_before`); otherwise, or when there is no room, it stays in the ledger for a
     /// page to pick up behind its predecessors.
     pub fn claimed(&mut self, now: Millis, claimed: Vec<Claimed<P>>) {
+        // The lanes that may give up places, longest first: built once per batch, on the first
+        // delivery that finds memory full.
+        let mut donors = None;
         for Claimed {
             delivery,
             pending_predecessor,
@@ -485,7 +491,10 @@ impl<P: Clone, R: Clone> Scheduler<P, R> {
                 self.wanted += 1;
                 continue;
             }
-            match self.make_room_for(&delivery, now) {
+            let room = self
+                .make_room_for(&delivery, now)
+                .or_else(|| self.take_fair_share(&delivery.load, &mut donors));
+            match room {
                 None => self.wanted += 1,
                 Some(evicted) => {
                     if let (Some(sweep), Some(load)) = (&mut self.sweep, evicted) {
@@ -496,6 +505,38 @@ impl<P: Clone, R: Clone> Scheduler<P, R> {
             }
         }
         self.drive(now);
+    }
+
+    /// Memory is full: if `load` holds less than its fair share (capacity / lanes), the
+    /// longest lane gives up its last delivery for it (it stays pending in the ledger, and the
+    /// next sweep reads it again). `Some(Some(donor))` when a place was freed.
+    fn take_fair_share(
+        &mut self,
+        load: &str,
+        donors: &mut Option<BinaryHeap<(usize, String)>>,
+    ) -> Option<Option<String>> {
+        let own = self.lanes.lane_len(load);
+        let lanes = self.lanes.lane_count() + usize::from(own == 0);
+        let fair = self.config.capacity / lanes.max(1);
+        if own >= fair {
+            return None;
+        }
+        let lanes = &self.lanes;
+        let donors = donors.get_or_insert_with(|| {
+            lanes
+                .loads()
+                .map(|(donor, _, len)| (len, donor.to_owned()))
+                .collect()
+        });
+        let (len, donor) = donors.pop()?;
+        // A donor keeps more than the fair share, and never gives to itself.
+        if len <= fair + 1 || donor == load || self.lanes.evict_back(&donor, 1) == 0 {
+            donors.push((len, donor));
+            return None;
+        }
+        donors.push((len - 1, donor.clone()));
+        self.overflowed = true;
+        Some(Some(donor))
     }
 
     /// The ledger may hold pending deliveries that are not in memory (a claim did not fit, the

@@ -807,3 +807,30 @@ fn a_page_shares_memory_among_partitions() {
         );
     }
 }
+
+/// The claim's fast path: the first load claimed does not keep all of memory while another
+/// load's deliveries wait for a sweep; the longest lane gives up its last places, and what it
+/// gave up is no longer treated as held.
+#[test]
+fn a_claimed_load_takes_its_fair_share_of_a_full_memory() {
+    let (mut s, _) = ready(SchedulerConfig {
+        max_in_flight: 1,
+        ..CONFIG
+    });
+    let t = Millis(10);
+    let deep: Vec<_> = (0..10)
+        .map(|i| claim(i, "A", i, (i > 0).then(|| i - 1)))
+        .collect();
+    s.claimed(t, deep);
+    assert_eq!(s.held(), 10, "memory is full of A");
+    let shallow: Vec<_> = (100..103)
+        .map(|i| claim(i, "B", i, (i > 100).then(|| i - 1)))
+        .collect();
+    s.claimed(t, shallow);
+    assert_eq!(s.held(), 10);
+    assert_eq!(s.lanes().lane_len("B"), 3, "B got places");
+    assert_eq!(s.lanes().lane_len("A"), 7, "A gave up its last three");
+    // A's next delivery follows one it gave up: it waits in the ledger for the sweep.
+    s.claimed(t, vec![claim(10, "A", 10, Some(9))]);
+    assert!(!s.lanes().holds(10));
+}

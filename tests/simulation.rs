@@ -32,9 +32,10 @@ use webhook_delivery::core::Millis;
 /// finished its delivery; 280, 788, 2887, 7363, 7683 retries holding room a ready load needed;
 /// 1112 a page asked before a claim but read after it; 42 a claim older than a replay;
 /// 2033 an evicted load taken back later in the same sweep; 7000 a claim joining a lane
-/// before the post-replay sweep.
+/// before the post-replay sweep; 43745 (session 5, 50,000 seeds) a claim trusting a head kept
+/// over a restart while the replayed delivery behind it had been dropped.
 const REGRESSION_SEEDS: &[u64] = &[
-    42, 59, 61, 105, 175, 280, 283, 788, 1112, 2033, 2887, 7000, 7363, 7683,
+    42, 59, 61, 105, 175, 280, 283, 788, 1112, 2033, 2887, 7000, 7363, 7683, 43745,
 ];
 
 const PARTITIONS: i32 = 2;

@@ -867,6 +867,10 @@ impl<P: Clone, R: Clone> Scheduler<P, R> {
         self.sweep = None;
         self.saved_during_load.clear();
         self.wanted += 1;
+        // A head kept awaiting its save may have had a replayed, earlier delivery of its load
+        // behind it, now dropped: until the sweep has read the ledger again, a held head says
+        // nothing about what is pending before a claim (as after a replay).
+        self.replay_read_by = Some(self.wanted);
         self.drive(now);
     }
 

@@ -113,12 +113,18 @@ const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../../sql/0020_delivered_attempt_in_row.sql"),
         mode: Mode::Transactional,
     },
+    Migration {
+        version: 21,
+        name: "dead_error_in_counts",
+        sql: include_str!("../../sql/0021_dead_error_in_counts.sql"),
+        mode: Mode::Transactional,
+    },
 ];
 
 /// The newest migration this build's queries need. `serve` refuses a ledger that lacks any
 /// transactional migration up to this one. Online migrations (index builds) are never required:
 /// they only make queries faster, and may be applied while this build runs.
-pub const REQUIRED_SCHEMA_VERSION: i32 = 20;
+pub const REQUIRED_SCHEMA_VERSION: i32 = 21;
 
 /// Which of the pending migrations a `migrate` run applies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -131,21 +131,24 @@ impl Ledger {
 
     /// Every broker, in id order, with its breaker state and backlog. Brokers that still have
     /// pending or dead deliveries but no `brokers` row are listed too, so totals match the ledger.
-    /// Counts and the last retry error come from `delivery_counts`; the most overdue pending
-    /// delivery is one index probe per (broker, partition) with pending work, the newest dead
-    /// letter's error one per broker with dead letters.
+    /// Counts, the last retry error and the newest dead letter's error come from
+    /// `delivery_counts`; the most overdue pending delivery is one index probe per (broker,
+    /// partition) with pending work.
     pub async fn broker_statuses(&self) -> Result<Vec<BrokerStatus>, LedgerError> {
         let rows = self
             .query_with_probe_plans(
                 None,
                 // One pass over delivery_counts; per (broker, partition) with pending work one
                 // probe of deliveries_pending_due for its earliest-due row (LIMIT keeps each a
-                // nested index lookup); per broker with dead letters one deliveries_dead probe.
+                // nested index lookup).
                 "WITH backlog AS (
                      SELECT c.broker_id, sum(c.pending)::int8 AS pending, sum(c.dead)::int8 AS dead,
                             (array_agg(c.last_error ORDER BY c.last_error_at DESC)
                                  FILTER (WHERE c.last_error IS NOT NULL))[1] AS last_error,
                             max(c.last_error_at) AS last_error_at,
+                            (array_agg(c.last_dead_error ORDER BY c.last_dead_at DESC)
+                                 FILTER (WHERE c.last_dead_error IS NOT NULL))[1] AS last_dead_error,
+                            max(c.last_dead_at) AS last_dead_at,
                             min(due.next_attempt_at) AS due_since
                      FROM delivery_counts c
                      LEFT JOIN LATERAL (SELECT d.next_attempt_at FROM deliveries d
@@ -166,16 +169,12 @@ impl Ledger {
                         CASE WHEN k.due_since IS NOT NULL
                              THEN (GREATEST(EXTRACT(EPOCH FROM (now() - k.due_since)), 0) * 1000)::int8
                         END,
-                        CASE WHEN k.last_error_at >= dead_error.updated_at OR dead_error.updated_at IS NULL
-                             THEN k.last_error ELSE dead_error.last_error END,
-                        GREATEST(k.last_error_at, dead_error.updated_at)
+                        CASE WHEN k.last_error_at >= k.last_dead_at OR k.last_dead_at IS NULL
+                             THEN k.last_error ELSE k.last_dead_error END,
+                        GREATEST(k.last_error_at, k.last_dead_at)
                  FROM brokers b
                  FULL JOIN backlog k ON k.broker_id = b.broker_id
                  LEFT JOIN broker_circuits c ON c.broker_id = COALESCE(b.broker_id, k.broker_id)
-                 LEFT JOIN LATERAL (SELECT d.last_error, d.updated_at FROM deliveries d
-                                    WHERE d.broker_id = k.broker_id AND d.state = 'dead'
-                                      AND d.last_error IS NOT NULL
-                                    ORDER BY d.updated_at DESC LIMIT 1) dead_error ON k.dead > 0
                  ORDER BY 1",
                 &[],
             )

@@ -6,27 +6,32 @@ use std::time::Duration;
 
 use chrono::Utc;
 use webhook_delivery::ledger::{
-    BackfillOutcome, BackfillRequest, Ledger, ReplayOutcome, ReplaySelector,
+    BackfillOutcome, BackfillRequest, BrokerStatus, Ledger, ReplayOutcome, ReplaySelector,
 };
 use wiremock::ResponseTemplate;
 
 use crate::helpers::*;
 
-/// Pairs whose maintained counts differ from a real count, read in one statement (one
-/// snapshot), so it holds while an instance is writing.
+/// Pairs whose maintained counts, or newest dead-letter error, differ from the rows themselves,
+/// read in one statement (one snapshot), so it holds while an instance is writing. (The kept
+/// error is of the newest death while the pair has dead letters; the writes below never remove
+/// only the newest dead letter, so it equals the newest dead row's error here.)
 const MISMATCHES: &str = "
     WITH real AS (
         SELECT kafka_partition, broker_id,
                count(*) FILTER (WHERE state = 'pending') AS pending,
-               count(*) FILTER (WHERE state = 'dead') AS dead
+               count(*) FILTER (WHERE state = 'dead') AS dead,
+               (array_agg(last_error ORDER BY updated_at DESC)
+                    FILTER (WHERE state = 'dead' AND last_error IS NOT NULL))[1] AS dead_error
         FROM deliveries GROUP BY kafka_partition, broker_id
     )
     SELECT COALESCE(r.kafka_partition, c.kafka_partition) || '/' || COALESCE(r.broker_id, c.broker_id)
-           || ' real ' || COALESCE(r.pending, 0) || '+' || COALESCE(r.dead, 0)
-           || ' kept ' || COALESCE(c.pending, 0) || '+' || COALESCE(c.dead, 0)
+           || ' real ' || COALESCE(r.pending, 0) || '+' || COALESCE(r.dead, 0) || ' ' || COALESCE(r.dead_error, '-')
+           || ' kept ' || COALESCE(c.pending, 0) || '+' || COALESCE(c.dead, 0) || ' ' || COALESCE(c.last_dead_error, '-')
     FROM real r FULL JOIN delivery_counts c
          ON c.kafka_partition = r.kafka_partition AND c.broker_id = r.broker_id
-    WHERE COALESCE(r.pending, 0) <> COALESCE(c.pending, 0) OR COALESCE(r.dead, 0) <> COALESCE(c.dead, 0)";
+    WHERE COALESCE(r.pending, 0) <> COALESCE(c.pending, 0) OR COALESCE(r.dead, 0) <> COALESCE(c.dead, 0)
+       OR r.dead_error IS DISTINCT FROM c.last_dead_error";
 
 async fn assert_counts_exact(env: &TestEnv, after: &str) {
     let mismatches: Vec<String> = env
@@ -268,7 +273,24 @@ async fn sweep_gauges_and_statuses_answer_from_counts_and_index_probes() {
         (0, 0, None)
     );
 
-    // Once nothing of a pair is pending or dead, its error is history.
+    // A death newer than the last retry error is the broker's newest error.
+    env.db
+        .batch_execute(
+            "UPDATE deliveries SET state = 'dead', last_error = 'HTTP 410 gone', updated_at = now() + interval '1 second'
+             WHERE idempotency_key = 'evt:3'",
+        )
+        .await
+        .unwrap();
+    let b2_status = |statuses: Vec<BrokerStatus>| {
+        let b2 = statuses.into_iter().find(|s| s.broker_id == "b2").unwrap();
+        (b2.pending, b2.dead, b2.last_error)
+    };
+    assert_eq!(
+        b2_status(ledger.broker_statuses().await.unwrap()),
+        (2, 2, Some("HTTP 410 gone".to_owned()))
+    );
+
+    // Once nothing of a pair is pending or dead, its errors are history.
     env.db
         .batch_execute(
             "UPDATE deliveries SET state = 'delivered', updated_at = now() WHERE idempotency_key = 'evt:4';
@@ -276,16 +298,22 @@ async fn sweep_gauges_and_statuses_answer_from_counts_and_index_probes() {
         )
         .await
         .unwrap();
-    let statuses = ledger.broker_statuses().await.unwrap();
-    let b2 = statuses.iter().find(|s| s.broker_id == "b2").unwrap();
     assert_eq!(
-        (b2.pending, b2.dead, b2.last_error.as_deref()),
-        (2, 0, None)
+        b2_status(ledger.broker_statuses().await.unwrap()),
+        (1, 1, Some("HTTP 410 gone".to_owned()))
+    );
+    env.db
+        .batch_execute("DELETE FROM deliveries WHERE idempotency_key = 'evt:3'")
+        .await
+        .unwrap();
+    assert_eq!(
+        b2_status(ledger.broker_statuses().await.unwrap()),
+        (1, 0, None)
     );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn migrating_a_ledger_with_history_starts_the_counts_exact() {
+async fn migrating_a_ledger_with_history_starts_the_counts_and_dead_errors_exact() {
     // The schema before the counts existed, with pending, dead and delivered rows in it.
     let env = TestEnv::with_schema(1, MigrationScope::UpTo(12)).await;
     env.db
@@ -293,7 +321,11 @@ async fn migrating_a_ledger_with_history_starts_the_counts_exact() {
             "INSERT INTO deliveries (idempotency_key, broker_id, load_id, kafka_partition, kafka_offset, state)
              SELECT 'evt:' || g, 'b' || (g % 7), 'L' || (g % 50), g % 4, g,
                     CASE g % 5 WHEN 0 THEN 'dead' WHEN 1 THEN 'pending' ELSE 'delivered' END
-             FROM generate_series(1, 5000) g",
+             FROM generate_series(1, 5000) g;
+             -- Dead letters with errors of different ages: migration 21 copies each pair's newest.
+             UPDATE deliveries SET last_error = 'HTTP 400 #' || kafka_offset,
+                                   updated_at = now() - kafka_offset * interval '1 second'
+             WHERE state = 'dead' AND kafka_offset % 3 <> 0",
         )
         .await
         .unwrap();
@@ -302,8 +334,11 @@ async fn migrating_a_ledger_with_history_starts_the_counts_exact() {
         .migrate()
         .await
         .unwrap();
-    assert!(applied.contains(&16), "applied {applied:?}");
-    assert_counts_exact(&env, "migration 16's initial count").await;
+    assert!(
+        applied.contains(&16) && applied.contains(&21),
+        "applied {applied:?}"
+    );
+    assert_counts_exact(&env, "migrations 16 and 21: the initial counts and errors").await;
     assert_eq!(
         env.count("SELECT sum(pending)::int8 + sum(dead)::int8 FROM delivery_counts")
             .await,

@@ -26,6 +26,13 @@ use crate::stall::{Change, OutcomeWatch, StallBook};
 /// How often outcome-write stalls are checked.
 const STALL_CHECK: Duration = Duration::from_secs(1);
 
+/// Group-commit statements under way at once. With one, an outcome decided just after a write
+/// started waits for that write and then its own, about 1.5 writes, and its load's next
+/// delivery waits with it; with two, the next statement starts at once (it may still wait for
+/// the first's commit on a shared `delivery_counts` row). No row is in two statements: a
+/// delivery's next attempt waits for its outcome to be saved.
+const MAX_GROUP_WRITES: usize = 2;
+
 /// What the actor reports to: metrics, `/readyz`, and the stall threshold.
 #[derive(Clone)]
 pub struct LedgerWatch {
@@ -56,7 +63,8 @@ pub struct LedgerGateway {
     /// of them go out in the next single statement (group commit): a few large writes instead
     /// of one per broker at a time.
     queued_outcomes: Vec<QueuedOutcomes>,
-    writing_outcomes: bool,
+    /// Group-commit statements under way (at most `MAX_GROUP_WRITES`).
+    outcome_writes_under_way: usize,
     /// Per broker: whether its outcomes are failing to be written, and the last error.
     outcome_watches: HashMap<String, (OutcomeWatch, String)>,
     /// Brokers whose `outcome_write_stalled` series exists (set to 0 on their first written
@@ -75,22 +83,23 @@ impl LedgerGateway {
             ledger,
             watch,
             queued_outcomes: Vec::new(),
-            writing_outcomes: false,
+            outcome_writes_under_way: 0,
             outcome_watches: HashMap::new(),
             outcome_gauges: HashSet::new(),
         }
     }
 
-    /// Writes everything queued in one statement, then the next batch, until none is left. A
+    /// Writes everything queued in one statement (up to `MAX_GROUP_WRITES` of them under way),
+    /// then the next batch, until none is left. A
     /// data error in the group commit is not the other brokers' problem: the batch is split to
     /// find the rows the database refuses (see `outcomes::save_around_bad_rows`), so every
     /// queued batch is answered as saved. Only a database that is away fails them all (their
     /// DeliveryActors retry).
     fn write_outcomes(&mut self, ctx: &mut Context<Self>) {
-        if self.writing_outcomes || self.queued_outcomes.is_empty() {
+        if self.outcome_writes_under_way >= MAX_GROUP_WRITES || self.queued_outcomes.is_empty() {
             return;
         }
-        self.writing_outcomes = true;
+        self.outcome_writes_under_way += 1;
         let batch = std::mem::take(&mut self.queued_outcomes);
         let records: Vec<AttemptRecord> = batch
             .iter()
@@ -112,7 +121,7 @@ impl LedgerGateway {
             }
         };
         ctx.spawn(write.into_actor(self).map(|result, act, ctx| {
-            act.writing_outcomes = false;
+            act.outcome_writes_under_way -= 1;
             let result = result.map_err(|error| error.to_string());
             let now = Instant::now();
             for queued in batch {

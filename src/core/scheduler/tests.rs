@@ -593,6 +593,60 @@ fn claims_wait_for_the_sweep_after_a_replay() {
     assert_eq!(sent, vec![2]);
 }
 
+/// Simulator seed 43745: a restart keeps a head awaiting its save and drops the replayed,
+/// earlier delivery behind it; a claim that follows the kept head must still wait for the sweep.
+#[test]
+fn claims_wait_for_the_sweep_after_a_restart() {
+    let (mut s, _) = ready(CONFIG);
+    let t = Millis(10);
+    s.claimed(t, vec![claim(4, "A", 4, None)]);
+    let mut out = drain(&mut s, t);
+    let in_flight = sends(&mut out);
+    // 2 of A was dead and is replayed; the sweep brings it in behind 4, in flight.
+    s.replayed(Millis(20));
+    let mut out = Vec::new();
+    answer_loads(
+        &mut s,
+        Millis(20),
+        &mut out,
+        &[delivery(2, "A", 2), delivery(4, "A", 4)],
+    );
+    assert!(sends(&mut out).is_empty(), "2 waits behind 4");
+    finish(&mut s, Millis(20), in_flight[0].0, OK);
+    let mut out = Vec::new();
+    while let Some(command) = s.poll_command() {
+        out.push(command);
+    }
+    let under_way = writes(&mut out);
+    s.restarted(Millis(30));
+    // The broker row is read again; the sweep's page is not answered yet. Meanwhile 7 is
+    // claimed behind 4, and 4 is saved.
+    let mut sent = Vec::new();
+    let mut page_asked = None;
+    let mut answer_all_but_the_page = |s: &mut Sched, sent: &mut Vec<i64>| {
+        while let Some(command) = s.poll_command() {
+            match command {
+                Command::LoadBroker => s.broker_loaded(Millis(40), Millis(40), Ok(())),
+                Command::LoadPending { token, .. } => page_asked = Some(token),
+                Command::Send { delivery_id, .. } => sent.push(delivery_id),
+                _ => {}
+            }
+        }
+    };
+    answer_all_but_the_page(&mut s, &mut sent);
+    let mut fresh = claim(7, "A", 7, Some(4));
+    fresh.claimed_at = Millis(40);
+    s.claimed(Millis(40), vec![fresh]);
+    s.outcomes_saved(Millis(40), under_way[0].0);
+    answer_all_but_the_page(&mut s, &mut sent);
+    assert!(page_asked.is_some(), "the restart asks for a sweep");
+    assert_eq!(
+        sent,
+        Vec::<i64>::new(),
+        "7 waits: 2, replayed, is still pending"
+    );
+}
+
 /// Bug 1 as observed: the broker is re-enabled and new events are claimed within the row's
 /// refresh period. The claims prove the row changed; they are not dead-lettered on the old read.
 #[test]

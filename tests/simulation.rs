@@ -26,16 +26,23 @@ use webhook_delivery::core::scheduler::{
 };
 use webhook_delivery::core::Millis;
 
-/// Seeds that once failed while the scheduler was being written (each is a regression test).
-/// 59 half-open check; 61, 175 replay racing an outcome save (and a re-save after a restart
-/// re-killing a replayed delivery); 105, 283 a claim arriving after a page had brought in and
-/// finished its delivery; 280, 788, 2887, 7363, 7683 retries holding room a ready load needed;
-/// 1112 a page asked before a claim but read after it; 42 a claim older than a replay;
-/// 2033 an evicted load taken back later in the same sweep; 7000 a claim joining a lane
-/// before the post-replay sweep; 43745 (session 5, 50,000 seeds) a claim trusting a head kept
-/// over a restart while the replayed delivery behind it had been dropped.
+/// Seeds that catch a past bug: each breaks an invariant when `scripts/sim-mutants.sh` undoes
+/// the rule that fixed it (one line of src/core/scheduler/mod.rs), re-derived on 1 Dec 2026
+/// over 50,000 seeds. A seed stops replaying its bug when the simulator draws differently, so
+/// run that script again after such a change and replace the seeds that no longer catch theirs.
+/// - 2, 77, 280: a replay racing the save of an outcome (`replay-suspects`; 1,205 seeds catch it);
+/// - 295, 593: an evicted load taken back later in the same sweep (`evicted-blocked`; 50);
+/// - 23283, 26347: a claim joining a lane before the sweep after a replay (`replay-unread`;
+///   only 3 of 50,000 seeds catch it, none of CI's 2,000 random ones);
+/// - 608, 1295: a claim older than a replay trusted (`replay-stale-claims`; 137);
+/// - 123, 263, 1112: a claim older than the last page trusted (`page-stale-claims`; 288);
+/// - 43745: a claim trusting a head kept over a restart (`restart-unread`; the only one).
+///
+/// Retries giving way to ready loads (the re-read after a sweep skipped a ready row) breaks no
+/// invariant when undone (it costs time, not order or delivery), so no seed stands for it; its
+/// unit test is `retries_give_way_to_ready_loads`.
 const REGRESSION_SEEDS: &[u64] = &[
-    42, 59, 61, 105, 175, 280, 283, 788, 1112, 2033, 2887, 7000, 7363, 7683, 43745,
+    2, 77, 123, 263, 280, 295, 593, 608, 1112, 1295, 23283, 26347, 43745,
 ];
 
 const PARTITIONS: i32 = 2;
@@ -949,8 +956,13 @@ fn random_seeds() {
     let _ = std::panic::take_hook();
     for (invariant, seeds) in &broken {
         let first_few: Vec<u64> = seeds.iter().copied().take(5).collect();
+        let regression: Vec<u64> = seeds
+            .iter()
+            .copied()
+            .filter(|seed| REGRESSION_SEEDS.contains(seed))
+            .collect();
         println!(
-            "{:>5} seeds: {invariant}… (first: {first_few:?})",
+            "{:>5} seeds: {invariant}… (first: {first_few:?}; regression seeds among them: {regression:?})",
             seeds.len()
         );
     }

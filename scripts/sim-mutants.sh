@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Re-derives the simulator's regression seeds (tests/simulation.rs, REGRESSION_SEEDS). Each
+# mutant below undoes one rule of the scheduler that a past bug broke, by commenting out one
+# line of src/core/scheduler/mod.rs; the script runs the simulator over many seeds against it
+# (release mode), prints the seeds that caught it and which regression seeds are among them,
+# and puts the file back. Run it after changing what the simulator draws: a regression seed is
+# worth keeping only while it still catches its mutant.
+#   scripts/sim-mutants.sh [--seeds 50000]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+seeds=50000
+if [ "${1:-}" = "--seeds" ]; then seeds="$2"; fi
+scheduler=src/core/scheduler/mod.rs
+if ! git diff --quiet -- "$scheduler"; then
+    echo "sim-mutants: $scheduler has uncommitted changes; commit or stash them first" >&2
+    exit 2
+fi
+trap 'git checkout -q -- "$scheduler"' EXIT
+
+# name | the exact line (trimmed) | which occurrence (1-based) | the bug it stands for
+mutants=(
+    "replay-suspects|self.replay_suspects.insert(load.clone());|1|a replay racing the save of an outcome (the head awaiting its save was dead and is pending again)"
+    "evicted-blocked|sweep.blocked.extend(evicted);|1|an evicted load taken back later in the same sweep"
+    "replay-unread|self.replay_read_by = Some(self.wanted);|1|a claim joining a lane before the sweep after a replay"
+    "replay-stale-claims|self.claims_stale_before = Some(now);|1|a claim older than a replay trusted"
+    "page-stale-claims|self.claims_stale_before = Some(now);|2|a claim older than the last page trusted (the page brought in and finished its delivery)"
+    "restart-unread|self.replay_read_by = Some(self.wanted);|2|a claim trusting a head kept over a restart (seed 43745)"
+)
+
+for mutant in "${mutants[@]}"; do
+    IFS='|' read -r name line occurrence bug <<<"$mutant"
+    python3 - "$scheduler" "$line" "$occurrence" <<'EOF'
+import sys
+path, line, occurrence = sys.argv[1], sys.argv[2], int(sys.argv[3])
+lines = open(path).read().split("\n")
+hits = [i for i, text in enumerate(lines) if text.strip() == line]
+if len(hits) < occurrence:
+    sys.exit(f"sim-mutants: occurrence {occurrence} of `{line}` not found in {path}")
+i = hits[occurrence - 1]
+lines[i] = lines[i].replace(line, "// mutant: " + line)
+open(path, "w").write("\n".join(lines))
+EOF
+    echo "== $name: $bug"
+    # The test fails when a seed breaks an invariant, which is what a mutant should do.
+    out=$(SIM_KEEP_GOING=1 SIM_SEEDS="$seeds" \
+        cargo test --quiet --release --test simulation random_seeds -- --nocapture 2>/dev/null || true)
+    caught=$(grep ' seeds: ' <<<"$out" || true)
+    echo "${caught:-   not caught by any of $seeds seeds}"
+    git checkout -q -- "$scheduler"
+done

@@ -566,19 +566,25 @@ fn a_claim_older_than_the_last_page_is_not_trusted() {
     assert!(sends(&mut out).is_empty(), "delivered once, never again");
 }
 
-/// After a replay, a held predecessor does not prove that nothing earlier is pending.
-#[test]
-fn claims_wait_for_the_sweep_after_a_replay() {
+/// Delivery 4 of load A claimed and in flight at 10, then dead letters replayed at 20.
+fn a_replay_while_4_of_a_is_in_flight() -> (Sched, AttemptToken) {
     let (mut s, _) = ready(CONFIG);
     let t = Millis(10);
     s.claimed(t, vec![claim(4, "A", 4, None)]);
     let mut out = drain(&mut s, t);
     let in_flight = sends(&mut out);
     s.replayed(Millis(20));
+    (s, in_flight[0].0)
+}
+
+/// After a replay, a held predecessor does not prove that nothing earlier is pending.
+#[test]
+fn claims_wait_for_the_sweep_after_a_replay() {
+    let (mut s, in_flight) = a_replay_while_4_of_a_is_in_flight();
     let mut fresh = claim(7, "A", 7, Some(4));
     fresh.claimed_at = Millis(30);
     s.claimed(Millis(30), vec![fresh]);
-    finish(&mut s, Millis(30), in_flight[0].0, OK);
+    finish(&mut s, Millis(30), in_flight, OK);
     // The sweep finds the replayed 2 before 7.
     let rows = [delivery(2, "A", 2), delivery(7, "A", 7)];
     let mut sent = Vec::new();
@@ -597,13 +603,8 @@ fn claims_wait_for_the_sweep_after_a_replay() {
 /// earlier delivery behind it; a claim that follows the kept head must still wait for the sweep.
 #[test]
 fn claims_wait_for_the_sweep_after_a_restart() {
-    let (mut s, _) = ready(CONFIG);
-    let t = Millis(10);
-    s.claimed(t, vec![claim(4, "A", 4, None)]);
-    let mut out = drain(&mut s, t);
-    let in_flight = sends(&mut out);
     // 2 of A was dead and is replayed; the sweep brings it in behind 4, in flight.
-    s.replayed(Millis(20));
+    let (mut s, in_flight) = a_replay_while_4_of_a_is_in_flight();
     let mut out = Vec::new();
     answer_loads(
         &mut s,
@@ -612,7 +613,7 @@ fn claims_wait_for_the_sweep_after_a_restart() {
         &[delivery(2, "A", 2), delivery(4, "A", 4)],
     );
     assert!(sends(&mut out).is_empty(), "2 waits behind 4");
-    finish(&mut s, Millis(20), in_flight[0].0, OK);
+    finish(&mut s, Millis(20), in_flight, OK);
     let mut out = Vec::new();
     while let Some(command) = s.poll_command() {
         out.push(command);

@@ -117,8 +117,8 @@ impl ConcurrencyLimit {
         }
     }
 
-    /// A request ended. Returns the new limit when this closed a window that changed it.
-    pub fn request_finished(&mut self, now: Millis, response: Response) -> Option<usize> {
+    /// A request ended; if that closes a window, the limit is judged again.
+    pub fn request_finished(&mut self, now: Millis, response: Response) {
         match response {
             Response::Processed(rtt) => {
                 self.window.rtt_sum += rtt.as_secs_f64() * 1_000.0;
@@ -137,12 +137,11 @@ impl ConcurrencyLimit {
                 });
                 self.close_window(now, current);
             }
-            return None;
+            return;
         };
         if now < self.window_ends {
-            return None;
+            return;
         }
-        let before = self.limit;
         if self.config.adaptive {
             self.adjust(past, current);
         }
@@ -151,7 +150,6 @@ impl ConcurrencyLimit {
             self.past = Some(past);
         }
         self.close_window(now, past.mean);
-        (self.limit != before).then_some(self.limit)
     }
 
     fn adjust(&mut self, past: Ewma, current: Option<f64>) {
@@ -253,7 +251,11 @@ mod tests {
         let mut changes = Vec::new();
         for _ in 0..100 {
             now += 3;
-            changes.extend(limit.request_finished(Millis(now), Response::BackPressure));
+            let before = limit.current();
+            limit.request_finished(Millis(now), Response::BackPressure);
+            if limit.current() != before {
+                changes.push(limit.current());
+            }
         }
         assert_eq!(changes[..3], [14, 12, 10]);
         assert_eq!(limit.current(), 1);

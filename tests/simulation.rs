@@ -39,8 +39,9 @@ use webhook_delivery::core::Millis;
 /// - 43745: a claim trusting a head kept over a restart (`restart-unread`; the only one).
 ///
 /// Retries giving way to ready loads (the re-read after a sweep skipped a ready row) breaks no
-/// invariant when undone (it costs time, not order or delivery), so no seed stands for it; its
-/// unit test is `retries_give_way_to_ready_loads`.
+/// invariant when undone (it costs time, not order or delivery), so no seed stands for it, and
+/// no unit test catches its removal either (`retries_give_way_to_ready_loads` covers the
+/// eviction itself, not the re-read).
 const REGRESSION_SEEDS: &[u64] = &[
     2, 77, 123, 263, 280, 295, 593, 608, 1112, 1295, 23283, 26347, 43745,
 ];

@@ -3,8 +3,9 @@
 # mutant below undoes one rule of the scheduler that a past bug broke, by commenting out one
 # line of src/core/scheduler/mod.rs; the script runs the simulator over many seeds against it
 # (release mode), prints the seeds that caught it and which regression seeds are among them,
-# and puts the file back. Run it after changing what the simulator draws: a regression seed is
-# worth keeping only while it still catches its mutant.
+# then the scheduler unit tests that fail with it, and puts the file back. Run it after
+# changing what the simulator draws: a regression seed is worth keeping only while it still
+# catches its mutant. Every mutant should be caught by at least one unit test too.
 #   scripts/sim-mutants.sh [--seeds 50000]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -47,5 +48,10 @@ EOF
         cargo test --quiet --release --test simulation random_seeds -- --nocapture 2>/dev/null || true)
     caught=$(grep ' seeds: ' <<<"$out" || true)
     echo "${caught:-   not caught by any of $seeds seeds}"
+    # And the scheduler's unit tests that fail with it (each rule should have one).
+    failed=$(cargo test --quiet --release --lib core::scheduler 2>/dev/null \
+        | sed -n 's/^    core::scheduler::tests::\(.*\)$/\1/p' || true)
+    echo "   unit tests that catch it: ${failed:-none}" | tr '\n' ' '
+    echo
     git checkout -q -- "$scheduler"
 done

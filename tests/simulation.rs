@@ -30,18 +30,27 @@ use webhook_delivery::core::Millis;
 /// the rule that fixed it (one line of src/core/scheduler/mod.rs), re-derived on 1 Dec 2026
 /// over 50,000 seeds. A seed stops replaying its bug when the simulator draws differently, so
 /// run that script again after such a change and replace the seeds that no longer catch theirs.
-/// - 2, 77, 280: a replay racing the save of an outcome (`replay-suspects`; 1,205 seeds catch it);
-/// - 295, 593: an evicted load taken back later in the same sweep (`evicted-blocked`; 50);
+/// Each rule also has a unit test in src/core/scheduler/tests.rs that replays the seed's
+/// interleaving by hand and fails with the rule undone (named after each entry):
+/// - 2, 77, 280: a replay racing the save of an outcome (`replay-suspects`; 1,205 seeds catch it;
+///   `a_replay_racing_a_dead_outcome_reads_the_lane_again`);
+/// - 295, 593: an evicted load taken back later in the same sweep (`evicted-blocked`; 50;
+///   `a_load_evicted_by_a_page_is_not_taken_back_by_it`);
 /// - 23283, 26347: a claim joining a lane before the sweep after a replay (`replay-unread`;
-///   only 3 of 50,000 seeds catch it, none of CI's 2,000 random ones);
-/// - 608, 1295: a claim older than a replay trusted (`replay-stale-claims`; 137);
-/// - 123, 263, 1112: a claim older than the last page trusted (`page-stale-claims`; 288);
-/// - 43745: a claim trusting a head kept over a restart (`restart-unread`; the only one).
+///   only 3 of 50,000 seeds catch it, none of CI's 2,000 random ones;
+///   `claims_wait_for_the_sweep_after_a_replay_when_the_head_is_saved_first`);
+/// - 608, 1295: a claim older than a replay trusted (`replay-stale-claims`; 137;
+///   `a_claim_older_than_a_replay_is_not_trusted`);
+/// - 123, 263, 1112: a claim older than the last page trusted (`page-stale-claims`; 288;
+///   `a_claim_older_than_the_last_page_is_not_trusted`);
+/// - 43745: a claim trusting a head kept over a restart (`restart-unread`; the only one;
+///   `claims_wait_for_the_sweep_after_a_restart`).
 ///
-/// Retries giving way to ready loads (the re-read after a sweep skipped a ready row) breaks no
-/// invariant when undone (it costs time, not order or delivery), so no seed stands for it, and
-/// no unit test catches its removal either (`retries_give_way_to_ready_loads` covers the
-/// eviction itself, not the re-read).
+/// The scheduler once also read the ledger again when a sweep ended having skipped a ready row
+/// while a retry waited in memory. No seed caught its removal because it could not happen: a
+/// ready row is skipped only when no retry waits (one would have given way), and nothing later
+/// in the same sweep makes one wait. A retry that starts waiting afterwards sets
+/// `room_changed`, which asks for the read. The rule is gone.
 const REGRESSION_SEEDS: &[u64] = &[
     2, 77, 123, 263, 280, 295, 593, 608, 1112, 1295, 23283, 26347, 43745,
 ];

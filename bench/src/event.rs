@@ -30,17 +30,34 @@ pub fn load_of(index: u32, loads: u32) -> u32 {
     ((u64::from(index) * 2_654_435_761) % u64::from(loads.max(1))) as u32
 }
 
+/// Event `index`'s id: `ev-<16 hex digits>-<index>`. The hex part is a fixed scramble of the
+/// index, so ids (and the ledger's idempotency keys) land all over the key index as a
+/// producer's random ids (UUIDs) do. Plain `ev-<index>` sorts as text out of index order
+/// (`ev-10` before `ev-9`), so for stretches of a run every new key landed in leaves that
+/// retention had half emptied, a pattern no production producer makes (the soak's fourth run,
+/// docs/performance.md).
+pub fn event_id(index: u32) -> String {
+    format!("{EVENT_ID_PREFIX}{:016x}-{index}", scramble(index))
+}
+
+/// SplitMix64's finalizer: a bijection that spreads consecutive indexes over all 64 bits.
+fn scramble(index: u32) -> u64 {
+    let mut z = u64::from(index).wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
 /// A shipment status-change event of a realistic size (~300 bytes).
 pub fn event_json(index: u32, load: u32, produced_at_micros: u64) -> Vec<u8> {
     format!(
         concat!(
-            r#"{{"eventId":"{prefix}{index}","loadId":"{load}","status":"{status}","#,
+            r#"{{"eventId":"{event_id}","loadId":"{load}","status":"{status}","#,
             r#""occurredAt":"2026-11-25T10:00:00Z","producedAtMicros":{produced},"#,
             r#""location":{{"city":"Columbus","state":"OH","lat":39.9612,"lon":-82.9988}},"#,
             r#""carrier":{{"scac":"BNCH","mc":"MC-{mc:06}"}},"eta":"2026-11-26T18:00:00Z"}}"#
         ),
-        prefix = EVENT_ID_PREFIX,
-        index = index,
+        event_id = event_id(index),
         load = load_id(load),
         status = STATUSES[index as usize % STATUSES.len()],
         produced = produced_at_micros,
@@ -81,7 +98,8 @@ pub fn probe(body: &[u8]) -> Probe {
         event: fields
             .event_id
             .and_then(|id| id.strip_prefix(EVENT_ID_PREFIX))
-            .and_then(|index| index.parse().ok()),
+            .and_then(|id| id.rsplit_once('-'))
+            .and_then(|(_, index)| index.parse().ok()),
         produced_at_micros: fields.produced_at_micros,
     }
 }
@@ -111,6 +129,22 @@ mod tests {
                 produced_at_micros: Some(1_764_000_000_000_123)
             }
         );
+    }
+
+    #[test]
+    fn consecutive_ids_do_not_sort_together() {
+        let mut ids: Vec<String> = (0..1000).map(event_id).collect();
+        ids.sort();
+        let in_order = ids
+            .windows(2)
+            .filter(|pair| probe_index(&pair[0]) + 1 == probe_index(&pair[1]))
+            .count();
+        assert!(in_order < 10, "{in_order} neighbours in index order");
+    }
+
+    fn probe_index(id: &str) -> u32 {
+        let body = format!(r#"{{"eventId":"{id}"}}"#);
+        probe(body.as_bytes()).event.unwrap()
     }
 
     #[test]

@@ -115,8 +115,8 @@ impl World {
     /// (rounded down to whole events), each with its attempt, and their events, spread over the
     /// last 6 days, in chunks of generate_series (seconds per million rows, not a client loop).
     /// The rows look like the run's own: the scenario's brokers and loads, idempotency keys of
-    /// the same form (`evt:ev-<n>-h`, which interleave with the run's `evt:ev-<n>` across the
-    /// whole key index, as random producer ids would), the same payload size. Then VACUUM
+    /// the same form (`evt:ev-<16 hex digits>-<n>-h`, the hex digits from md5, so they land all
+    /// over the key index like the run's ids and a producer's random ids), the same payload size. Then VACUUM
     /// ANALYZE (a production ledger is vacuumed and has statistics) and a CHECKPOINT, so the run
     /// is not charged for writing out the history. Returns how many deliveries were written.
     pub async fn write_history(&self, shape: &History<'_>) -> Result<u64, BenchError> {
@@ -272,6 +272,7 @@ pub struct History<'a> {
 const HISTORY_SQL: &str = "
 WITH numbered AS (
     SELECT g,
+           'ev-' || left(md5(g::text), 16) || '-' || g || '-h' AS id,
            g % $4::int8 AS load,
            now() - interval '6 days' + (g::float8 / $3::int8) * interval '6 days' AS at
     FROM generate_series($1::int8, $2::int8 - 1) g
@@ -279,7 +280,7 @@ WITH numbered AS (
 new_events AS (
     INSERT INTO events (idempotency_key, event_id, load_id, status, topic, kafka_partition,
                         kafka_offset, payload, consumed_at)
-    SELECT 'evt:ev-' || g || '-h', 'ev-' || g || '-h',
+    SELECT 'evt:' || id, id,
            'load-' || lpad(load::text, greatest(5, length(load::text)), '0'),
            'delivered', $8::text, (g % $10::int4)::int4, g / $10::int4, $9::bytea, at
     FROM numbered
@@ -288,7 +289,7 @@ new_deliveries AS (
     INSERT INTO deliveries (idempotency_key, broker_id, load_id, kafka_partition, kafka_offset,
                             state, attempts, next_attempt_at, created_at, updated_at, delivered_at,
                             last_status_code, delivered_started_at, delivered_latency_ms)
-    SELECT 'evt:ev-' || g || '-h',
+    SELECT 'evt:' || id,
            'bench-broker-' || lpad(b::text, greatest(3, length(b::text)), '0'),
            'load-' || lpad(load::text, greatest(5, length(load::text)), '0'),
            (g % $10::int4)::int4, g / $10::int4, 'delivered', 1, at, at,

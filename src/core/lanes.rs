@@ -184,6 +184,23 @@ impl<P> Lanes<P> {
         self.idle.first().map(|(due, _, _)| *due)
     }
 
+    /// The lanes whose head is idle and not due yet (a retry waiting), with their lengths, latest
+    /// due first. Read from the back of `idle`, so the cost is the number of such lanes, not the
+    /// number of lanes: the scheduler asks on every input, and a broker can hold 1,000 lanes.
+    pub fn waiting(&self, now: Millis) -> impl Iterator<Item = (&str, usize)> + '_ {
+        self.idle
+            .iter()
+            .rev()
+            // An idle head is listed at max(its retry time, the time it was listed), so every
+            // head not due at `now` is in this stretch; the check below drops the rest of it.
+            .take_while(move |(due, _, _)| *due > now)
+            .filter_map(move |(_, _, load)| {
+                let lane = self.lanes.get(load)?;
+                let waiting = lane.entries.front()?.not_before > now;
+                waiting.then_some((load.as_str(), lane.entries.len()))
+            })
+    }
+
     /// Starts the idle head of `load`; it is in flight until `responded` or `put_back`.
     pub fn start(&mut self, load: &str) -> Option<&Entry<P>> {
         self.unlist(load);
@@ -384,6 +401,28 @@ mod tests {
         lanes.responded("L1");
         lanes.saved("L1", 2, None, NOW);
         assert_eq!(lanes.len(), 2, "2 is not the head");
+    }
+
+    #[test]
+    fn waiting_lanes_are_the_idle_heads_not_due_yet() {
+        let mut lanes = Lanes::default();
+        let retry = |id, offset, at| Entry {
+            not_before: Millis(at),
+            ..entry(id, offset)
+        };
+        lanes.insert("due", entry(1, 1), NOW);
+        lanes.insert("later", retry(2, 2, 500), NOW);
+        lanes.insert("later", entry(3, 3), NOW);
+        lanes.insert("soon", retry(4, 4, 200), NOW);
+        lanes.insert("started", retry(5, 5, 900), NOW);
+        lanes.start("started");
+        let waiting: Vec<_> = lanes.waiting(NOW).collect();
+        assert_eq!(waiting, vec![("later", 2), ("soon", 1)]);
+        assert_eq!(
+            lanes.waiting(Millis(300)).collect::<Vec<_>>(),
+            vec![("later", 2)]
+        );
+        assert_eq!(lanes.waiting(Millis(500)).count(), 0);
     }
 
     #[test]

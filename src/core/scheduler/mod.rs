@@ -11,7 +11,8 @@
 //!   adaptive up to `max_in_flight`, or fixed at it). A slot is free as soon as the answer is
 //!   in; only that load's lane waits for the outcome to be saved.
 //! - **Outcome writes**: up to two under way at once, so a decided outcome seldom waits for
-//!   the rest of the broker's previous write before its own starts. A lane has at most one
+//!   the rest of the broker's previous write before its own starts, and more while those hold
+//!   only a few outcomes (a broker with few lanes has nothing to batch). A lane has at most one
 //!   outcome unsaved, so no two writes touch the same lane, and they may commit in any order.
 //! - **Breaker** ([`CircuitBreaker`]): a probe slot is taken only for a request really made.
 //! - **Room**: at most `capacity` deliveries held. Deliveries waiting for a retry give way to a
@@ -42,9 +43,16 @@ mod tests;
 
 /// How long to wait before retrying a failed outcome write, ledger page or broker row read.
 const RETRY_IO_AFTER: Duration = Duration::from_secs(1);
-/// Outcome writes under way at once. More than one, so a decided outcome need not wait for the
-/// rest of the previous write; few, so a busy broker's outcomes still go out in batches.
+/// Outcome writes under way at once, normally. More than one, so a decided outcome need not
+/// wait for the rest of the previous write; few, so a busy broker's outcomes still go out in
+/// batches.
 const MAX_WRITES_IN_FLIGHT: usize = 2;
+/// While the writes under way hold fewer outcomes than this, another may start anyway. A broker
+/// with few lanes (a few deep loads) has about one outcome per write, so there is nothing to
+/// batch, and with only two writes its third lane's outcome would wait for another lane's save
+/// before its own started whenever the other two were saving (`hotload`, docs/performance.md
+/// "Session 7").
+const SMALL_WRITES_OUTCOMES: usize = 8;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SchedulerConfig {
@@ -218,8 +226,6 @@ struct Sweep {
     blocked: HashSet<String>,
     /// A row was left in the ledger for lack of room.
     skipped: bool,
-    /// One of them could have been sent at once (due, the first of its load).
-    skipped_ready: bool,
 }
 
 pub struct Scheduler<P, R> {
@@ -241,8 +247,8 @@ pub struct Scheduler<P, R> {
     endpoint_retry_at: Option<Millis>,
     in_flight: HashMap<AttemptToken, InFlight>,
     outbox: Vec<Outcome<R>>,
-    /// Outcome writes under way (at most `MAX_WRITES_IN_FLIGHT`); no two hold outcomes of the
-    /// same lane.
+    /// Outcome writes under way (`MAX_WRITES_IN_FLIGHT`, more while they are small); no two
+    /// hold outcomes of the same lane.
     saving: HashMap<IoToken, Vec<Outcome<R>>>,
     save_retry_at: Option<Millis>,
     /// Bumped whenever the ledger may hold pending rows that are not in memory.
@@ -599,7 +605,6 @@ impl<P: Clone, R: Clone> Scheduler<P, R> {
                 self.hold(row, now);
             } else {
                 sweep.skipped = true;
-                sweep.skipped_ready |= row.due_in.is_zero() && !self.lanes.has_lane(&row.load);
                 if !row.due_in.is_zero() {
                     let due = now + row.due_in;
                     self.parked_until = Some(self.parked_until.map_or(due, |p| p.min(due)));
@@ -620,11 +625,6 @@ impl<P: Clone, R: Clone> Scheduler<P, R> {
             // did what it could. What it could not take is read again once room frees up.
             self.done = self.done.max(sweep.started_at);
             self.overflowed |= sweep.skipped || full_page;
-            if sweep.skipped_ready && self.has_waiting_lane(now) {
-                // A retry started waiting after a ready row was skipped: read again, so the
-                // retry gives way to it.
-                self.wanted += 1;
-            }
         }
         self.drive(now);
     }
@@ -929,16 +929,9 @@ impl<P: Clone, R: Clone> Scheduler<P, R> {
         // The waiting lane with the most entries gives up its last one.
         let victim = self
             .lanes
-            .loads()
-            .filter(|(load, head, _)| {
-                *head == Head::Idle
-                    && self
-                        .lanes
-                        .head(load)
-                        .is_some_and(|(entry, _)| entry.not_before > now)
-            })
-            .max_by_key(|(load, _, len)| (*len, load.to_string()))
-            .map(|(load, _, _)| load.to_owned());
+            .waiting(now)
+            .max_by_key(|&(load, len)| (len, load))
+            .map(|(load, _)| load.to_owned());
         let victim = victim?;
         if let Some((head, _)) = self.lanes.head(&victim) {
             let due = head.not_before;
@@ -1116,7 +1109,11 @@ impl<P: Clone, R: Clone> Scheduler<P, R> {
     }
 
     fn write_outcomes(&mut self, now: Millis) {
-        if self.outbox.is_empty() || self.saving.len() >= MAX_WRITES_IN_FLIGHT {
+        if self.outbox.is_empty() {
+            return;
+        }
+        let small = self.saving.values().map(Vec::len).sum::<usize>() < SMALL_WRITES_OUTCOMES;
+        if self.saving.len() >= MAX_WRITES_IN_FLIGHT && !small {
             return;
         }
         if self.save_retry_at.is_some_and(|at| now < at) {
@@ -1155,7 +1152,6 @@ impl<P: Clone, R: Clone> Scheduler<P, R> {
                 per_partition: 0,
                 blocked: HashSet::new(),
                 skipped: false,
-                skipped_ready: false,
             });
         }
         let page_size = self.page_size();
@@ -1181,13 +1177,7 @@ impl<P: Clone, R: Clone> Scheduler<P, R> {
 
     /// Is some lane's head idle and not due (a retry that could give way)?
     fn has_waiting_lane(&self, now: Millis) -> bool {
-        self.lanes.loads().any(|(load, head, _)| {
-            head == Head::Idle
-                && self
-                    .lanes
-                    .head(load)
-                    .is_some_and(|(entry, _)| entry.not_before > now)
-        })
+        self.lanes.waiting(now).next().is_some()
     }
 
     fn io_token(&mut self) -> IoToken {

@@ -210,6 +210,59 @@ fn a_slot_is_free_when_the_answer_is_in_and_the_lane_waits_for_the_save() {
     assert_eq!(sent_ids(&mut out), vec![2]);
 }
 
+/// Few lanes, nothing to batch: each outcome is written at once, so no lane waits for another
+/// lane's save. Many outcomes: writes stop multiplying once those under way hold
+/// `SMALL_WRITES_OUTCOMES`, and what is decided meanwhile goes out in one batch.
+#[test]
+fn small_writes_start_at_once_and_busy_brokers_batch() {
+    let (mut s, _) = ready(CONFIG);
+    let t = Millis(10);
+    s.claimed(
+        t,
+        (1..=3)
+            .map(|i| claim(i, &format!("L{i}"), i, None))
+            .collect(),
+    );
+    let mut out = drain(&mut s, t);
+    for (token, _) in sends(&mut out) {
+        finish(&mut s, t, token, OK);
+    }
+    let mut out = drain(&mut s, t);
+    assert_eq!(
+        writes(&mut out).len(),
+        3,
+        "three lanes, three writes under way"
+    );
+
+    let (mut s, _) = ready(SchedulerConfig {
+        capacity: 40,
+        max_in_flight: 20,
+        ..CONFIG
+    });
+    s.claimed(
+        t,
+        (1..=20)
+            .map(|i| claim(i, &format!("L{i}"), i, None))
+            .collect(),
+    );
+    let mut out = drain(&mut s, t);
+    for (token, _) in sends(&mut out) {
+        finish(&mut s, t, token, OK);
+    }
+    let mut out = drain(&mut s, t);
+    let under_way = writes(&mut out);
+    assert_eq!(under_way.len(), SMALL_WRITES_OUTCOMES);
+    s.outcomes_saved(t, under_way[0].0);
+    let mut out = drain(&mut s, t);
+    let next = writes(&mut out);
+    assert_eq!(next.len(), 1);
+    assert_eq!(
+        next[0].1.len(),
+        20 - SMALL_WRITES_OUTCOMES,
+        "the rest, in one batch"
+    );
+}
+
 /// Bug 1: disabling a broker while its breaker is open left it half-open forever.
 #[test]
 fn a_disabled_broker_does_not_leave_the_breaker_half_open() {
@@ -566,6 +619,31 @@ fn a_claim_older_than_the_last_page_is_not_trusted() {
     assert!(sends(&mut out).is_empty(), "delivered once, never again");
 }
 
+/// What the scheduler asked for, with broker reads answered and a ledger page left unanswered.
+struct Asked {
+    sent: Vec<i64>,
+    writes: Vec<(IoToken, Vec<Outcome<()>>)>,
+    page: Option<IoToken>,
+}
+
+fn all_but_the_page(s: &mut Sched, now: Millis) -> Asked {
+    let mut asked = Asked {
+        sent: Vec::new(),
+        writes: Vec::new(),
+        page: None,
+    };
+    while let Some(command) = s.poll_command() {
+        match command {
+            Command::LoadBroker => s.broker_loaded(now, now, Ok(())),
+            Command::LoadPending { token, .. } => asked.page = Some(token),
+            Command::Send { delivery_id, .. } => asked.sent.push(delivery_id),
+            Command::WriteOutcomes { token, outcomes } => asked.writes.push((token, outcomes)),
+            _ => {}
+        }
+    }
+    asked
+}
+
 /// Delivery 4 of load A claimed and in flight at 10, then dead letters replayed at 20.
 fn a_replay_while_4_of_a_is_in_flight() -> (Sched, AttemptToken) {
     let (mut s, _) = ready(CONFIG);
@@ -614,38 +692,160 @@ fn claims_wait_for_the_sweep_after_a_restart() {
     );
     assert!(sends(&mut out).is_empty(), "2 waits behind 4");
     finish(&mut s, Millis(20), in_flight, OK);
-    let mut out = Vec::new();
-    while let Some(command) = s.poll_command() {
-        out.push(command);
-    }
-    let under_way = writes(&mut out);
+    let under_way = all_but_the_page(&mut s, Millis(20)).writes;
     s.restarted(Millis(30));
     // The broker row is read again; the sweep's page is not answered yet. Meanwhile 7 is
     // claimed behind 4, and 4 is saved.
-    let mut sent = Vec::new();
-    let mut page_asked = None;
-    let mut answer_all_but_the_page = |s: &mut Sched, sent: &mut Vec<i64>| {
-        while let Some(command) = s.poll_command() {
-            match command {
-                Command::LoadBroker => s.broker_loaded(Millis(40), Millis(40), Ok(())),
-                Command::LoadPending { token, .. } => page_asked = Some(token),
-                Command::Send { delivery_id, .. } => sent.push(delivery_id),
-                _ => {}
-            }
-        }
-    };
-    answer_all_but_the_page(&mut s, &mut sent);
+    let before_the_claim = all_but_the_page(&mut s, Millis(40));
     let mut fresh = claim(7, "A", 7, Some(4));
     fresh.claimed_at = Millis(40);
     s.claimed(Millis(40), vec![fresh]);
     s.outcomes_saved(Millis(40), under_way[0].0);
-    answer_all_but_the_page(&mut s, &mut sent);
-    assert!(page_asked.is_some(), "the restart asks for a sweep");
+    let after_the_save = all_but_the_page(&mut s, Millis(40));
+    assert!(
+        before_the_claim.page.or(after_the_save.page).is_some(),
+        "the restart asks for a sweep"
+    );
     assert_eq!(
-        sent,
+        [before_the_claim.sent, after_the_save.sent].concat(),
         Vec::<i64>::new(),
         "7 waits: 2, replayed, is still pending"
     );
+}
+
+/// Simulator seeds 2, 77 and 280: a delivery's dead outcome commits, dead letters are replayed
+/// (it is pending again), and only then does the scheduler hear of the save. Its lane must be
+/// read again from the ledger, not move on to the load's next delivery.
+#[test]
+fn a_replay_racing_a_dead_outcome_reads_the_lane_again() {
+    let (mut s, _) = ready(CONFIG);
+    let t = Millis(10);
+    s.claimed(t, vec![claim(4, "A", 4, None)]);
+    let mut out = drain(&mut s, t);
+    let sent = sends(&mut out);
+    let rejected = AttemptResult::Responded {
+        status: 400,
+        retry_after: None,
+    };
+    finish(&mut s, t, sent[0].0, rejected);
+    let dead = all_but_the_page(&mut s, t).writes;
+    assert!(matches!(dead[0].1[0].decision, Decision::Dead { .. }));
+    s.replayed(Millis(20));
+    let page = all_but_the_page(&mut s, Millis(20))
+        .page
+        .expect("the replay asks for a sweep");
+    s.outcomes_saved(Millis(20), dead[0].0);
+    let mut replayed = delivery(4, "A", 4);
+    replayed.attempts = 1;
+    let rows = [replayed, delivery(7, "A", 7)];
+    s.loaded(Millis(30), page, rows.to_vec());
+    let mut sent = Vec::new();
+    for _ in 0..5 {
+        let mut out = Vec::new();
+        answer_loads(&mut s, Millis(30), &mut out, &rows);
+        sent.extend(sends(&mut out).into_iter().map(|(_, id)| id));
+    }
+    assert_eq!(sent, vec![4], "4, pending again, goes before 7");
+}
+
+/// Simulator seeds 23283 and 26347: after a replay, a claim that follows a held head waits for
+/// the sweep even when the head's outcome is saved before the sweep's page comes back (the
+/// replay may have made an earlier delivery of the load pending again; only the page says).
+#[test]
+fn claims_wait_for_the_sweep_after_a_replay_when_the_head_is_saved_first() {
+    let (mut s, in_flight) = a_replay_while_4_of_a_is_in_flight();
+    let mut fresh = claim(7, "A", 7, Some(4));
+    fresh.claimed_at = Millis(30);
+    s.claimed(Millis(30), vec![fresh]);
+    finish(&mut s, Millis(30), in_flight, OK);
+    let asked = all_but_the_page(&mut s, Millis(30));
+    s.outcomes_saved(Millis(30), asked.writes[0].0);
+    let after_the_save = all_but_the_page(&mut s, Millis(30));
+    assert_eq!(
+        after_the_save.sent,
+        Vec::<i64>::new(),
+        "7 waits for the page, which holds the replayed 2"
+    );
+    let page = asked
+        .page
+        .or(after_the_save.page)
+        .expect("the replay asks for a sweep");
+    s.loaded(
+        Millis(40),
+        page,
+        vec![delivery(2, "A", 2), delivery(7, "A", 7)],
+    );
+    assert_eq!(all_but_the_page(&mut s, Millis(40)).sent, vec![2]);
+}
+
+/// Simulator seeds 608 and 1295: a claim sent to the ledger before a replay committed may say
+/// its load has no pending predecessor while the replay just made one pending again. Such a
+/// claim goes through the ledger, whose page puts the replayed delivery first.
+#[test]
+fn a_claim_older_than_a_replay_is_not_trusted() {
+    let (mut s, _) = ready(CONFIG);
+    s.replayed(Millis(20));
+    let asked = all_but_the_page(&mut s, Millis(20));
+    // Claimed at 15 (before the replay of 2 committed), answered at 25.
+    let mut early = claim(7, "A", 7, None);
+    early.claimed_at = Millis(15);
+    s.claimed(Millis(25), vec![early]);
+    assert_eq!(all_but_the_page(&mut s, Millis(25)).sent, Vec::<i64>::new());
+    let page = asked.page.expect("the replay asks for a sweep");
+    s.loaded(
+        Millis(30),
+        page,
+        vec![delivery(2, "A", 2), delivery(7, "A", 7)],
+    );
+    assert_eq!(all_but_the_page(&mut s, Millis(30)).sent, vec![2]);
+}
+
+/// Simulator seeds 295 and 593: a sweep's page evicts a waiting retry's whole lane to make room
+/// for a ready load; a later row of the evicted load in the same page is not taken (it would
+/// go before the evicted retry, which is still pending in the ledger).
+#[test]
+fn a_load_evicted_by_a_page_is_not_taken_back_by_it() {
+    let (mut s, _) = ready(SchedulerConfig {
+        capacity: 2,
+        breaker: BreakerConfig {
+            failure_threshold: 100,
+            ..CONFIG.breaker
+        },
+        ..CONFIG
+    });
+    let t = Millis(10);
+    s.claimed(t, vec![claim(1, "V", 1, None), claim(2, "W", 2, None)]);
+    let mut out = drain(&mut s, t);
+    for (token, _) in sends(&mut out) {
+        s.attempt_finished(t, token, AttemptResult::TransportFailed, 0.5, ());
+    }
+    save_all(&mut s, t);
+    assert_eq!(
+        s.held(),
+        2,
+        "V and W wait for their retries: memory is full"
+    );
+    // The page: V and W (held, retries due later), then the ready H, then W's next delivery.
+    let retry = |mut row: Delivery<()>| {
+        row.attempts = 1;
+        row.due_in = Duration::from_secs(30);
+        row
+    };
+    let rows = [
+        retry(delivery(1, "V", 1)),
+        retry(delivery(2, "W", 2)),
+        delivery(3, "H", 3),
+        delivery(4, "W", 4),
+    ];
+    s.ledger_has_more(t);
+    let mut out = Vec::new();
+    answer_loads(&mut s, t, &mut out, &rows);
+    assert_eq!(
+        sent_ids(&mut out),
+        vec![3],
+        "H takes W's place; W's 4 stays behind W's 2, back in the ledger"
+    );
+    assert!(!s.lanes().holds(4));
 }
 
 /// Bug 1 as observed: the broker is re-enabled and new events are claimed within the row's

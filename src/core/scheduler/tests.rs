@@ -770,12 +770,7 @@ fn claims_wait_for_the_sweep_after_a_replay_when_the_head_is_saved_first() {
         .page
         .or(after_the_save.page)
         .expect("the replay asks for a sweep");
-    s.loaded(
-        Millis(40),
-        page,
-        vec![delivery(2, "A", 2), delivery(7, "A", 7)],
-    );
-    assert_eq!(all_but_the_page(&mut s, Millis(40)).sent, vec![2]);
+    the_page_sends_the_replayed_2_before_7(&mut s, Millis(40), page);
 }
 
 /// Simulator seeds 608 and 1295: a claim sent to the ledger before a replay committed may say
@@ -792,12 +787,13 @@ fn a_claim_older_than_a_replay_is_not_trusted() {
     s.claimed(Millis(25), vec![early]);
     assert_eq!(all_but_the_page(&mut s, Millis(25)).sent, Vec::<i64>::new());
     let page = asked.page.expect("the replay asks for a sweep");
-    s.loaded(
-        Millis(30),
-        page,
-        vec![delivery(2, "A", 2), delivery(7, "A", 7)],
-    );
-    assert_eq!(all_but_the_page(&mut s, Millis(30)).sent, vec![2]);
+    the_page_sends_the_replayed_2_before_7(&mut s, Millis(30), page);
+}
+
+/// The sweep's page holds 2 of A (replayed) and 7 of A: 2 goes first, 7 waits behind it.
+fn the_page_sends_the_replayed_2_before_7(s: &mut Sched, now: Millis, page: IoToken) {
+    s.loaded(now, page, vec![delivery(2, "A", 2), delivery(7, "A", 7)]);
+    assert_eq!(all_but_the_page(s, now).sent, vec![2]);
 }
 
 /// Simulator seeds 295 and 593: a sweep's page evicts a waiting retry's whole lane to make room

@@ -2,8 +2,8 @@
 //! Names follow Prometheus conventions: `_total` counters, base units (`_seconds`).
 
 use prometheus::{
-    Encoder, Gauge, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
 
 use crate::ledger::ErrorKind;
@@ -16,6 +16,11 @@ pub struct Metrics {
     pub deliveries: IntCounterVec,
     pub attempts: IntCounterVec,
     pub attempt_duration: HistogramVec,
+    /// One group-commit statement of attempt outcomes, all brokers together.
+    pub outcome_write_duration: Histogram,
+    /// Per outcome, from its decision to its save: how long its load's lane waits for the
+    /// ledger before its next delivery may go.
+    pub outcome_save_wait: Histogram,
     pub circuit_state: IntGaugeVec,
     pub mailbox_depth: IntGaugeVec,
     pub in_flight: IntGaugeVec,
@@ -117,7 +122,31 @@ impl Metrics {
         registry
             .register(Box::new(attempt_duration.clone()))
             .expect("registered once");
+        // Milliseconds matter here: a lane's cycle is a round trip plus this.
+        let ledger_buckets = vec![
+            0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.512, 1.0, 5.0,
+        ];
+        let histogram = |name: &str, help: &str| {
+            let metric = Histogram::with_opts(
+                HistogramOpts::new(name, help).buckets(ledger_buckets.clone()),
+            )
+            .expect("valid metric");
+            registry
+                .register(Box::new(metric.clone()))
+                .expect("registered once");
+            metric
+        };
+        let outcome_write_duration = histogram(
+            "outcome_write_duration_seconds",
+            "One statement writing attempt outcomes (all brokers' outcomes queued meanwhile), to its commit.",
+        );
+        let outcome_save_wait = histogram(
+            "outcome_save_wait_seconds",
+            "Per attempt outcome, from its decision to its commit: how long its load's next delivery waits for the ledger.",
+        );
         let metrics = Metrics {
+            outcome_write_duration,
+            outcome_save_wait,
             messages_consumed: counter(
                 &registry,
                 "messages_consumed_total",
@@ -283,5 +312,8 @@ mod tests {
         assert!(text.contains("webhook_delivery_deliveries_total{outcome=\"delivered\"} 1"));
         assert!(text.contains("webhook_delivery_circuit_state{broker_id=\"acme\"} 2"));
         assert!(text.contains("# TYPE webhook_delivery_attempt_duration_seconds histogram"));
+        // The ledger histograms exist before their first write, with millisecond buckets.
+        assert!(text.contains("webhook_delivery_outcome_write_duration_seconds_count 0"));
+        assert!(text.contains("webhook_delivery_outcome_save_wait_seconds_bucket{le=\"0.001\"} 0"));
     }
 }

@@ -32,8 +32,8 @@ pub struct RunArgs {
     /// full size, 20,000 with --smoke): e.g. 1000000 for a shorter run on a busy machine.
     #[arg(long)]
     pub growth_rows: Option<u64>,
-    /// Minutes of production in `soak`, instead of the scenario's (30 at full size, 20 s with
-    /// --smoke): e.g. 6 to try it by hand (the verdict needs at least 6).
+    /// Minutes of production in `soak`, instead of the scenario's (55 at full size, 20 s with
+    /// --smoke): e.g. 6 to try it by hand (the verdict needs at least 50: twice the warm-up).
     #[arg(long)]
     pub soak_minutes: Option<u64>,
     /// The Postgres server, host:port (trust auth for user postgres, with a database `test`).

@@ -345,6 +345,17 @@ pub struct AttemptRecord {
     pub outcome: AttemptOutcome,
 }
 
+impl AttemptRecord {
+    /// How long the outcome has waited for its save at `now`: since its response arrived (or,
+    /// for an attempt not made, since it was decided), by the wall clock.
+    pub fn save_wait(&self, now: DateTime<Utc>) -> Duration {
+        let latency = chrono::Duration::from_std(self.latency).unwrap_or_default();
+        (now - (self.started_at + latency))
+            .to_std()
+            .unwrap_or_default()
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum AttemptOutcome {
     Delivered,
@@ -1021,7 +1032,29 @@ impl Ledger {
 
 #[cfg(test)]
 mod tests {
-    use super::{classify_sqlstate, ErrorKind};
+    use super::{classify_sqlstate, AttemptOutcome, AttemptRecord, ErrorKind};
+    use chrono::{TimeZone, Utc};
+    use std::time::Duration;
+
+    #[test]
+    fn an_outcome_waits_for_its_save_from_its_response() {
+        let started_at = Utc.with_ymd_and_hms(2026, 12, 1, 10, 0, 0).unwrap();
+        let record = AttemptRecord {
+            delivery_id: 1,
+            broker_id: "acme".to_owned(),
+            attempt: 1,
+            started_at,
+            latency: Duration::from_millis(30),
+            status_code: Some(200),
+            error_class: None,
+            error_message: None,
+            outcome: AttemptOutcome::Delivered,
+        };
+        let saved_at = started_at + chrono::Duration::milliseconds(35);
+        assert_eq!(record.save_wait(saved_at), Duration::from_millis(5));
+        // A wall clock stepped back says nothing rather than a negative wait.
+        assert_eq!(record.save_wait(started_at), Duration::ZERO);
+    }
 
     #[test]
     fn sqlstates_are_classified() {

@@ -62,6 +62,19 @@ async fn the_admin_api_reports_health_metrics_brokers_and_replays_with_a_token()
         .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
         .sum();
     assert_eq!(rejected, 1);
+    // Both outcomes (delivered, dead) went through the group commit and were timed.
+    let count_of = |name: &str| -> u64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing from:\n{metrics}"))
+    };
+    assert!(count_of("webhook_delivery_outcome_write_duration_seconds_count ") >= 1);
+    assert_eq!(
+        count_of("webhook_delivery_outcome_save_wait_seconds_count "),
+        2
+    );
 
     assert!(
         eventually(Duration::from_secs(15), || async {

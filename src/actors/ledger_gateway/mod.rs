@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::{Actor, ActorFutureExt, AsyncContext, Context, WrapFuture};
+use chrono::Utc;
 use tokio::sync::oneshot;
 
 pub use claim::claim_until_stored;
@@ -108,7 +109,13 @@ impl LedgerGateway {
         let ledger = self.ledger.clone();
         let watch = self.watch.clone();
         let write = async move {
-            match ledger.record_attempts(&records).await {
+            let started = Instant::now();
+            let written = ledger.record_attempts(&records).await;
+            watch
+                .metrics
+                .outcome_write_duration
+                .observe(started.elapsed().as_secs_f64());
+            match written {
                 Ok(()) => Ok(()),
                 Err(error) => {
                     watch.count("record_attempts", &error);
@@ -124,9 +131,16 @@ impl LedgerGateway {
             act.outcome_writes_under_way -= 1;
             let result = result.map_err(|error| error.to_string());
             let now = Instant::now();
+            let wall_now = Utc::now();
             for queued in batch {
                 for record in &queued.records {
                     act.outcome_written(&record.broker_id, &result, now);
+                    if result.is_ok() {
+                        act.watch
+                            .metrics
+                            .outcome_save_wait
+                            .observe(record.save_wait(wall_now).as_secs_f64());
+                    }
                 }
                 let _ = queued.saved.send(result.clone());
             }

@@ -271,9 +271,11 @@ pub struct Scheduler<P, R> {
     parked_until: Option<Millis>,
     /// The `wanted` count whose sweep reads what the last replay made pending.
     replay_read_by: Option<u64>,
-    /// Loads whose head was awaiting the save of its outcome when dead letters were replayed:
-    /// if the outcome was already committed as dead, the replay made it pending again, so once
-    /// saved the lane is read again from the ledger instead of moving on.
+    /// Loads whose lane a replay may have put out of order, read again from the ledger once
+    /// their started head's outcome is saved instead of moving on: a head awaiting the save of
+    /// its outcome when dead letters were replayed (if the outcome was already committed as
+    /// dead, the replay made it pending again), and a load whose page showed a row earlier
+    /// than its head in flight or awaiting its save (a replayed dead letter, left out).
     replay_suspects: HashSet<String>,
     /// A sweep stopped for lack of room: look again once half the room is free.
     overflowed: bool,
@@ -596,6 +598,14 @@ impl<P: Clone, R: Clone> Scheduler<P, R> {
             if !self.holds_lease(row.partition) || sweep.blocked.contains(&row.load) {
                 continue;
             }
+            if self.sorts_before_started_head(&row) {
+                // A replay made this row pending again, earlier than its load's head, which is
+                // already sent: it cannot go in front of it, nor behind (order). The load's
+                // later rows wait too, and the lane is read again once that head settles.
+                self.replay_suspects.insert(row.load.clone());
+                sweep.blocked.insert(row.load);
+                continue;
+            }
             if let Some(evicted) = self.make_room_for(&row, now) {
                 // The evicted load's rows after this point must wait for the next sweep.
                 sweep.blocked.extend(evicted);
@@ -739,6 +749,8 @@ impl<P: Clone, R: Clone> Scheduler<P, R> {
             NotMade::LeaseLapsed => {
                 self.lanes.put_back(&flight.load, now);
                 self.forget_load(&flight.load);
+                // Nothing of the load is held now, so nothing waits on its head to settle.
+                self.replay_suspects.remove(&flight.load);
             }
         }
         self.drive(now);
@@ -766,7 +778,10 @@ impl<P: Clone, R: Clone> Scheduler<P, R> {
                 // lack of room may fit (or be owed the retry's place) now.
                 self.room_changed = true;
             }
-            if self.replay_suspects.remove(&outcome.load) && retry.is_none() {
+            if self.replay_suspects.remove(&outcome.load) {
+                // Dead and made pending again by the replay, or with a replayed, earlier row
+                // left out: either way the lane is read again, in order. (A retried head is
+                // still pending; it comes back with that read.)
                 self.forget_load(&outcome.load);
                 self.wanted += 1;
             }
@@ -861,6 +876,9 @@ impl<P: Clone, R: Clone> Scheduler<P, R> {
         }
         self.breaker.abandon_probes();
         self.lanes.keep_only_awaiting_save();
+        // Heads in flight are gone with their lanes; the next sweep reads those loads in order.
+        let lanes = &self.lanes;
+        self.replay_suspects.retain(|load| lanes.has_lane(load));
         self.endpoint = EndpointState::Unknown;
         self.loading_endpoint = false;
         self.loading = None;
@@ -901,6 +919,13 @@ impl<P: Clone, R: Clone> Scheduler<P, R> {
         if let Some(sweep) = &mut self.sweep {
             sweep.blocked.insert(load.to_owned());
         }
+    }
+
+    /// Would `row` go in front of its load's head, which is already started?
+    fn sorts_before_started_head(&self, row: &Delivery<P>) -> bool {
+        self.lanes.head(&row.load).is_some_and(|(head, state)| {
+            state != Head::Idle && (row.partition, row.offset) < head.order
+        })
     }
 
     fn hold(&mut self, delivery: Delivery<P>, now: Millis) {

@@ -748,7 +748,7 @@ fn a_replay_racing_a_dead_outcome_reads_the_lane_again() {
     assert_eq!(sent, vec![4], "4, pending again, goes before 7");
 }
 
-/// Simulator seeds 23283 and 26347: after a replay, a claim that follows a held head waits for
+/// Simulator seeds 23283 and 43163: after a replay, a claim that follows a held head waits for
 /// the sweep even when the head's outcome is saved before the sweep's page comes back (the
 /// replay may have made an earlier delivery of the load pending again; only the page says).
 #[test]
@@ -791,12 +791,64 @@ fn a_claim_older_than_a_replay_is_not_trusted() {
 }
 
 /// The sweep's page holds 2 of A (replayed) and 7 of A: 2 goes first, 7 waits behind it.
+/// Simulator seed 201157: dead letters are replayed while 4 of A is in flight, and the
+/// sweep's page shows the replayed 2 of A, earlier than 4. It cannot go in front of a head
+/// already sent, and behind it would be out of order: it stays in the ledger. 4 fails and
+/// waits for its retry; once that is saved, the lane is read again and 2 goes first.
+#[test]
+fn a_replayed_delivery_earlier_than_a_head_in_flight_waits_and_goes_first() {
+    let (mut s, in_flight) = a_replay_while_4_of_a_is_in_flight();
+    let page = all_but_the_page(&mut s, Millis(20))
+        .page
+        .expect("the replay asks for a sweep");
+    let mut retry_of_4 = delivery(4, "A", 4);
+    retry_of_4.attempts = 1;
+    s.loaded(
+        Millis(25),
+        page,
+        vec![delivery(2, "A", 2), retry_of_4.clone()],
+    );
+    assert_eq!(
+        s.lanes().entries("A").map(|e| e.id).collect::<Vec<_>>(),
+        vec![4],
+        "2 is not held behind the head in flight"
+    );
+    let unavailable = AttemptResult::Responded {
+        status: 503,
+        retry_after: None,
+    };
+    finish(&mut s, Millis(30), in_flight, unavailable);
+    let decided = all_but_the_page(&mut s, Millis(30));
+    assert!(matches!(
+        decided.writes[0].1[0].decision,
+        Decision::RetryIn(_)
+    ));
+    s.outcomes_saved(Millis(30), decided.writes[0].0);
+    // The ledger now has 2 ready and 4 waiting for its retry.
+    retry_of_4.due_in = Duration::from_secs(60);
+    let rows = [delivery(2, "A", 2), retry_of_4];
+    let mut out = Vec::new();
+    answer_loads(&mut s, Millis(40), &mut out, &rows);
+    assert_eq!(
+        sends(&mut out)
+            .into_iter()
+            .map(|(_, id)| id)
+            .collect::<Vec<_>>(),
+        vec![2]
+    );
+    assert_eq!(
+        s.lanes().entries("A").map(|e| e.id).collect::<Vec<_>>(),
+        vec![2, 4],
+        "read again in order"
+    );
+}
+
 fn the_page_sends_the_replayed_2_before_7(s: &mut Sched, now: Millis, page: IoToken) {
     s.loaded(now, page, vec![delivery(2, "A", 2), delivery(7, "A", 7)]);
     assert_eq!(all_but_the_page(s, now).sent, vec![2]);
 }
 
-/// Simulator seeds 295 and 593: a sweep's page evicts a waiting retry's whole lane to make room
+/// Simulator seeds 295 and 1715: a sweep's page evicts a waiting retry's whole lane to make room
 /// for a ready load; a later row of the evicted load in the same page is not taken (it would
 /// go before the evicted retry, which is still pending in the ledger).
 #[test]

@@ -66,13 +66,13 @@ async fn the_admin_api_reports_health_metrics_brokers_and_replays_with_a_token()
     // their commit, which the count above may see first).
     assert!(
         eventually(Duration::from_secs(5), || async {
-            let text = app.admin_get("/metrics").await.text().await.unwrap();
-            sample(&text, "webhook_delivery_outcome_save_wait_seconds_count") == Some(2.0)
-                && sample(
-                    &text,
-                    "webhook_delivery_outcome_write_duration_seconds_count",
-                )
-                .is_some_and(|statements| statements >= 1.0)
+            app.metric_value("webhook_delivery_outcome_save_wait_seconds_count", &[])
+                .await
+                == Some(2.0)
+                && app
+                    .metric_value("webhook_delivery_outcome_write_duration_seconds_count", &[])
+                    .await
+                    .is_some_and(|statements| statements >= 1.0)
         })
         .await,
         "outcome saves are timed"
@@ -343,10 +343,4 @@ async fn bad_query_parameters_and_bodies_get_a_clear_400_and_database_errors_are
         !logged("admin API request failed", "deliveries").is_empty(),
         "the detail is logged"
     );
-}
-
-/// The value of an unlabelled series in Prometheus text.
-fn sample(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
 }

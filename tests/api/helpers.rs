@@ -391,6 +391,20 @@ impl TestApp {
             .expect("admin API answers")
     }
 
+    /// The value of the sample of `name` in `/metrics` whose labels include every one of
+    /// `labels` (none: the series without labels).
+    pub async fn metric_value(&self, name: &str, labels: &[&str]) -> Option<f64> {
+        let text = self.admin_get("/metrics").await.text().await.unwrap();
+        text.lines()
+            .find(|line| {
+                line.strip_prefix(name)
+                    .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+                    && labels.iter().all(|l| line.contains(l))
+            })
+            .and_then(|line| line.rsplit(' ').next())
+            .and_then(|value| value.parse().ok())
+    }
+
     /// `GET` on the admin API with `Authorization: Bearer <token>`.
     pub async fn admin_get_with_token(&self, path: &str, token: &str) -> reqwest::Response {
         reqwest::Client::new()

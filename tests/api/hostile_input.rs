@@ -27,17 +27,6 @@ async fn received_by_load(server: &wiremock::MockServer) -> HashMap<String, Vec<
     by_load
 }
 
-/// The value of the sample of `name` whose labels include every one of `labels`.
-async fn metric_value(app: &TestApp, name: &str, labels: &[&str]) -> Option<f64> {
-    let text = app.admin_get("/metrics").await.text().await.unwrap();
-    text.lines()
-        .find(|line| {
-            line.starts_with(&format!("{name}{{")) && labels.iter().all(|l| line.contains(l))
-        })
-        .and_then(|line| line.rsplit(' ').next())
-        .and_then(|value| value.parse().ok())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unstorable_fields_cost_one_message_each_and_the_partition_moves_on() {
     let env = TestEnv::new(1).await;
@@ -167,12 +156,12 @@ async fn an_event_the_database_refuses_is_split_out_of_its_batch() {
         })
         .await
     );
-    let data_errors = metric_value(
-        &app,
-        "webhook_delivery_ledger_errors_total",
-        &["kind=\"data\"", "operation=\"claim\""],
-    )
-    .await;
+    let data_errors = app
+        .metric_value(
+            "webhook_delivery_ledger_errors_total",
+            &["kind=\"data\"", "operation=\"claim\""],
+        )
+        .await;
     app.stop().await;
     assert!(data_errors.unwrap_or(0.0) >= 2.0, "{data_errors:?}");
 
@@ -441,12 +430,8 @@ async fn a_table_lock_held_for_30_s_is_reported_and_then_recovered_from() {
     assert_eq!(line["partition"], 0, "{line}");
     assert!(line["error.message"].as_str().is_some(), "{line}");
     assert_eq!(
-        metric_value(
-            &app,
-            "webhook_delivery_partition_stalled",
-            &["partition=\"0\""]
-        )
-        .await,
+        app.metric_value("webhook_delivery_partition_stalled", &["partition=\"0\""])
+            .await,
         Some(1.0)
     );
     let ready = app.admin_get("/readyz").await;
@@ -497,12 +482,8 @@ async fn a_table_lock_held_for_30_s_is_reported_and_then_recovered_from() {
         "/readyz is green again"
     );
     assert_eq!(
-        metric_value(
-            &app,
-            "webhook_delivery_partition_stalled",
-            &["partition=\"0\""]
-        )
-        .await,
+        app.metric_value("webhook_delivery_partition_stalled", &["partition=\"0\""])
+            .await,
         Some(0.0)
     );
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -561,7 +542,8 @@ async fn an_outcome_write_stall_is_reported_and_nothing_is_sent_twice() {
     assert_eq!(stalled()[0]["level"], 50);
     let label = format!("broker_id=\"{broker}\"");
     assert_eq!(
-        metric_value(&app, "webhook_delivery_outcome_write_stalled", &[&label]).await,
+        app.metric_value("webhook_delivery_outcome_write_stalled", &[&label])
+            .await,
         Some(1.0)
     );
     let ready = app.admin_get("/readyz").await;
@@ -588,7 +570,8 @@ async fn an_outcome_write_stall_is_reported_and_nothing_is_sent_twice() {
         "/readyz is green again"
     );
     assert_eq!(
-        metric_value(&app, "webhook_delivery_outcome_write_stalled", &[&label]).await,
+        app.metric_value("webhook_delivery_outcome_write_stalled", &[&label])
+            .await,
         Some(0.0)
     );
     app.stop().await;

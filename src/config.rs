@@ -88,6 +88,30 @@ pub struct PostgresSettings {
     pub call_timeout_ms: u64,
     /// Idle time before TCP keepalive probes start on a database connection.
     pub keepalive_idle_ms: u64,
+    /// Whether an attempt outcome's commit waits for its WAL flush (claims keep the server's
+    /// setting, whatever this says).
+    pub outcome_commit: OutcomeCommit,
+}
+
+/// `postgres.outcome_commit`: how attempt outcomes are committed (docs/decisions.md 23).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OutcomeCommit {
+    /// As the server's `synchronous_commit` says (normally: wait for the WAL flush).
+    Durable,
+    /// `synchronous_commit = off` for outcome writes: a database crash can forget the last
+    /// fraction of a second of outcomes, and those deliveries are sent again, in order.
+    Async,
+}
+
+impl OutcomeCommit {
+    /// The `-c` option for the outcome writers' connections, if any.
+    pub fn session_option(self) -> Option<&'static str> {
+        match self {
+            OutcomeCommit::Durable => None,
+            OutcomeCommit::Async => Some("-c synchronous_commit=off"),
+        }
+    }
 }
 
 /// Never prints a secret: `kafka.client` values whose key names a password, secret or key

@@ -10,11 +10,11 @@ use actix::Actor;
 
 use crate::actors::delivery::{ByteBudget, DeliveryDeps};
 use crate::actors::delivery_supervisor::{DeliveriesReplayed, DeliverySupervisor, DrainDeliveries};
-use crate::actors::ledger_gateway::{LedgerGateway, LedgerWatch};
+use crate::actors::ledger_gateway::{LedgerGateway, LedgerWatch, MAX_GROUP_WRITES};
 use crate::actors::partition::PartitionDeps;
 use crate::actors::partition_supervisor::{PartitionSupervisor, StopPartitions};
 use crate::admin::{self, AdminState, Health};
-use crate::config::{KafkaSettings, Settings};
+use crate::config::{KafkaSettings, OutcomeCommit, Settings};
 use crate::kafka::{rebalance_channel, ConsumerError, KafkaConsumer};
 use crate::kafka_properties::{self, KafkaPropertyError};
 use crate::lease::LeaseBook;
@@ -50,6 +50,8 @@ pub enum StartupError {
 pub struct Application {
     settings: Settings,
     ledger: Ledger,
+    /// Attempt outcomes only (`postgres.outcome_commit`).
+    outcome_ledger: Ledger,
     instance_id: String,
     admin_listener: TcpListener,
 }
@@ -63,11 +65,26 @@ impl Application {
         // start-up with its name, not fail later inside the consumer thread.
         kafka_properties::check(&settings.kafka)?;
         let ledger = Ledger::connect(&settings.postgres)?;
+        let outcome_ledger = Ledger::connect_for_outcomes(&settings.postgres, MAX_GROUP_WRITES)?;
         let schema = ledger.check_schema().await?;
         if !schema.pending_optional.is_empty() {
             tracing::info!(
                 versions = ?schema.pending_optional,
                 "ledger migrations not applied yet (optional for this build: online index builds); run `webhook-delivery migrate`"
+            );
+        }
+        let outcome_synchronous_commit = outcome_ledger.synchronous_commit().await?;
+        let outcome_commit = settings.postgres.outcome_commit;
+        if outcome_commit == OutcomeCommit::Async && outcome_synchronous_commit != "off" {
+            tracing::warn!(
+                synchronous_commit = %outcome_synchronous_commit,
+                "postgres.outcome_commit is \"async\" but the outcome connections did not get synchronous_commit = off (a connection pooler that drops startup options?): outcomes wait for the WAL flush, which is safe but slower on deep loads"
+            );
+        } else {
+            tracing::info!(
+                ?outcome_commit,
+                synchronous_commit = %outcome_synchronous_commit,
+                "attempt outcomes are committed with this synchronous_commit; claims with the server's own"
             );
         }
         let admin_listener =
@@ -78,6 +95,7 @@ impl Application {
         Ok(Application {
             settings,
             ledger,
+            outcome_ledger,
             instance_id: instance_id(),
             admin_listener,
         })
@@ -106,6 +124,7 @@ impl Application {
         let Application {
             settings,
             ledger,
+            outcome_ledger,
             instance_id,
             admin_listener,
         } = self;
@@ -115,6 +134,7 @@ impl Application {
         let stalls = StallBook::default();
         let ledger_gateway = LedgerGateway::new(
             ledger.clone(),
+            outcome_ledger,
             LedgerWatch {
                 metrics: metrics.clone(),
                 health: health.clone(),

@@ -6,7 +6,9 @@
 //! fail or are acknowledged late, ledger pages read while outcomes are being written, broker
 //! disables and re-enables, replays, lease loss and regain with revokes delivered late, restarts
 //! with outcomes unsaved, clock jumps, broker rows pushed unasked (the supervisor's refresh),
-//! and idle schedulers replaced by fresh ones (an idle actor retiring and starting again). After every step the invariants of issue 11 are
+//! idle schedulers replaced by fresh ones (an idle actor retiring and starting again), and in a
+//! third of the seeds database crashes that forget the outcomes committed since the last WAL
+//! flush (`postgres.outcome_commit = "async"`). After every step the invariants of issue 11 are
 //! checked; after the faults stop, every pending delivery must end delivered or dead.
 //!
 //! `cargo test --test simulation` runs the regression seeds and `SIM_SEEDS` (default 2,000)
@@ -116,6 +118,19 @@ struct Row {
     /// The step at which it last became pending (claimed or replayed).
     pending_since: u64,
     first_sent: Option<u64>,
+    /// Delivered or dead once, then pending again because a database crash forgot the outcome
+    /// (an async commit, `postgres.outcome_commit`): sending it again is a duplicate the
+    /// receiver already has (or, for a dead one, a replay), so later deliveries of its load
+    /// need not wait for it.
+    forgotten: bool,
+}
+
+/// A row as it was before an outcome commit the WAL has not flushed yet.
+struct Unflushed {
+    id: i64,
+    state: State,
+    attempts: u32,
+    next_at: Millis,
 }
 
 struct Request {
@@ -166,8 +181,20 @@ struct World {
     broker_reads: usize,
     /// Decided delivered or dead, not yet committed.
     decided_final: HashSet<i64>,
+    /// Outcome commits since the last WAL flush, oldest first: what a database crash forgets.
+    unflushed: Vec<Unflushed>,
+    /// Its own stream, so that seeds without crashes draw exactly as they did before crashes
+    /// were modelled (and the regression seeds keep replaying their bugs).
+    crash_rng: Option<Rng>,
     wake: Option<Millis>,
     trace: VecDeque<String>,
+}
+
+/// A third of the seeds also crash the database now and then. Not the regression seeds: a
+/// crash changes what follows, and they must keep replaying their bugs.
+fn crashes_for(seed: u64) -> Option<Rng> {
+    let mut rng = Rng(seed ^ 0xDB_C4A5_11ED);
+    (!REGRESSION_SEEDS.contains(&seed) && rng.chance(33)).then_some(rng)
 }
 
 fn config_for(rng: &mut Rng) -> SchedulerConfig {
@@ -220,6 +247,8 @@ impl World {
             pages: Vec::new(),
             broker_reads: 0,
             decided_final: HashSet::new(),
+            unflushed: Vec::new(),
+            crash_rng: crashes_for(seed),
             wake: None,
             trace: VecDeque::new(),
         };
@@ -359,6 +388,7 @@ impl World {
                 && r.offset < row.offset
                 && r.state == State::Pending
                 && r.pending_since <= sent_since
+                && !r.forgotten
         });
         if let Some((earlier, _)) = earlier {
             self.fail(
@@ -382,6 +412,8 @@ impl World {
     // ---- the model ledger -----------------------------------------------------------------
 
     fn claim(&mut self, seed: u64) {
+        // A claim's commit waits for the WAL flush, which takes every earlier commit with it.
+        self.unflushed.clear();
         let load = format!("L{}", self.rng.below(self.loads as u64));
         let partition = (load[1..].parse::<i32>().expect("load names are L<n>")) % PARTITIONS;
         let offset = self.next_offset[partition as usize];
@@ -417,6 +449,7 @@ impl World {
                 next_at: self.now,
                 pending_since: self.step,
                 first_sent: None,
+                forgotten: false,
             },
         );
         let claimed = Claimed {
@@ -458,6 +491,12 @@ impl World {
             if row.state != State::Pending {
                 continue;
             }
+            self.unflushed.push(Unflushed {
+                id: outcome.delivery_id,
+                state: row.state,
+                attempts: row.attempts,
+                next_at: row.next_at,
+            });
             row.attempts = outcome.attempt;
             match outcome.decision {
                 Decision::Delivered => row.state = State::Delivered,
@@ -655,8 +694,44 @@ impl World {
         }
     }
 
+    /// The database crashes: the outcome commits the WAL had not flushed are forgotten, every
+    /// write and page under way fails with its connection. Leases and claims are untouched
+    /// (their commits waited for the flush).
+    fn crash_database(&mut self, seed: u64) {
+        self.log(format!(
+            "database crash: {} unflushed outcome commits forgotten",
+            self.unflushed.len()
+        ));
+        let step = self.step;
+        for before in std::mem::take(&mut self.unflushed).into_iter().rev() {
+            let row = self.rows.get_mut(&before.id).expect("rows exist");
+            if row.state != State::Pending {
+                row.forgotten = true;
+                row.pending_since = step;
+            }
+            row.state = before.state;
+            row.attempts = before.attempts;
+            row.next_at = before.next_at;
+        }
+        for write in std::mem::take(&mut self.writes) {
+            self.s.outcomes_save_failed(self.now, write.token);
+        }
+        for page in std::mem::take(&mut self.pages) {
+            self.s.load_failed(self.now, page.token);
+        }
+        self.pump(seed);
+    }
+
     fn fault_step(&mut self, seed: u64) {
         self.step += 1;
+        if let Some(crash) = &mut self.crash_rng {
+            match crash.below(100) {
+                0..=1 => return self.crash_database(seed),
+                // The WAL writer flushes on its own (wal_writer_delay).
+                2..=3 => self.unflushed.clear(),
+                _ => {}
+            }
+        }
         match self.rng.below(100) {
             0..=17 => self.claim(seed),
             18..=21 => {
@@ -822,7 +897,8 @@ impl World {
             .collect();
         let mut first_pending: HashMap<&str, &Row> = HashMap::new();
         for row in self.rows.values() {
-            if row.state == State::Pending {
+            // A forgotten outcome is found by the next sweep, not by the scheduler's memory.
+            if row.state == State::Pending && !row.forgotten {
                 let entry = first_pending.entry(row.load.as_str()).or_insert(row);
                 if row.offset < entry.offset {
                     *entry = row;

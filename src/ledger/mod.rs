@@ -487,19 +487,41 @@ impl Ledger {
             settings.pool_size,
             settings.ca_file(),
             settings.time_bounds(),
+            None,
+        )
+    }
+
+    /// `connections` more connections like `connect`'s, for attempt outcomes only, opened with
+    /// `synchronous_commit` as `postgres.outcome_commit` says. With `async`, an outcome's
+    /// COMMIT returns before its WAL reaches disk, so the load's next delivery does not wait for
+    /// the flush. A database crash can then forget the last outcomes written (never a claim:
+    /// those stay on `connect`'s connections), and those deliveries are sent again, in order
+    /// (docs/decisions.md 23).
+    pub fn connect_for_outcomes(
+        settings: &PostgresSettings,
+        connections: usize,
+    ) -> Result<Ledger, LedgerError> {
+        Ledger::connect_with(
+            &settings.url,
+            connections,
+            settings.ca_file(),
+            settings.time_bounds(),
+            settings.outcome_commit.session_option(),
         )
     }
 
     /// `connect` without a CA file and with the default time bounds (tools and tests).
     pub fn connect_lazy(url: &str, pool_size: usize) -> Result<Ledger, LedgerError> {
-        Ledger::connect_with(url, pool_size, None, TimeBounds::DEFAULT)
+        Ledger::connect_with(url, pool_size, None, TimeBounds::DEFAULT, None)
     }
 
+    /// `session_option`: one more `-c name=value` for every connection of this pool.
     fn connect_with(
         url: &str,
         pool_size: usize,
         ca_file: Option<&Path>,
         bounds: TimeBounds,
+        session_option: Option<&str>,
     ) -> Result<Ledger, LedgerError> {
         let tls_url = tls::TlsUrl::parse(url)?;
         let ca_file = match (ca_file, tls_url.root_cert.as_deref()) {
@@ -515,10 +537,15 @@ impl Ledger {
             "-c statement_timeout={}",
             bounds.statement_timeout.as_millis()
         );
-        let options = match config.get_options() {
-            Some(existing) => format!("{existing} {statement_timeout}"),
-            None => statement_timeout,
-        };
+        let options = [
+            config.get_options(),
+            Some(statement_timeout.as_str()),
+            session_option,
+        ]
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>()
+        .join(" ");
         config
             .options(options)
             .keepalives(true)
@@ -612,6 +639,17 @@ impl Ledger {
     pub async fn ping(&self) -> Result<(), LedgerError> {
         self.client().await?.simple_query("SELECT 1").await?;
         Ok(())
+    }
+
+    /// `synchronous_commit` as this pool's connections have it: what the server made of the
+    /// session option (a pooler in between may have dropped it).
+    pub async fn synchronous_commit(&self) -> Result<String, LedgerError> {
+        let row = self
+            .client()
+            .await?
+            .query_one("SELECT current_setting('synchronous_commit')", &[])
+            .await?;
+        Ok(row.get(0))
     }
 
     /// Records the events of one poll batch and creates a pending delivery for every enabled

@@ -778,6 +778,37 @@ async fn real_postgres_errors_are_classified() {
     assert_eq!(kind(missing), ErrorKind::Other, "undefined table");
 }
 
+/// `postgres.outcome_commit`: the outcome writers' own connections commit without waiting for
+/// the WAL flush with "async", as the server says with "durable"; the pool that claims use is
+/// never changed (a lost claim would be a lost event).
+#[tokio::test]
+async fn only_the_outcome_connections_commit_asynchronously() {
+    use webhook_delivery::config::{OutcomeCommit, PostgresSettings};
+    let (url, _db) = database_only().await;
+    let settings = |outcome_commit| PostgresSettings {
+        url: url.clone(),
+        pool_size: 1,
+        lease_ms: 30_000,
+        ca_file: String::new(),
+        statement_timeout_ms: 15_000,
+        call_timeout_ms: 20_000,
+        keepalive_idle_ms: 30_000,
+        outcome_commit,
+    };
+    let outcomes = |outcome_commit| Ledger::connect_for_outcomes(&settings(outcome_commit), 1);
+    let commit_mode = |ledger: Ledger| async move { ledger.synchronous_commit().await.unwrap() };
+    assert_eq!(
+        commit_mode(outcomes(OutcomeCommit::Async).unwrap()).await,
+        "off"
+    );
+    assert_eq!(
+        commit_mode(outcomes(OutcomeCommit::Durable).unwrap()).await,
+        "on"
+    );
+    let claims = Ledger::connect(&settings(OutcomeCommit::Async)).unwrap();
+    assert_eq!(commit_mode(claims).await, "on");
+}
+
 /// A call the server does not answer (a lock, here, with a long statement_timeout) ends at the
 /// client-side bound as a retryable error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -793,6 +824,7 @@ async fn a_call_that_hangs_ends_at_the_client_side_bound() {
         statement_timeout_ms: 60_000,
         call_timeout_ms: 500,
         keepalive_idle_ms: 30_000,
+        outcome_commit: webhook_delivery::config::OutcomeCommit::Durable,
     })
     .unwrap();
     ledger.ping().await.unwrap();

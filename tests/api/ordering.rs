@@ -4,6 +4,8 @@ use std::time::{Duration, Instant};
 use wiremock::matchers::method;
 use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
 
+use webhook_delivery::config::OutcomeCommit;
+
 use crate::helpers::*;
 
 /// (load, status, sequence, answered status, when).
@@ -40,6 +42,18 @@ impl Respond for FlakyForOneLoad {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_loads_statuses_arrive_in_order_even_across_retries_without_holding_up_other_loads() {
+    statuses_arrive_in_order_across_retries(OutcomeCommit::Durable).await;
+}
+
+/// The same with outcomes committed before their WAL flush (`postgres.outcome_commit`): a
+/// load's next delivery goes out sooner, and still only after the previous one's outcome is
+/// committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn order_holds_across_retries_with_asynchronous_outcome_commits() {
+    statuses_arrive_in_order_across_retries(OutcomeCommit::Async).await;
+}
+
+async fn statuses_arrive_in_order_across_retries(outcome_commit: OutcomeCommit) {
     let env = TestEnv::new(2).await;
     let seen = Arc::new(Mutex::new(Vec::new()));
     let server = MockServer::start().await;
@@ -65,6 +79,7 @@ async fn a_loads_statuses_arrive_in_order_even_across_retries_without_holding_up
     settings.retry.base_delay_ms = 300;
     settings.retry.max_delay_ms = 300;
     settings.circuit_breaker.failure_threshold = 100;
+    settings.postgres.outcome_commit = outcome_commit;
 
     let app = spawn_app(settings);
     assert!(

@@ -32,7 +32,8 @@ const STALL_CHECK: Duration = Duration::from_secs(1);
 /// delivery waits with it; with two, the next statement starts at once (it may still wait for
 /// the first's commit on a shared `delivery_counts` row). No row is in two statements: a
 /// delivery's next attempt waits for its outcome to be saved.
-const MAX_GROUP_WRITES: usize = 2;
+/// The outcome writers' own connections (`Ledger::connect_for_outcomes`) are this many.
+pub const MAX_GROUP_WRITES: usize = 2;
 
 /// What the actor reports to: metrics, `/readyz`, and the stall threshold.
 #[derive(Clone)]
@@ -59,6 +60,8 @@ impl LedgerWatch {
 
 pub struct LedgerGateway {
     ledger: Ledger,
+    /// Outcome writes only: connections with `postgres.outcome_commit`'s commit mode.
+    outcome_ledger: Ledger,
     watch: LedgerWatch,
     /// Attempt outcomes from every DeliveryActor wait here while a write is in flight, and all
     /// of them go out in the next single statement (group commit): a few large writes instead
@@ -79,9 +82,10 @@ struct QueuedOutcomes {
 }
 
 impl LedgerGateway {
-    pub fn new(ledger: Ledger, watch: LedgerWatch) -> Self {
+    pub fn new(ledger: Ledger, outcome_ledger: Ledger, watch: LedgerWatch) -> Self {
         LedgerGateway {
             ledger,
+            outcome_ledger,
             watch,
             queued_outcomes: Vec::new(),
             outcome_writes_under_way: 0,
@@ -106,7 +110,7 @@ impl LedgerGateway {
             .iter()
             .flat_map(|queued| queued.records.iter().cloned())
             .collect();
-        let ledger = self.ledger.clone();
+        let ledger = self.outcome_ledger.clone();
         let watch = self.watch.clone();
         let write = async move {
             let started = Instant::now();

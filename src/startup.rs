@@ -50,7 +50,7 @@ pub enum StartupError {
 pub struct Application {
     settings: Settings,
     ledger: Ledger,
-    /// Attempt outcomes only (`postgres.outcome_commit`).
+    /// Where attempt outcomes are written (`Ledger::for_outcomes`).
     outcome_ledger: Ledger,
     instance_id: String,
     admin_listener: TcpListener,
@@ -65,7 +65,7 @@ impl Application {
         // start-up with its name, not fail later inside the consumer thread.
         kafka_properties::check(&settings.kafka)?;
         let ledger = Ledger::connect(&settings.postgres)?;
-        let outcome_ledger = Ledger::connect_for_outcomes(&settings.postgres, MAX_GROUP_WRITES)?;
+        let outcome_ledger = ledger.for_outcomes(&settings.postgres, MAX_GROUP_WRITES)?;
         let schema = ledger.check_schema().await?;
         if !schema.pending_optional.is_empty() {
             tracing::info!(

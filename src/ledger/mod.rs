@@ -491,23 +491,28 @@ impl Ledger {
         )
     }
 
-    /// `connections` more connections like `connect`'s, for attempt outcomes only, opened with
-    /// `synchronous_commit` as `postgres.outcome_commit` says. With `async`, an outcome's
-    /// COMMIT returns before its WAL reaches disk, so the load's next delivery does not wait for
-    /// the flush. A database crash can then forget the last outcomes written (never a claim:
-    /// those stay on `connect`'s connections), and those deliveries are sent again, in order
-    /// (docs/decisions.md 23).
-    pub fn connect_for_outcomes(
+    /// Where attempt outcomes are written, as `postgres.outcome_commit` says. `durable`: this
+    /// ledger's own pool, shared with claims (a pool of their own made Postgres busier per
+    /// delivery in `healthy`). `async`: `connections` more connections like `connect`'s, opened
+    /// with `synchronous_commit=off`, so an outcome's COMMIT returns before its WAL reaches disk
+    /// and the load's next delivery does not wait for the flush. A database crash can then
+    /// forget the last outcomes written (never a claim: those stay on this pool), and those
+    /// deliveries are sent again, in order (docs/decisions.md 23).
+    pub fn for_outcomes(
+        &self,
         settings: &PostgresSettings,
         connections: usize,
     ) -> Result<Ledger, LedgerError> {
-        Ledger::connect_with(
-            &settings.url,
-            connections,
-            settings.ca_file(),
-            settings.time_bounds(),
-            settings.outcome_commit.session_option(),
-        )
+        match settings.outcome_commit.session_option() {
+            None => Ok(self.clone()),
+            Some(option) => Ledger::connect_with(
+                &settings.url,
+                connections,
+                settings.ca_file(),
+                settings.time_bounds(),
+                Some(option),
+            ),
+        }
     }
 
     /// `connect` without a CA file and with the default time bounds (tools and tests).

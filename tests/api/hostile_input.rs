@@ -778,9 +778,9 @@ async fn real_postgres_errors_are_classified() {
     assert_eq!(kind(missing), ErrorKind::Other, "undefined table");
 }
 
-/// `postgres.outcome_commit`: the outcome writers' own connections commit without waiting for
-/// the WAL flush with "async", as the server says with "durable"; the pool that claims use is
-/// never changed (a lost claim would be a lost event).
+/// `postgres.outcome_commit`: with "async" the outcome writers' own connections commit without
+/// waiting for the WAL flush; with "durable" outcomes share the claims' pool, as the server
+/// says; the pool that claims use is never changed (a lost claim would be a lost event).
 #[tokio::test]
 async fn only_the_outcome_connections_commit_asynchronously() {
     use webhook_delivery::config::{OutcomeCommit, PostgresSettings};
@@ -795,7 +795,8 @@ async fn only_the_outcome_connections_commit_asynchronously() {
         keepalive_idle_ms: 30_000,
         outcome_commit,
     };
-    let outcomes = |outcome_commit| Ledger::connect_for_outcomes(&settings(outcome_commit), 1);
+    let claims = Ledger::connect(&settings(OutcomeCommit::Async)).unwrap();
+    let outcomes = |outcome_commit| claims.for_outcomes(&settings(outcome_commit), 1);
     let commit_mode = |ledger: Ledger| async move { ledger.synchronous_commit().await.unwrap() };
     assert_eq!(
         commit_mode(outcomes(OutcomeCommit::Async).unwrap()).await,
@@ -805,8 +806,7 @@ async fn only_the_outcome_connections_commit_asynchronously() {
         commit_mode(outcomes(OutcomeCommit::Durable).unwrap()).await,
         "on"
     );
-    let claims = Ledger::connect(&settings(OutcomeCommit::Async)).unwrap();
-    assert_eq!(commit_mode(claims).await, "on");
+    assert_eq!(commit_mode(claims.clone()).await, "on");
 }
 
 /// A call the server does not answer (a lock, here, with a long statement_timeout) ends at the

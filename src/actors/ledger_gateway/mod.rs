@@ -32,7 +32,8 @@ const STALL_CHECK: Duration = Duration::from_secs(1);
 /// delivery waits with it; with two, the next statement starts at once (it may still wait for
 /// the first's commit on a shared `delivery_counts` row). No row is in two statements: a
 /// delivery's next attempt waits for its outcome to be saved.
-/// The outcome writers' own connections (`Ledger::connect_for_outcomes`) are this many.
+/// With `postgres.outcome_commit = "async"`, the outcome writers' own connections
+/// (`Ledger::for_outcomes`) are this many.
 pub const MAX_GROUP_WRITES: usize = 2;
 
 /// What the actor reports to: metrics, `/readyz`, and the stall threshold.
@@ -60,7 +61,8 @@ impl LedgerWatch {
 
 pub struct LedgerGateway {
     ledger: Ledger,
-    /// Outcome writes only: connections with `postgres.outcome_commit`'s commit mode.
+    /// Where outcome writes go: `ledger` itself, or connections of their own with
+    /// `postgres.outcome_commit = "async"`.
     outcome_ledger: Ledger,
     watch: LedgerWatch,
     /// Attempt outcomes from every DeliveryActor wait here while a write is in flight, and all

@@ -769,6 +769,7 @@ mod tests {
                 "kafka.initial_offsets",
             ),
             ("[kafka]\ninitial_offsets = \"newest\"\n", "initial_offsets"),
+            ("[postgres]\noutcome_commit = \"fast\"\n", "outcome_commit"),
             ("[log]\nlevel = \"info,[\"\n", "log.level"),
             ("[admin]\ntoken = \"short\"\n", "admin.token"),
             ("[retention]\ndelivered_ms = 0\n", "retention.delivered_ms"),

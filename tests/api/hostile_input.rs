@@ -662,6 +662,20 @@ fn parsing_anything_yields_storable_values_or_a_rejection() {
         .unwrap();
 }
 
+/// `[postgres]` as config/base.toml ships it, pool of one, for a test's own database.
+fn postgres_settings(url: String) -> webhook_delivery::config::PostgresSettings {
+    webhook_delivery::config::PostgresSettings {
+        url,
+        pool_size: 1,
+        lease_ms: 30_000,
+        ca_file: String::new(),
+        statement_timeout_ms: 15_000,
+        call_timeout_ms: 20_000,
+        keepalive_idle_ms: 30_000,
+        outcome_commit: webhook_delivery::config::OutcomeCommit::Durable,
+    }
+}
+
 /// A fresh, migrated database of its own (no Kafka needed): (url, client).
 async fn database_only() -> (String, tokio_postgres::Client) {
     let (admin, connection) = tokio_postgres::connect(ADMIN_DB_URL, tokio_postgres::NoTls)
@@ -786,14 +800,8 @@ async fn only_the_outcome_connections_commit_asynchronously() {
     use webhook_delivery::config::{OutcomeCommit, PostgresSettings};
     let (url, _db) = database_only().await;
     let settings = |outcome_commit| PostgresSettings {
-        url: url.clone(),
-        pool_size: 1,
-        lease_ms: 30_000,
-        ca_file: String::new(),
-        statement_timeout_ms: 15_000,
-        call_timeout_ms: 20_000,
-        keepalive_idle_ms: 30_000,
         outcome_commit,
+        ..postgres_settings(url.clone())
     };
     let claims = Ledger::connect(&settings(OutcomeCommit::Async)).unwrap();
     let outcomes = |outcome_commit| claims.for_outcomes(&settings(outcome_commit), 1);
@@ -817,14 +825,9 @@ async fn a_call_that_hangs_ends_at_the_client_side_bound() {
     use webhook_delivery::ledger::ErrorKind;
     let (url, db) = database_only().await;
     let ledger = Ledger::connect(&PostgresSettings {
-        url,
-        pool_size: 1,
-        lease_ms: 30_000,
-        ca_file: String::new(),
         statement_timeout_ms: 60_000,
         call_timeout_ms: 500,
-        keepalive_idle_ms: 30_000,
-        outcome_commit: webhook_delivery::config::OutcomeCommit::Durable,
+        ..postgres_settings(url)
     })
     .unwrap();
     ledger.ping().await.unwrap();

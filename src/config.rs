@@ -219,6 +219,12 @@ pub struct DeliverySettings {
     pub idle_actor_ms: u64,
     /// Bytes of deliveries held in memory, all brokers together.
     pub max_buffered_bytes: usize,
+    /// Webhook sockets open at once, all brokers together; 0: three quarters of the open-files
+    /// limit (src/connection_budget.rs).
+    pub max_outbound_connections: usize,
+    /// A broker's idle sockets are closed (and their budget given back) once none of its
+    /// requests has been in flight for this long.
+    pub connection_keep_alive_ms: u64,
     pub max_message_bytes: usize,
     /// Byte caps for an event's `eventId`, `loadId` and `status` (storable and indexable).
     pub max_event_id_bytes: usize,
@@ -464,6 +470,10 @@ impl Settings {
             ));
         }
         positive("delivery.idle_actor_ms", self.delivery.idle_actor_ms)?;
+        positive(
+            "delivery.connection_keep_alive_ms",
+            self.delivery.connection_keep_alive_ms,
+        )?;
         if self.delivery.max_buffered_bytes < 2 * self.delivery.max_message_bytes {
             return Err(invalid(
                 "delivery.max_buffered_bytes",
@@ -595,6 +605,9 @@ impl DeliverySettings {
     }
     pub fn idle_actor(&self) -> Duration {
         Duration::from_millis(self.idle_actor_ms)
+    }
+    pub fn connection_keep_alive(&self) -> Duration {
+        Duration::from_millis(self.connection_keep_alive_ms)
     }
     pub fn event_limits(&self) -> crate::core::event::EventLimits {
         crate::core::event::EventLimits {

@@ -3,6 +3,7 @@ pub mod admin;
 pub mod broker;
 pub mod cli;
 pub mod config;
+pub mod connection_budget;
 pub mod core;
 #[cfg(feature = "fault-injection")]
 pub mod fault_injection;

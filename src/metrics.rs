@@ -2,8 +2,8 @@
 //! Names follow Prometheus conventions: `_total` counters, base units (`_seconds`).
 
 use prometheus::{
-    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec,
-    Opts, Registry, TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::ledger::ErrorKind;
@@ -27,6 +27,9 @@ pub struct Metrics {
     pub in_flight_limit: IntGaugeVec,
     pub buffered_bytes: IntGauge,
     pub buffered_bytes_max: IntGauge,
+    pub outbound_connections: IntGauge,
+    pub outbound_connections_max: IntGauge,
+    pub local_shortages: IntCounter,
     pub pending_deliveries: IntGauge,
     pub dead_deliveries: IntGauge,
     pub actor_restarts: IntCounterVec,
@@ -92,11 +95,36 @@ impl Metrics {
             "delivery.max_buffered_bytes: the bound on buffered_bytes.",
         )
         .expect("valid metric");
+        let outbound_connections = IntGauge::new(
+            "outbound_connections",
+            "Webhook sockets open now, all brokers together (in use or idle in a pool), bounded \
+             by outbound_connections_max.",
+        )
+        .expect("valid metric");
+        let outbound_connections_max = IntGauge::new(
+            "outbound_connections_max",
+            "The outbound connection budget: delivery.max_outbound_connections, or three \
+             quarters of the open-files limit when that is 0.",
+        )
+        .expect("valid metric");
+        let local_shortages = IntCounter::new(
+            "local_shortages_total",
+            "Requests not made because this process was out of its outbound connection budget \
+             or of file descriptors, ports or buffers: not counted against the broker, which \
+             pauses a second. Any increase means the budget or the open-files limit is too small \
+             for the active brokers.",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(local_shortages.clone()))
+            .expect("registered once");
         for metric in [
             &pending_deliveries,
             &ready,
             &buffered_bytes,
             &buffered_bytes_max,
+            &outbound_connections,
+            &outbound_connections_max,
         ] {
             registry
                 .register(Box::new(metric.clone()))
@@ -204,6 +232,9 @@ impl Metrics {
             ),
             buffered_bytes,
             buffered_bytes_max,
+            outbound_connections,
+            outbound_connections_max,
+            local_shortages,
             pending_deliveries,
             dead_deliveries,
             actor_restarts: counter(

@@ -38,6 +38,22 @@ pub fn raise_open_files_limit() {
     );
 }
 
+/// The soft RLIMIT_NOFILE now (after `raise_open_files_limit`), if it can be read and is
+/// finite: what the outbound connection budget is derived from.
+pub fn soft_limit() -> Option<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes the struct it is given, which lives for the call.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0
+        || limit.rlim_cur == libc::RLIM_INFINITY
+    {
+        return None;
+    }
+    Some(limit.rlim_cur)
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

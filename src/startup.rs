@@ -15,6 +15,7 @@ use crate::actors::partition::PartitionDeps;
 use crate::actors::partition_supervisor::{PartitionSupervisor, StopPartitions};
 use crate::admin::{self, AdminState, Health};
 use crate::config::{KafkaSettings, OutcomeCommit, Settings};
+use crate::connection_budget::ConnectionBudget;
 use crate::kafka::{rebalance_channel, ConsumerError, KafkaConsumer};
 use crate::kafka_properties::{self, KafkaPropertyError};
 use crate::lease::LeaseBook;
@@ -143,6 +144,17 @@ impl Application {
             },
         )
         .start();
+        let (connections, budget_source) = ConnectionBudget::for_process(
+            settings.delivery.max_outbound_connections,
+            metrics.outbound_connections.clone(),
+            &metrics.outbound_connections_max,
+            metrics.local_shortages.clone(),
+        );
+        tracing::info!(
+            max = connections.max(),
+            source = %budget_source,
+            "outbound connection budget"
+        );
         let deliveries = DeliverySupervisor::new(DeliveryDeps {
             ledger: ledger_gateway.clone(),
             leases: leases.clone(),
@@ -159,6 +171,7 @@ impl Application {
                 metrics.buffered_bytes.clone(),
                 &metrics.buffered_bytes_max,
             ),
+            connections,
         })
         .start();
         let (rebalance_events, rebalances) = rebalance_channel();

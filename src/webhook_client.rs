@@ -9,6 +9,7 @@ use awc::error::{ConnectError, SendRequestError};
 use bytes::Bytes;
 use futures::StreamExt;
 
+use crate::connection_budget::{is_local_shortage, BudgetedConnector, ConnectionBudget};
 use crate::core::storable::StorableText;
 
 /// Why an attempt produced no HTTP status. Every variant is a transport failure, i.e. retryable;
@@ -21,6 +22,10 @@ pub enum SendError {
     Dns(String),
     #[error("could not connect: {0}")]
     Connect(#[source] ConnectError),
+    /// This process, not the broker, was short of something to connect with: its outbound
+    /// connection budget, file descriptors, ports or buffers. No request was made.
+    #[error("no request made, this process is short of resources: {0}")]
+    LocalShortage(#[source] std::io::Error),
     #[error("refused by the SSRF guard: {0}")]
     Refused(#[source] crate::core::ssrf::Refusal),
     #[error("TLS is not configured for this URL")]
@@ -40,6 +45,7 @@ impl SendError {
             SendError::Refused(_) => "ssrf_refused",
             SendError::Dns(_) => "dns",
             SendError::Connect(_) => "connect",
+            SendError::LocalShortage(_) => "local_shortage",
             SendError::TlsUnavailable => "tls",
             SendError::Io(_) => "io",
             SendError::BadResponse(_) => "bad_response",
@@ -54,8 +60,16 @@ impl SendError {
             SendRequestError::Connect(ConnectError::SslIsNotSupported) => SendError::TlsUnavailable,
             SendRequestError::Connect(ConnectError::Resolver(error)) => match find_refusal(error) {
                 Ok(refusal) => SendError::Refused(refusal),
-                Err(other) => SendError::Dns(other.to_string()),
+                // getaddrinfo out of descriptors for its DNS socket.
+                Err(other) => match other.downcast::<std::io::Error>() {
+                    Ok(io) if is_local_shortage(&io) => SendError::LocalShortage(*io),
+                    Ok(io) => SendError::Dns(io.to_string()),
+                    Err(other) => SendError::Dns(other.to_string()),
+                },
             },
+            SendRequestError::Connect(ConnectError::Io(error)) if is_local_shortage(&error) => {
+                SendError::LocalShortage(error)
+            }
             SendRequestError::Connect(e @ (ConnectError::NoRecords | ConnectError::Unresolved)) => {
                 SendError::Dns(e.to_string())
             }
@@ -134,37 +148,67 @@ impl actix_tls::connect::Resolve for GuardedResolver {
     }
 }
 
-/// Builds the per-broker HTTP client: no redirects (a 3xx is a permanent failure, never
-/// followed), TLS with the webpki roots, our user-agent, and DNS through the SSRF guard.
-/// `max_connections` bounds the sockets this client opens at once (one client per broker: its
-/// in-flight limit), so file descriptors grow with active brokers times that, no more.
-pub fn build_client(
-    user_agent: &str,
-    timeout: Duration,
-    max_connections: usize,
-    policy: Arc<crate::core::ssrf::NetworkPolicy>,
-) -> awc::Client {
-    let resolver = actix_tls::connect::Resolver::custom(GuardedResolver { policy });
-    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .expect("ring supports the default TLS versions")
-    .with_root_certificates(rustls::RootCertStore {
-        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+/// TLS for every broker's client: the webpki roots, built once (a client is built whenever an
+/// actor starts or its idle sockets are let go).
+fn tls_config() -> Arc<rustls::ClientConfig> {
+    static TLS: std::sync::OnceLock<Arc<rustls::ClientConfig>> = std::sync::OnceLock::new();
+    TLS.get_or_init(|| {
+        Arc::new(
+            rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .expect("ring supports the default TLS versions")
+            .with_root_certificates(rustls::RootCertStore {
+                roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+            })
+            .with_no_client_auth(),
+        )
     })
-    .with_no_client_auth();
+    .clone()
+}
+
+/// How one broker's HTTP client is built.
+pub struct ClientSettings<'a> {
+    pub user_agent: &'a str,
+    pub timeout: Duration,
+    /// Sockets this client opens at most (the broker's in-flight limit).
+    pub max_connections: usize,
+    /// An idle pooled socket older than this is not reused.
+    pub keep_alive: Duration,
+    pub policy: Arc<crate::core::ssrf::NetworkPolicy>,
+    /// Every socket takes a permit from the process-wide budget.
+    pub budget: Arc<ConnectionBudget>,
+}
+
+/// Builds the per-broker HTTP client: no redirects (a 3xx is a permanent failure, never
+/// followed), TLS with the webpki roots, our user-agent, DNS through the SSRF guard, and every
+/// socket counted against the process's outbound connection budget. `max_connections` bounds the
+/// sockets this client opens at once, so file descriptors grow with active brokers times that,
+/// and the budget bounds the total.
+pub fn build_client(settings: ClientSettings<'_>) -> awc::Client {
+    let resolver = actix_tls::connect::Resolver::custom(GuardedResolver {
+        policy: settings.policy,
+    });
+    let tcp = BudgetedConnector::new(
+        actix_tls::connect::Connector::new(resolver).service(),
+        settings.budget,
+    );
     awc::Client::builder()
         .connector(
             awc::Connector::new()
-                .connector(actix_tls::connect::Connector::new(resolver).service())
-                .rustls_0_23(Arc::new(tls))
-                .limit(max_connections)
-                .timeout(timeout),
+                .connector(tcp)
+                .rustls_0_23(tls_config())
+                .limit(settings.max_connections)
+                .conn_keep_alive(settings.keep_alive)
+                .timeout(settings.timeout),
         )
         .disable_redirects()
-        .timeout(timeout)
-        .add_default_header((awc::http::header::USER_AGENT, user_agent.to_owned()))
+        .timeout(settings.timeout)
+        .add_default_header((
+            awc::http::header::USER_AGENT,
+            settings.user_agent.to_owned(),
+        ))
         .finish()
 }
 
@@ -255,6 +299,47 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert(CONTENT_ENCODING, HeaderValue::from_bytes(value).unwrap());
         undecoded_body_note(&headers)
+    }
+
+    fn classified(error: std::io::Error) -> &'static str {
+        SendError::from_awc(
+            SendRequestError::Connect(ConnectError::Io(error)),
+            Duration::from_secs(1),
+        )
+        .class()
+    }
+
+    /// Out of descriptors, ports or buffers is our shortage; a refused or unreachable broker is
+    /// the broker's failure.
+    #[test]
+    fn a_connect_failing_for_want_of_local_resources_is_a_local_shortage() {
+        for errno in [
+            libc::EMFILE,
+            libc::ENFILE,
+            libc::EADDRNOTAVAIL,
+            libc::ENOBUFS,
+            libc::ENOMEM,
+        ] {
+            let error = std::io::Error::from_raw_os_error(errno);
+            assert_eq!(classified(error), "local_shortage", "errno {errno}");
+        }
+        for errno in [libc::ECONNREFUSED, libc::EHOSTUNREACH, libc::ECONNRESET] {
+            let error = std::io::Error::from_raw_os_error(errno);
+            assert_eq!(classified(error), "connect", "errno {errno}");
+        }
+        let exhausted = crate::connection_budget::BudgetExhausted { open: 8, max: 8 };
+        assert_eq!(
+            classified(std::io::Error::other(exhausted)),
+            "local_shortage"
+        );
+        // getaddrinfo out of descriptors comes through the resolver.
+        let resolver = SendError::from_awc(
+            SendRequestError::Connect(ConnectError::Resolver(Box::new(
+                std::io::Error::from_raw_os_error(libc::EMFILE),
+            ))),
+            Duration::from_secs(1),
+        );
+        assert_eq!(resolver.class(), "local_shortage");
     }
 
     #[test]

@@ -6,10 +6,12 @@
 //! fail or are acknowledged late, ledger pages read while outcomes are being written, broker
 //! disables and re-enables, replays, lease loss and regain with revokes delivered late, restarts
 //! with outcomes unsaved, clock jumps, broker rows pushed unasked (the supervisor's refresh),
-//! idle schedulers replaced by fresh ones (an idle actor retiring and starting again), and in a
+//! idle schedulers replaced by fresh ones (an idle actor retiring and starting again), in a
 //! third of the seeds database crashes that forget the outcomes committed since the last WAL
-//! flush (`postgres.outcome_commit = "async"`). After every step the invariants of issue 11 are
-//! checked; after the faults stop, every pending delivery must end delivered or dead.
+//! flush (`postgres.outcome_commit = "async"`), and in another third requests not made for a
+//! local shortage (no socket or file descriptor left). After every step the invariants of
+//! issue 11 are checked; after the faults stop, every pending delivery must end delivered or
+//! dead.
 //!
 //! `cargo test --test simulation` runs the regression seeds and `SIM_SEEDS` (default 2,000)
 //! random ones; `SIM_SEED=n` runs one seed; `SIM_KEEP_GOING=1` runs every seed and counts the
@@ -24,7 +26,7 @@ use webhook_delivery::core::lanes::Head;
 use webhook_delivery::core::policy::{AttemptResult, RetryPolicy};
 use webhook_delivery::core::scheduler::{
     AttemptToken, Claimed, Command, Decision, Delivery, IoToken, NotMade, Outcome, PartitionCursor,
-    Scheduler, SchedulerConfig, Unusable,
+    Scheduler, SchedulerConfig, Unusable, LOCAL_SHORTAGE_PAUSE,
 };
 use webhook_delivery::core::Millis;
 
@@ -135,6 +137,8 @@ struct Unflushed {
 
 struct Request {
     token: AttemptToken,
+    id: i64,
+    attempt: u32,
     load: String,
     /// Its incarnation restarted: the shell dropped it; an answer may still straggle in.
     cancelled: bool,
@@ -186,6 +190,13 @@ struct World {
     /// Its own stream, so that seeds without crashes draw exactly as they did before crashes
     /// were modelled (and the regression seeds keep replaying their bugs).
     crash_rng: Option<Rng>,
+    /// Requests not made for a local shortage (out of file descriptors or connection budget),
+    /// in another third of the seeds; its own stream for the same reason as `crash_rng`.
+    shortage_rng: Option<Rng>,
+    /// A request not made for a local shortage: no send before then, and the delivery's next
+    /// attempt number is the one not made.
+    paused_until: Option<Millis>,
+    not_made_attempt: HashMap<i64, u32>,
     wake: Option<Millis>,
     trace: VecDeque<String>,
 }
@@ -194,6 +205,12 @@ struct World {
 /// crash changes what follows, and they must keep replaying their bugs.
 fn crashes_for(seed: u64) -> Option<Rng> {
     let mut rng = Rng(seed ^ 0xDB_C4A5_11ED);
+    (!REGRESSION_SEEDS.contains(&seed) && rng.chance(33)).then_some(rng)
+}
+
+/// Another third (drawn apart from the crashes) runs short of local resources now and then.
+fn shortages_for(seed: u64) -> Option<Rng> {
+    let mut rng = Rng(seed ^ 0x5_40C4_15F0);
     (!REGRESSION_SEEDS.contains(&seed) && rng.chance(33)).then_some(rng)
 }
 
@@ -249,6 +266,9 @@ impl World {
             decided_final: HashSet::new(),
             unflushed: Vec::new(),
             crash_rng: crashes_for(seed),
+            shortage_rng: shortages_for(seed),
+            paused_until: None,
+            not_made_attempt: HashMap::new(),
             wake: None,
             trace: VecDeque::new(),
         };
@@ -372,6 +392,22 @@ impl World {
                 &format!("delivery {id} sent after it was delivered or dead"),
             );
         }
+        if self.paused_until.is_some_and(|until| self.now < until) {
+            self.fail(
+                seed,
+                &format!("delivery {id} sent while paused for a local shortage"),
+            );
+        }
+        if let Some(not_made) = self.not_made_attempt.remove(&id) {
+            if attempt != not_made {
+                self.fail(
+                    seed,
+                    &format!(
+                        "delivery {id} sent as attempt {attempt} after attempt {not_made} was not made"
+                    ),
+                );
+            }
+        }
         if attempt > self.config.retry.max_attempts {
             self.fail(
                 seed,
@@ -404,6 +440,8 @@ impl World {
             .get_or_insert(step);
         self.requests.push(Request {
             token,
+            id,
+            attempt,
             load,
             cancelled: false,
         });
@@ -550,6 +588,13 @@ impl World {
         if request.cancelled && self.rng.chance(50) {
             return; // dropped with its incarnation
         }
+        if self.faults && !request.cancelled {
+            if let Some(shortage) = &mut self.shortage_rng {
+                if shortage.chance(20) {
+                    return self.shortage(seed, request);
+                }
+            }
+        }
         let result = if !self.faults {
             AttemptResult::Responded {
                 status: 200,
@@ -594,6 +639,27 @@ impl World {
         let jitter = self.rng.unit();
         self.s
             .attempt_finished(self.now, request.token, result, jitter, ());
+        if !request.cancelled {
+            // Its socket is free: a pause for a local shortage ends.
+            self.paused_until = None;
+        }
+        self.pump(seed);
+    }
+
+    /// The connect failed for want of local resources: no request was made.
+    fn shortage(&mut self, seed: u64, request: Request) {
+        let failures = self.s.breaker().consecutive_failures();
+        let state = self.s.breaker().state().name();
+        self.log(format!("not made: local shortage ({})", request.load));
+        self.s
+            .attempt_not_made(self.now, request.token, NotMade::LocalShortage);
+        if self.s.breaker().consecutive_failures() > failures
+            || (state == "closed" && self.s.breaker().state().name() != "closed")
+        {
+            self.fail(seed, "a local shortage counted against the broker");
+        }
+        self.paused_until = Some(self.now + LOCAL_SHORTAGE_PAUSE);
+        self.not_made_attempt.insert(request.id, request.attempt);
         self.pump(seed);
     }
 
@@ -716,6 +782,8 @@ impl World {
         for write in std::mem::take(&mut self.writes) {
             self.s.outcomes_save_failed(self.now, write.token);
         }
+        // The rows' attempt counts went back with the commits.
+        self.not_made_attempt.clear();
         for page in std::mem::take(&mut self.pages) {
             self.s.load_failed(self.now, page.token);
         }
@@ -768,6 +836,7 @@ impl World {
                     row.attempts = 0;
                     row.pending_since = step;
                     row.next_at = self.now;
+                    self.not_made_attempt.remove(&dead[i]);
                     self.log(format!("replay {}", dead[i]));
                     self.s.replayed(self.now);
                     self.pump(seed);
@@ -821,6 +890,7 @@ impl World {
             return;
         }
         self.log("idle: retired, a fresh scheduler starts".into());
+        self.paused_until = None;
         self.requests.clear();
         self.pages.clear();
         self.writes.clear();
@@ -863,7 +933,8 @@ impl World {
                 .next_ready(self.now)
                 .and_then(|l| s.lanes().head(l))
                 .is_some_and(|(e, _)| s.holds_lease(e.order.0));
-            if ready && s.in_flight() < s.in_flight_limit() && s.endpoint_usable() {
+            let paused = self.paused_until.is_some_and(|until| self.now < until);
+            if ready && s.in_flight() < s.in_flight_limit() && s.endpoint_usable() && !paused {
                 self.fail(seed, "half-open with no probe in flight while one is ready");
             }
         }

@@ -211,3 +211,81 @@ async fn many_brokers_starting_at_once_share_one_ledger_read_and_batched_row_rea
     assert_eq!(received(&receiver).await.len(), 80, "each once");
     app.stop().await;
 }
+
+/// A process short of sockets is not the brokers' fault. With room for one outbound connection
+/// (`delivery.max_outbound_connections = 1`), three brokers take turns: a request that finds no
+/// room is not made, its broker pauses, and the socket comes back when its holder's client is
+/// let go (`connection_keep_alive_ms`). Every webhook arrives once and in order, every attempt
+/// recorded is a success, no breaker moves (one failure would open it here), and the shortage
+/// shows in `local_shortages_total`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn brokers_short_of_connections_take_turns_with_nothing_counted_against_them() {
+    let env = TestEnv::new(1).await;
+    let mut brokers = Vec::new();
+    for _ in 0..3 {
+        let receiver = ok_receiver().await;
+        let broker = unique("short");
+        env.add_broker(&broker, &receiver.uri()).await;
+        for load in ["L1", "L2", "L3"] {
+            env.subscribe(&broker, load).await;
+        }
+        brokers.push((broker, receiver));
+    }
+    let mut settings = env.settings();
+    settings.delivery.max_outbound_connections = 1;
+    settings.delivery.connection_keep_alive_ms = 100;
+    settings.circuit_breaker.failure_threshold = 1;
+    let app = spawn_app(settings);
+    let mut sent = Vec::new();
+    for i in 0..5 {
+        for load in ["L1", "L2", "L3"] {
+            let event_id = format!("{load}-e{i}");
+            env.produce_event(Some(&event_id), load, "matched").await;
+            sent.push(event_id);
+        }
+    }
+    assert!(
+        env.count_reaches(
+            "SELECT count(*) FROM deliveries WHERE state = 'delivered'",
+            45,
+            Duration::from_secs(60)
+        )
+        .await,
+        "every broker gets every webhook, taking turns on the one connection"
+    );
+    for (broker, receiver) in &brokers {
+        let got = received_event_ids(receiver).await;
+        for load in ["L1", "L2", "L3"] {
+            let of_load: Vec<&String> = got.iter().filter(|e| e.starts_with(load)).collect();
+            let expected: Vec<&String> = sent.iter().filter(|e| e.starts_with(load)).collect();
+            assert_eq!(of_load, expected, "{broker}: {load} once each, in order");
+        }
+        assert!(
+            logged("circuit state changed", broker).is_empty(),
+            "{broker}: no breaker transition"
+        );
+    }
+    assert_eq!(
+        env.count("SELECT count(*) FROM delivery_attempt_history WHERE outcome <> 'delivered'")
+            .await,
+        0,
+        "no failed attempt recorded: a request not made is not an attempt"
+    );
+    assert_eq!(
+        env.count("SELECT count(*) FROM deliveries WHERE attempts <> 1")
+            .await,
+        0,
+        "each delivered at its first attempt"
+    );
+    let shortages = app
+        .metric_value("webhook_delivery_local_shortages_total", &[])
+        .await
+        .unwrap_or(0.0);
+    assert!(shortages >= 1.0, "the brokers did run short ({shortages})");
+    assert_eq!(
+        app.metric_value("webhook_delivery_outbound_connections_max", &[])
+            .await,
+        Some(1.0)
+    );
+    app.stop().await;
+}

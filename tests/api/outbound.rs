@@ -2,10 +2,14 @@
 //! never memory, another broker or the process; secrets stay out of every Debug output.
 
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Duration;
 
 use flate2::{Compress, Compression, Crc, FlushCompress, Status};
-use wiremock::ResponseTemplate;
+use webhook_delivery::connection_budget::ConnectionBudget;
+use webhook_delivery::core::ssrf::NetworkPolicy;
+use webhook_delivery::webhook_client::{build_client, ClientSettings, WebhookRequest};
+use wiremock::{MockServer, ResponseTemplate};
 
 use crate::helpers::*;
 use crate::instances::Instance;
@@ -78,8 +82,7 @@ fn the_gzip_bomb_is_a_valid_gzip_stream() {
 /// The client on its own: it asks for `identity`, and a body compressed anyway is not read.
 #[actix_rt::test]
 async fn the_client_asks_for_identity_and_leaves_a_compressed_body_unread() {
-    use webhook_delivery::core::ssrf::NetworkPolicy;
-    use webhook_delivery::webhook_client::{build_client, send, WebhookRequest};
+    use webhook_delivery::webhook_client::send;
 
     let server = receiver(
         ResponseTemplate::new(200)
@@ -87,21 +90,12 @@ async fn the_client_asks_for_identity_and_leaves_a_compressed_body_unread() {
             .set_body_bytes(gzip_bomb(64)),
     )
     .await;
-    let policy = NetworkPolicy {
-        allow_http: true,
-        allowed_networks: vec!["127.0.0.0/8".parse().unwrap()],
-    };
     let timeout = Duration::from_secs(5);
-    let client = build_client("outbound-test", timeout, 4, std::sync::Arc::new(policy));
-    let request = WebhookRequest {
-        url: server.uri().parse().unwrap(),
-        webhook_id: "msg_test".into(),
-        timestamp: 0,
-        signature: "v1,test".into(),
-        sequence: 1,
-        body: bytes::Bytes::from_static(b"{}"),
-    };
-    let (result, _) = send(&client, &request, timeout, 4096).await;
+    let client = local_client(
+        timeout,
+        ConnectionBudget::new(4, gauge(), &gauge(), counter()),
+    );
+    let (result, _) = send(&client, &webhook_to(&server), timeout, 4096).await;
     let response = result.expect("an answer");
     assert_eq!(response.status, 200);
     assert_eq!(
@@ -110,6 +104,88 @@ async fn the_client_asks_for_identity_and_leaves_a_compressed_body_unread() {
     );
     let requests = received(&server).await;
     assert_eq!(header(&requests[0], "accept-encoding"), "identity");
+}
+
+/// The process-wide connection budget: a socket holds its permit while it is open, idle in its
+/// client's pool included; a client that finds none left makes no request and says it is a
+/// local shortage (not the broker's failure); the permit comes back when the holding client is
+/// dropped (a DeliveryActor drops its client after `delivery.connection_keep_alive_ms`).
+#[actix_rt::test]
+async fn a_socket_holds_its_budget_until_its_client_lets_it_go() {
+    use webhook_delivery::webhook_client::{send, SendError};
+
+    let first = receiver(ResponseTemplate::new(200)).await;
+    let second = receiver(ResponseTemplate::new(200)).await;
+    let timeout = Duration::from_secs(5);
+    let open = gauge();
+    let shortages = counter();
+    let budget = ConnectionBudget::new(1, open.clone(), &gauge(), shortages.clone());
+    let holder = local_client(timeout, budget.clone());
+    let (result, _) = send(&holder, &webhook_to(&first), timeout, 4096).await;
+    assert_eq!(result.expect("the first broker answers").status, 200);
+    assert_eq!(open.get(), 1, "the idle socket still holds its permit");
+
+    let other = local_client(timeout, budget.clone());
+    let (result, latency) = send(&other, &webhook_to(&second), timeout, 4096).await;
+    let error = result.expect_err("no permit left");
+    assert!(
+        matches!(error, SendError::LocalShortage(_)),
+        "a local shortage, not the broker's failure: {error:?}"
+    );
+    assert_eq!(error.class(), "local_shortage");
+    assert!(
+        error.to_string().contains("max_outbound_connections"),
+        "the message names the setting: {error}"
+    );
+    assert!(latency < timeout, "refused at once, not after the timeout");
+    assert!(received(&second).await.is_empty(), "no request was made");
+
+    drop(holder);
+    // The pool closes its idle sockets in a task of their own (a graceful shutdown).
+    for _ in 0..500 {
+        if open.get() == 0 {
+            break;
+        }
+        actix_rt::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(open.get(), 0, "dropping the client closed its socket");
+    let (result, _) = send(&other, &webhook_to(&second), timeout, 4096).await;
+    assert_eq!(result.expect("a permit is free again").status, 200);
+    assert_eq!(budget.open(), 1);
+}
+
+fn gauge() -> prometheus::IntGauge {
+    prometheus::IntGauge::new("g", "test gauge").unwrap()
+}
+
+fn counter() -> prometheus::IntCounter {
+    prometheus::IntCounter::new("c", "test counter").unwrap()
+}
+
+/// A client as a DeliveryActor builds it, allowed to reach the local test receivers.
+fn local_client(timeout: Duration, budget: Arc<ConnectionBudget>) -> awc::Client {
+    build_client(ClientSettings {
+        user_agent: "outbound-test",
+        timeout,
+        max_connections: 4,
+        keep_alive: Duration::from_secs(15),
+        policy: Arc::new(NetworkPolicy {
+            allow_http: true,
+            allowed_networks: vec!["127.0.0.0/8".parse().unwrap()],
+        }),
+        budget,
+    })
+}
+
+fn webhook_to(server: &MockServer) -> WebhookRequest {
+    WebhookRequest {
+        url: server.uri().parse().unwrap(),
+        webhook_id: "msg_test".into(),
+        timestamp: 0,
+        signature: "v1,test".into(),
+        sequence: 1,
+        body: bytes::Bytes::from_static(b"{}"),
+    }
 }
 
 /// VmHWM (peak resident set) and VmRSS of a process, in KiB.

@@ -30,6 +30,7 @@ use crate::actors::ledger_gateway::{
 };
 use crate::broker::BrokerEndpoint;
 use crate::config::DeliverySettings;
+use crate::connection_budget::{ConnectionBudget, SCARCE_KEEP_ALIVE};
 use crate::core::breaker::{BreakerConfig, Transition};
 use crate::core::policy::{parse_retry_after, AttemptResult, RetryPolicy};
 use crate::core::scheduler::{
@@ -65,6 +66,8 @@ pub struct DeliveryDeps {
     pub ledger_loads: std::sync::Arc<tokio::sync::Semaphore>,
     /// Bytes of deliveries held in memory, all actors together (`delivery.max_buffered_bytes`).
     pub buffered: std::sync::Arc<ByteBudget>,
+    /// Webhook sockets open, all actors together (`delivery.max_outbound_connections`).
+    pub connections: std::sync::Arc<ConnectionBudget>,
 }
 
 /// The shell's clock for the scheduler: milliseconds since the process first asked.
@@ -163,7 +166,10 @@ pub struct DeliveryActor {
     supervisor: Addr<DeliverySupervisor>,
     /// The supervisor's id for this actor, named in `ActorIdle`.
     actor_id: u64,
-    client: awc::Client,
+    /// Built on the first request, dropped (its idle sockets closed, their budget given back)
+    /// once nothing has been in flight for `delivery.connection_keep_alive_ms`.
+    client: Option<awc::Client>,
+    release_timer: Option<SpawnHandle>,
     network_policy: std::sync::Arc<crate::core::ssrf::NetworkPolicy>,
     scheduler: Scheduler<Held, AttemptReport>,
     /// The broker's endpoint as last read, when usable (the scheduler knows whether it is).
@@ -193,12 +199,6 @@ impl DeliveryActor {
         actor_id: u64,
     ) -> Self {
         let network_policy = std::sync::Arc::new(deps.settings.network_policy());
-        let client = webhook_client::build_client(
-            &deps.settings.user_agent,
-            deps.settings.request_timeout(),
-            deps.settings.max_in_flight_per_broker,
-            network_policy.clone(),
-        );
         let config = SchedulerConfig {
             capacity: deps.settings.mailbox_capacity,
             max_in_flight: deps.settings.max_in_flight_per_broker,
@@ -220,7 +220,8 @@ impl DeliveryActor {
             deps,
             supervisor,
             actor_id,
-            client,
+            client: None,
+            release_timer: None,
             scheduler,
             endpoint: None,
             unusable: None,
@@ -270,6 +271,7 @@ impl DeliveryActor {
         }
         self.schedule_wakeup(ctx);
         self.watch_idle(ctx);
+        self.watch_connections(ctx);
         self.update_gauges();
         if self.scheduler.is_drained() {
             for waiter in self.draining.drain(..) {
@@ -317,7 +319,7 @@ impl DeliveryActor {
         };
         tracing::debug!(broker_id = %self.broker_id, delivery_id = delivery.delivery_id,
             load_id = %delivery.load_id, attempt, "sending webhook");
-        let client = self.client.clone();
+        let client = self.client();
         let max_response_bytes = self.deps.settings.max_response_bytes;
         let call = async move {
             webhook_client::send(&client, &request, request_timeout, max_response_bytes).await
@@ -327,6 +329,13 @@ impl DeliveryActor {
             call.into_actor(self)
                 .map(move |(result, latency), act, ctx| {
                     act.guarded(ctx, "attempt_finished", move |act, ctx| {
+                        if let Err(webhook_client::SendError::LocalShortage(error)) = &result {
+                            act.deps.connections.note_shortage(&act.broker_id, error);
+                            act.step(ctx, |s, now| {
+                                s.attempt_not_made(now, token, NotMade::LocalShortage)
+                            });
+                            return;
+                        }
                         let report = AttemptReport::from_response(result, started_at, latency);
                         let jitter = rand::rng().random::<f64>();
                         act.step(ctx, |s, now| {
@@ -614,6 +623,48 @@ impl DeliveryActor {
         }
     }
 
+    /// This broker's HTTP client, built if the last one was let go.
+    fn client(&mut self) -> awc::Client {
+        let settings = &self.deps.settings;
+        self.client
+            .get_or_insert_with(|| {
+                webhook_client::build_client(webhook_client::ClientSettings {
+                    user_agent: &settings.user_agent,
+                    timeout: settings.request_timeout(),
+                    max_connections: settings.max_in_flight_per_broker,
+                    keep_alive: settings.connection_keep_alive(),
+                    policy: self.network_policy.clone(),
+                    budget: self.deps.connections.clone(),
+                })
+            })
+            .clone()
+    }
+
+    /// Lets the client go once nothing has been in flight for the keep-alive (a second while the
+    /// budget is scarce): its pooled sockets are closed only when it is dropped, and until then
+    /// they hold their share of the process's connection budget (a broker with only retries
+    /// waiting would hold them for hours).
+    fn watch_connections(&mut self, ctx: &mut Context<Self>) {
+        if self.scheduler.in_flight() > 0 {
+            if let Some(timer) = self.release_timer.take() {
+                ctx.cancel_future(timer);
+            }
+            return;
+        }
+        if self.client.is_some() && self.release_timer.is_none() {
+            let mut keep_alive = self.deps.settings.connection_keep_alive();
+            if self.deps.connections.is_scarce() {
+                keep_alive = keep_alive.min(SCARCE_KEEP_ALIVE);
+            }
+            self.release_timer = Some(ctx.run_later(keep_alive, |act, _| {
+                act.release_timer = None;
+                if act.scheduler.in_flight() == 0 {
+                    act.client = None;
+                }
+            }));
+        }
+    }
+
     /// Starts the idle timer when the scheduler becomes idle, cancels it when it is not. When
     /// it fires the supervisor is told; it retires the actor or, if a message is on its way,
     /// ignores the notice (the next message re-arms the timer, which fires at once).
@@ -647,9 +698,13 @@ impl DeliveryActor {
     /// Retired: stop, and do nothing more even if restarted.
     pub(super) fn retire(&mut self, ctx: &mut Context<Self>) {
         self.retired = true;
-        for timer in [self.wakeup.take(), self.idle_timer.take()]
-            .into_iter()
-            .flatten()
+        for timer in [
+            self.wakeup.take(),
+            self.idle_timer.take(),
+            self.release_timer.take(),
+        ]
+        .into_iter()
+        .flatten()
         {
             ctx.cancel_future(timer);
         }
@@ -792,6 +847,7 @@ impl actix::Supervised for DeliveryActor {
         self.wakeup = None;
         self.idle_since = None;
         self.idle_timer = None;
+        self.release_timer = None;
         self.scheduler.restarted(millis(Instant::now()));
     }
 }

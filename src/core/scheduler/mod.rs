@@ -43,6 +43,12 @@ mod tests;
 
 /// How long to wait before retrying a failed outcome write, ledger page or broker row read.
 const RETRY_IO_AFTER: Duration = Duration::from_secs(1);
+/// How long a broker starts no request after one could not be made for want of local resources
+/// (no file descriptor, no outbound connection left in the budget), unless one of its requests
+/// finishes first and frees a socket of its own. Our shortage, not the broker's fault: nothing
+/// counts against its breaker or its attempts; the pause keeps a process out of sockets from
+/// spinning on every ready load of every broker.
+pub const LOCAL_SHORTAGE_PAUSE: Duration = Duration::from_secs(1);
 /// Outcome writes under way at once, normally. More than one, so a decided outcome need not
 /// wait for the rest of the previous write; few, so a busy broker's outcomes still go out in
 /// batches.
@@ -147,6 +153,11 @@ pub enum NotMade {
     /// The partition's lease no longer covers a request started now: the delivery stays
     /// pending for the partition's owner.
     LeaseLapsed,
+    /// This process could not open a connection (out of file descriptors, or of its outbound
+    /// connection budget): the delivery waits in its lane, the attempt is not counted, the
+    /// breaker hears nothing, and the broker starts no request for `LOCAL_SHORTAGE_PAUSE` or
+    /// until one of its requests finishes.
+    LocalShortage,
 }
 
 #[derive(Debug, Clone)]
@@ -269,6 +280,9 @@ pub struct Scheduler<P, R> {
     claims_stale_before: Option<Millis>,
     /// The earliest retry time of a delivery given back to the ledger to make room.
     parked_until: Option<Millis>,
+    /// No request starts before then, or before a request in flight finishes: the last one
+    /// could not be made for want of local resources ([`NotMade::LocalShortage`]).
+    sends_paused_until: Option<Millis>,
     /// The `wanted` count whose sweep reads what the last replay made pending.
     replay_read_by: Option<u64>,
     /// Loads whose lane a replay may have put out of order, read again from the ledger once
@@ -317,6 +331,7 @@ impl<P: Clone, R: Clone> Scheduler<P, R> {
             saved_during_load: HashSet::new(),
             claims_stale_before: None,
             parked_until: None,
+            sends_paused_until: None,
             replay_read_by: None,
             replay_suspects: HashSet::new(),
             overflowed: false,
@@ -336,9 +351,10 @@ impl<P: Clone, R: Clone> Scheduler<P, R> {
     /// When to call `tick` if no other input arrives first. Only times after `now`: whatever
     /// is due already and still waiting waits for an input (an answer, a save, a row).
     pub fn next_wakeup(&self, now: Millis) -> Option<Millis> {
-        let lanes_due = self.lanes.next_due().filter(|_| {
-            self.in_flight.len() < self.in_flight_limit.current() && self.breaker.may_request()
-        });
+        let lanes_due = self
+            .lanes
+            .next_due()
+            .filter(|_| self.may_start_request(now));
         let endpoint_due = match &self.endpoint {
             EndpointState::Known { at, .. } if !self.lanes.is_empty() && !self.loading_endpoint => {
                 let refresh = if self.endpoint_outdated.is_some() {
@@ -365,6 +381,7 @@ impl<P: Clone, R: Clone> Scheduler<P, R> {
             ledger_due,
             self.save_retry_at,
             self.parked_until,
+            self.sends_paused_until,
             endpoint_due,
         ]
         .into_iter()
@@ -664,6 +681,8 @@ impl<P: Clone, R: Clone> Scheduler<P, R> {
         let Some(flight) = self.in_flight.remove(&token) else {
             return;
         };
+        // Its socket is free for the next request: a pause for a local shortage is over.
+        self.sends_paused_until = None;
         let verdict = classify(&result);
         let breaker_outcome = match (&result, verdict) {
             // Refused before connecting (SSRF guard): no request reached the broker.
@@ -751,6 +770,10 @@ impl<P: Clone, R: Clone> Scheduler<P, R> {
                 self.forget_load(&flight.load);
                 // Nothing of the load is held now, so nothing waits on its head to settle.
                 self.replay_suspects.remove(&flight.load);
+            }
+            NotMade::LocalShortage => {
+                self.lanes.put_back(&flight.load, now);
+                self.sends_paused_until = Some(now + LOCAL_SHORTAGE_PAUSE);
             }
         }
         self.drive(now);
@@ -1098,8 +1121,7 @@ impl<P: Clone, R: Clone> Scheduler<P, R> {
                 self.decide(now, &load, id, attempt - 1, decision, None, None);
                 continue;
             }
-            if self.in_flight.len() >= self.in_flight_limit.current() || !self.breaker.may_request()
-            {
+            if !self.may_start_request(now) {
                 break;
             }
             let probe = self.breaker.request_started(now);
@@ -1198,6 +1220,14 @@ impl<P: Clone, R: Clone> Scheduler<P, R> {
             cursors,
             per_partition: sweep.per_partition,
         });
+    }
+
+    /// Room for one more request: under the in-flight limit, the breaker allows it, and sends
+    /// are not paused for a local shortage.
+    fn may_start_request(&self, now: Millis) -> bool {
+        self.in_flight.len() < self.in_flight_limit.current()
+            && self.breaker.may_request()
+            && self.sends_paused_until.is_none_or(|until| now >= until)
     }
 
     /// Is some lane's head idle and not due (a retry that could give way)?

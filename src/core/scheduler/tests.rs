@@ -345,6 +345,73 @@ fn a_probe_not_made_is_given_back() {
     assert_eq!(s.breaker().probes_in_flight(), 1);
 }
 
+/// A request this process could not make (out of file descriptors or of its connection
+/// budget) is our shortage: the attempt is not counted, the breaker hears nothing, and the broker
+/// pauses before it tries again, with the same attempt number.
+#[test]
+fn a_local_shortage_pauses_the_broker_without_counting_against_it() {
+    let (mut s, _) = ready(SchedulerConfig {
+        breaker: BreakerConfig {
+            failure_threshold: 1,
+            ..CONFIG.breaker
+        },
+        ..CONFIG
+    });
+    let t = Millis(10);
+    s.claimed(t, vec![claim(1, "A", 1, None), claim(2, "B", 2, None)]);
+    let mut out = drain(&mut s, t);
+    let sent = sends(&mut out);
+    assert_eq!(sent.len(), 2);
+    for (token, _) in &sent {
+        s.attempt_not_made(t, *token, NotMade::LocalShortage);
+    }
+    let mut out = drain(&mut s, t);
+    assert!(sends(&mut out).is_empty(), "paused: nothing starts at once");
+    assert!(writes(&mut out).is_empty(), "nothing to record");
+    assert_eq!(s.breaker().state().name(), "closed");
+    assert_eq!(s.breaker().consecutive_failures(), 0);
+    let resume = t + LOCAL_SHORTAGE_PAUSE;
+    assert_eq!(s.next_wakeup(t), Some(resume));
+    s.tick(Millis(resume.0 - 1));
+    assert!(sends(&mut drain(&mut s, Millis(resume.0 - 1))).is_empty());
+    s.tick(resume);
+    let mut out = drain(&mut s, resume);
+    let again: Vec<u32> = out
+        .iter()
+        .filter_map(|c| match c {
+            Command::Send { attempt, .. } => Some(*attempt),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(again, vec![1, 1], "both go again as their first attempt");
+    for (token, _) in sends(&mut out) {
+        finish(&mut s, resume, token, OK);
+    }
+    let rest = save_all(&mut s, resume);
+    assert!(sends(&mut rest.clone()).is_empty());
+    assert!(s.is_idle());
+}
+
+/// A broker short of a further socket goes on with the ones it has: the pause ends when one of
+/// its requests finishes (its socket is free again), not a second later.
+#[test]
+fn a_local_shortage_pause_ends_when_a_request_of_the_broker_finishes() {
+    let (mut s, _) = ready(CONFIG);
+    let t = Millis(10);
+    s.claimed(t, vec![claim(1, "A", 1, None), claim(2, "B", 2, None)]);
+    let mut out = drain(&mut s, t);
+    let sent = sends(&mut out);
+    let (a, b) = (sent[0], sent[1]);
+    s.attempt_not_made(t, b.0, NotMade::LocalShortage);
+    assert!(sends(&mut drain(&mut s, t)).is_empty(), "paused");
+    let t = Millis(20);
+    finish(&mut s, t, a.0, OK);
+    let mut out = drain(&mut s, t);
+    let again = sends(&mut out);
+    assert_eq!(again.len(), 1, "the freed socket is used at once");
+    assert_eq!(again[0].1, b.1);
+}
+
 /// Bug 2: deliveries waiting for a retry kept healthy loads out of memory.
 #[test]
 fn retries_give_way_to_ready_loads() {

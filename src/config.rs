@@ -800,6 +800,14 @@ mod tests {
                 "postgres.call_timeout_ms",
             ),
             ("[kafka]\nstall_after_ms = 10\n", "kafka.stall_after_ms"),
+            (
+                "[delivery]\nconnection_keep_alive_ms = 0\n",
+                "delivery.connection_keep_alive_ms",
+            ),
+            (
+                "[delivery]\nmax_outbound_connections = -1\n",
+                "max_outbound_connections",
+            ),
         ];
         for (toml, key) in cases {
             let text = message(load_with(toml));

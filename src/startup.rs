@@ -155,6 +155,12 @@ impl Application {
             source = %budget_source,
             "outbound connection budget"
         );
+        if let Some(limit) = crate::open_files::soft_limit() {
+            if connections.max() as u64 >= limit {
+                tracing::warn!(max = connections.max(), open_files_limit = limit,
+                    "delivery.max_outbound_connections is not below the open-files limit: the process runs out of file descriptors before the budget does (requests are then refused by the kernel, still without counting against brokers); set it to 0 or below the limit");
+            }
+        }
         let deliveries = DeliverySupervisor::new(DeliveryDeps {
             ledger: ledger_gateway.clone(),
             leases: leases.clone(),

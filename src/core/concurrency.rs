@@ -117,6 +117,18 @@ impl ConcurrencyLimit {
         }
     }
 
+    /// This process could not give the broker another socket (out of file descriptors or of its
+    /// outbound connection budget) while `holding` of its requests were in flight: the limit
+    /// comes down to what it holds, at least 1, so the broker goes on with the sockets it has
+    /// instead of asking for more each time one comes free; it grows again one at a time while
+    /// the endpoint keeps up, each step one more try for a socket. Not back pressure: the
+    /// endpoint's round trips say nothing of it.
+    pub fn local_shortage(&mut self, holding: usize) {
+        if self.config.adaptive {
+            self.limit = self.limit.min(holding.max(1));
+        }
+    }
+
     /// A request ended; if that closes a window, the limit is judged again.
     pub fn request_finished(&mut self, now: Millis, response: Response) {
         match response {
@@ -180,6 +192,24 @@ impl ConcurrencyLimit {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_local_shortage_brings_the_limit_down_to_the_sockets_held() {
+        let mut limit = ConcurrencyLimit::new(ADAPTIVE);
+        assert_eq!(limit.current(), 16);
+        limit.local_shortage(5);
+        assert_eq!(limit.current(), 5);
+        limit.local_shortage(0);
+        assert_eq!(limit.current(), 1, "never below one");
+        limit.local_shortage(9);
+        assert_eq!(limit.current(), 1, "a shortage never raises it");
+        let mut fixed = ConcurrencyLimit::new(ConcurrencyConfig {
+            max: 8,
+            adaptive: false,
+        });
+        fixed.local_shortage(2);
+        assert_eq!(fixed.current(), 8, "a fixed limit stays fixed");
+    }
 
     const ADAPTIVE: ConcurrencyConfig = ConcurrencyConfig {
         max: 64,

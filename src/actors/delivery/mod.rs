@@ -170,6 +170,8 @@ pub struct DeliveryActor {
     /// once nothing has been in flight for `delivery.connection_keep_alive_ms`.
     client: Option<awc::Client>,
     release_timer: Option<SpawnHandle>,
+    /// Since when nothing has been in flight.
+    connections_idle_since: Option<Instant>,
     network_policy: std::sync::Arc<crate::core::ssrf::NetworkPolicy>,
     scheduler: Scheduler<Held, AttemptReport>,
     /// The broker's endpoint as last read, when usable (the scheduler knows whether it is).
@@ -222,6 +224,7 @@ impl DeliveryActor {
             actor_id,
             client: None,
             release_timer: None,
+            connections_idle_since: None,
             scheduler,
             endpoint: None,
             unusable: None,
@@ -643,25 +646,43 @@ impl DeliveryActor {
     /// Lets the client go once nothing has been in flight for the keep-alive (a second while the
     /// budget is scarce): its pooled sockets are closed only when it is dropped, and until then
     /// they hold their share of the process's connection budget (a broker with only retries
-    /// waiting would hold them for hours).
+    /// waiting would hold them for hours). One timer at a time, re-armed when it fires, so a
+    /// busy broker does not set and cancel one per request.
     fn watch_connections(&mut self, ctx: &mut Context<Self>) {
         if self.scheduler.in_flight() > 0 {
-            if let Some(timer) = self.release_timer.take() {
-                ctx.cancel_future(timer);
-            }
+            self.connections_idle_since = None;
+        } else if self.connections_idle_since.is_none() {
+            self.connections_idle_since = Some(Instant::now());
+        }
+        if self.client.is_none() || self.release_timer.is_some() {
             return;
         }
-        if self.client.is_some() && self.release_timer.is_none() {
-            let mut keep_alive = self.deps.settings.connection_keep_alive();
-            if self.deps.connections.is_scarce() {
-                keep_alive = keep_alive.min(SCARCE_KEEP_ALIVE);
+        let keep_alive = self.keep_alive();
+        let wait = match self.connections_idle_since {
+            Some(since) => keep_alive.saturating_sub(since.elapsed()),
+            None => keep_alive,
+        };
+        self.release_timer = Some(ctx.run_later(wait, |act, ctx| {
+            act.release_timer = None;
+            let keep_alive = act.keep_alive();
+            if act
+                .connections_idle_since
+                .is_some_and(|since| since.elapsed() >= keep_alive)
+            {
+                act.client = None;
+            } else {
+                act.watch_connections(ctx);
             }
-            self.release_timer = Some(ctx.run_later(keep_alive, |act, _| {
-                act.release_timer = None;
-                if act.scheduler.in_flight() == 0 {
-                    act.client = None;
-                }
-            }));
+        }));
+    }
+
+    /// `delivery.connection_keep_alive_ms`, or a second while the connection budget is scarce.
+    fn keep_alive(&self) -> Duration {
+        let configured = self.deps.settings.connection_keep_alive();
+        if self.deps.connections.is_scarce() {
+            configured.min(SCARCE_KEEP_ALIVE)
+        } else {
+            configured
         }
     }
 

@@ -155,8 +155,9 @@ pub enum NotMade {
     LeaseLapsed,
     /// This process could not open a connection (out of file descriptors, or of its outbound
     /// connection budget): the delivery waits in its lane, the attempt is not counted, the
-    /// breaker hears nothing, and the broker starts no request for `LOCAL_SHORTAGE_PAUSE` or
-    /// until one of its requests finishes.
+    /// breaker hears nothing, the broker starts no request for `LOCAL_SHORTAGE_PAUSE` or until
+    /// one of its requests finishes, and an adaptive in-flight limit comes down to the requests
+    /// it has in flight (the sockets it holds).
     LocalShortage,
 }
 
@@ -774,6 +775,7 @@ impl<P: Clone, R: Clone> Scheduler<P, R> {
             NotMade::LocalShortage => {
                 self.lanes.put_back(&flight.load, now);
                 self.sends_paused_until = Some(now + LOCAL_SHORTAGE_PAUSE);
+                self.in_flight_limit.local_shortage(self.in_flight.len());
             }
         }
         self.drive(now);

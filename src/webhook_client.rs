@@ -12,8 +12,10 @@ use futures::StreamExt;
 use crate::connection_budget::{is_local_shortage, BudgetedConnector, ConnectionBudget};
 use crate::core::storable::StorableText;
 
-/// Why an attempt produced no HTTP status. Every variant is a transport failure, i.e. retryable;
-/// `class()` is the short name stored in the attempts table and logged as `error.class`.
+/// Why an attempt produced no HTTP status. Every variant is a transport failure, i.e. retryable,
+/// except `Refused` (permanent, no request made) and `LocalShortage` (no request made, and not
+/// an attempt at all: the delivery actor answers the scheduler `NotMade`); `class()` is the
+/// short name stored in the attempts table and logged as `error.class`.
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {
     #[error("no response within {0:?}")]

@@ -658,6 +658,12 @@ impl World {
         {
             self.fail(seed, "a local shortage counted against the broker");
         }
+        if self.config.adaptive_in_flight && self.s.in_flight_limit() > self.s.in_flight().max(1) {
+            self.fail(
+                seed,
+                "after a local shortage the in-flight limit is above the sockets held",
+            );
+        }
         self.paused_until = Some(self.now + LOCAL_SHORTAGE_PAUSE);
         self.not_made_attempt.insert(request.id, request.attempt);
         self.pump(seed);

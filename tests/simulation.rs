@@ -665,7 +665,11 @@ impl World {
             );
         }
         self.paused_until = Some(self.now + LOCAL_SHORTAGE_PAUSE);
-        self.not_made_attempt.insert(request.id, request.attempt);
+        // Held to its number only where the ledger agrees: an earlier database crash may have
+        // forgotten the outcome the scheduler counted, and a reload then numbers from the row.
+        if self.rows[&request.id].attempts + 1 == request.attempt {
+            self.not_made_attempt.insert(request.id, request.attempt);
+        }
         self.pump(seed);
     }
 

@@ -36,6 +36,10 @@ pub struct RunArgs {
     /// --smoke): e.g. 6 to try it by hand (the verdict needs at least 50: twice the warm-up).
     #[arg(long)]
     pub soak_minutes: Option<u64>,
+    /// Events per second produced in `healthy`, instead of the scenario's 3,500 (10,500
+    /// deliveries/s offered with 3 subscribers per load): e.g. 5000 offers issue 12's 15,000.
+    #[arg(long)]
+    pub healthy_events_per_sec: Option<u32>,
     /// The Postgres server, host:port (trust auth for user postgres, with a database `test`).
     /// The soak's recorded run used a second server with autovacuum on, since the one
     /// scripts/services.sh configures runs without it (docs/performance.md, "Soak").
@@ -89,6 +93,9 @@ pub async fn run(args: RunArgs) -> Result<bool, BenchError> {
         }
         if let (ScenarioName::Soak, Some(minutes)) = (name, args.soak_minutes) {
             scenario = scenario.lasting(Duration::from_secs(60 * minutes));
+        }
+        if let (ScenarioName::Healthy, Some(rate)) = (name, args.healthy_events_per_sec) {
+            scenario = scenario.at_rate(rate);
         }
         let mut description = format!(
             "- **{}**: {}; {}",

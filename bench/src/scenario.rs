@@ -555,6 +555,16 @@ impl Scenario {
         self
     }
 
+    /// The same single-phase rate workload at `events_per_sec` instead (`--healthy-events-per-sec`).
+    pub fn at_rate(mut self, events_per_sec: u32) -> Scenario {
+        if let Workload::Rate(phases) = &mut self.workload {
+            if let [phase] = &mut phases[..] {
+                phase.events_per_sec = events_per_sec;
+            }
+        }
+        self
+    }
+
     /// How many brokers follow each load (`subscribers_per_load`, at most every broker).
     pub fn per_load(&self) -> u32 {
         self.subscribers_per_load.min(self.brokers.len() as u32)
@@ -778,6 +788,19 @@ mod tests {
         let stretched = backlog.clone().lasting(Duration::from_secs(360));
         assert_eq!(stretched.workload, backlog.workload);
         assert_eq!(stretched.deadline, backlog.deadline);
+    }
+
+    #[test]
+    fn healthy_can_offer_issue_12s_15_000_deliveries_a_second() {
+        let healthy = Scenario::new(ScenarioName::Healthy, false);
+        assert_eq!(healthy.workload.peak_rate(), Some(3_500));
+        let faster = healthy.clone().at_rate(5_000);
+        assert_eq!(faster.workload.peak_rate(), Some(5_000));
+        assert_eq!(faster.workload.events(), 100_000);
+        assert_eq!(faster.deadline, healthy.deadline);
+        // A backlog has no rate to change.
+        let backlog = Scenario::new(ScenarioName::Backlog, false);
+        assert_eq!(backlog.clone().at_rate(5_000).workload, backlog.workload);
     }
 
     #[test]

@@ -86,7 +86,10 @@ pub struct ConnectionBudget {
 /// Where the budget's size came from, for the start-up log line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BudgetSource {
-    Configured,
+    /// `delivery.max_outbound_connections`, with the open-files limit it has to stay under.
+    Configured {
+        open_files_limit: Option<u64>,
+    },
     OpenFilesLimit(u64),
     Fallback,
 }
@@ -94,7 +97,7 @@ pub enum BudgetSource {
 impl std::fmt::Display for BudgetSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            BudgetSource::Configured => f.write_str("delivery.max_outbound_connections"),
+            BudgetSource::Configured { .. } => f.write_str("delivery.max_outbound_connections"),
             BudgetSource::OpenFilesLimit(limit) => {
                 write!(f, "three quarters of the open-files limit of {limit}")
             }
@@ -121,7 +124,9 @@ impl ConnectionBudget {
                 )
             }
             (0, None) => (FALLBACK_CONNECTIONS, BudgetSource::Fallback),
-            (configured, _) => (configured, BudgetSource::Configured),
+            (configured, open_files_limit) => {
+                (configured, BudgetSource::Configured { open_files_limit })
+            }
         };
         (
             ConnectionBudget::new(max, gauge, max_gauge, shortages),

@@ -15,7 +15,7 @@ use crate::actors::partition::PartitionDeps;
 use crate::actors::partition_supervisor::{PartitionSupervisor, StopPartitions};
 use crate::admin::{self, AdminState, Health};
 use crate::config::{KafkaSettings, OutcomeCommit, Settings};
-use crate::connection_budget::ConnectionBudget;
+use crate::connection_budget::{BudgetSource, ConnectionBudget};
 use crate::kafka::{rebalance_channel, ConsumerError, KafkaConsumer};
 use crate::kafka_properties::{self, KafkaPropertyError};
 use crate::lease::LeaseBook;
@@ -155,7 +155,10 @@ impl Application {
             source = %budget_source,
             "outbound connection budget"
         );
-        if let Some(limit) = crate::open_files::soft_limit() {
+        if let BudgetSource::Configured {
+            open_files_limit: Some(limit),
+        } = budget_source
+        {
             if connections.max() as u64 >= limit {
                 tracing::warn!(max = connections.max(), open_files_limit = limit,
                     "delivery.max_outbound_connections is not below the open-files limit: the process runs out of file descriptors before the budget does (requests are then refused by the kernel, still without counting against brokers); set it to 0 or below the limit");

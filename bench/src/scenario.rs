@@ -113,6 +113,8 @@ pub enum ScenarioName {
     OneBroker,
     #[value(name = "hotload")]
     HotLoad,
+    #[value(name = "deepload")]
+    DeepLoad,
     #[value(name = "manybrokers")]
     ManyBrokers,
     Growth,
@@ -120,13 +122,14 @@ pub enum ScenarioName {
 }
 
 impl ScenarioName {
-    pub const ALL: [ScenarioName; 9] = [
+    pub const ALL: [ScenarioName; 10] = [
         ScenarioName::Healthy,
         ScenarioName::Incident,
         ScenarioName::Backlog,
         ScenarioName::Memory,
         ScenarioName::OneBroker,
         ScenarioName::HotLoad,
+        ScenarioName::DeepLoad,
         ScenarioName::ManyBrokers,
         ScenarioName::Growth,
         ScenarioName::Soak,
@@ -140,6 +143,7 @@ impl ScenarioName {
             ScenarioName::Memory => "memory",
             ScenarioName::OneBroker => "onebroker",
             ScenarioName::HotLoad => "hotload",
+            ScenarioName::DeepLoad => "deepload",
             ScenarioName::ManyBrokers => "manybrokers",
             ScenarioName::Growth => "growth",
             ScenarioName::Soak => "soak",
@@ -397,6 +401,24 @@ impl Scenario {
                     retention: None,
                 }
             }
+            // Issue 12's opening report, as a new user tried it: 100,000 events over 50 loads
+            // (2,000 per load), 3 brokers answering at once and following every load, all in
+            // the topic before the service starts, the shipped defaults. The build it was
+            // reported against delivered about 300/s: its claims cost grew with a load's depth.
+            (ScenarioName::DeepLoad, smoke) => Scenario {
+                name,
+                brokers: vec![Behaviour::healthy(); 3],
+                loads: if smoke { 4 } else { 50 },
+                subscribers_per_load: 3,
+                workload: Workload::Backlog {
+                    events: if smoke { 400 } else { 100_000 },
+                },
+                deadline: secs(if smoke { 30 } else { 180 }),
+                systems: vec![System::Service],
+                settings: SettingsProfile::ShippedDefaults,
+                history_rows: 0,
+                retention: None,
+            },
             (ScenarioName::ManyBrokers, smoke) => {
                 // Every broker follows 3 loads; every load gets 3 events.
                 let brokers = if smoke { 300 } else { 10_000 };
@@ -810,5 +832,20 @@ mod tests {
         assert_eq!(scenario.brokers.len(), 1);
         assert_eq!(scenario.brokers[0].latency, Duration::from_millis(1));
         assert_eq!(scenario.loads, 3_000);
+    }
+
+    #[test]
+    fn deepload_is_issue_12s_report_on_the_shipped_defaults() {
+        let scenario = Scenario::new(ScenarioName::DeepLoad, false);
+        assert_eq!(scenario.settings, SettingsProfile::ShippedDefaults);
+        assert_eq!(scenario.brokers.len(), 3);
+        assert_eq!(scenario.classes(), vec![BrokerClass::Healthy; 3]);
+        assert_eq!(scenario.loads, 50);
+        assert_eq!(scenario.workload.events(), 100_000);
+        for load in 0..scenario.loads {
+            let mut subscribers = scenario.subscribers(load);
+            subscribers.sort_unstable();
+            assert_eq!(subscribers, [0, 1, 2], "every broker follows load {load}");
+        }
     }
 }

@@ -978,8 +978,7 @@ impl World {
             .collect();
         let mut first_pending: HashMap<&str, &Row> = HashMap::new();
         for row in self.rows.values() {
-            // A forgotten outcome is found by the next sweep, not by the scheduler's memory.
-            if row.state == State::Pending && !row.forgotten {
+            if row.state == State::Pending {
                 let entry = first_pending.entry(row.load.as_str()).or_insert(row);
                 if row.offset < entry.offset {
                     *entry = row;
@@ -988,7 +987,11 @@ impl World {
         }
         for (load, row) in first_pending {
             let held = s.lanes().has_lane(load);
+            // A forgotten outcome is found by the next sweep, not by the scheduler's memory;
+            // until then its load waits behind it (it is the load's head, in order), so the
+            // load's later rows are not ready either (seed 5100680).
             if !held
+                && !row.forgotten
                 && !in_transit.contains(load)
                 && row.next_at <= self.now
                 && s.lease_generation(row.partition).is_some()

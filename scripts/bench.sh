@@ -7,8 +7,9 @@
 #                                           exits non-zero if the service lost or duplicated anything
 #   scripts/bench.sh --scenario incident    only that scenario (repeatable: healthy, incident,
 #                                           backlog, memory, onebroker, hotload, deepload,
-#                                           manybrokers, growth, soak); --system service|baseline for one
-#                                           side; --growth-rows N for a smaller growth history;
+#                                           manybrokers, growth, soak); --system
+#                                           service|baseline for one side; --growth-rows N for
+#                                           a smaller growth history;
 #                                           --soak-minutes N for a shorter soak; --postgres
 #                                           HOST:PORT for another server (the soak's, with
 #                                           autovacuum on: docs/performance.md "Soak")

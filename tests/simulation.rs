@@ -154,9 +154,8 @@ struct Page {
     token: IoToken,
     cursors: Vec<PartitionCursor>,
     per_partition: usize,
-    snapshot: Option<Vec<Delivery<()>>>,
-    /// When the snapshot was read: its rows' due times are relative to then.
-    read_at: Millis,
+    /// The rows read, and when: their due times are relative to then.
+    snapshot: Option<(Millis, Vec<Delivery<()>>)>,
 }
 
 enum LeaseMessage {
@@ -366,7 +365,6 @@ impl World {
                         cursors,
                         per_partition,
                         snapshot: None,
-                        read_at: Millis(0),
                     })
                 }
                 Command::LoadBroker => self.broker_reads += 1,
@@ -711,8 +709,7 @@ impl World {
                 "page read: {:?}",
                 rows.iter().map(|r| r.id).collect::<Vec<_>>()
             ));
-            self.pages[i].snapshot = Some(rows);
-            self.pages[i].read_at = self.now;
+            self.pages[i].snapshot = Some((self.now, rows));
             return;
         }
         let page = self.pages.swap_remove(i);
@@ -721,8 +718,8 @@ impl World {
             self.s.load_failed(self.now, page.token);
         } else {
             self.log("page answered".into());
-            let rows = page.snapshot.expect("checked above");
-            let late_by = self.now.since(page.read_at);
+            let (read_at, rows) = page.snapshot.expect("checked above");
+            let late_by = self.now.since(read_at);
             for row in &rows {
                 self.seen_late_by.insert(row.id, late_by);
             }

@@ -968,6 +968,11 @@ impl World {
         if s.ledger_read_in_flight() || s.held() < self.config.capacity {
             return;
         }
+        // Nothing is ready while the breaker is open: the scheduler reads again once it
+        // half-opens (in that same step, so the read is in flight by the next check).
+        if s.breaker().open_until().is_some() {
+            return;
+        }
         // Waiting for a retry by the scheduler's clock and by the ledger's (a page's relative
         // due times reach the scheduler late, so it may see a retry due a little later).
         let waiting = s.lanes().loads().any(|(load, head, _)| {

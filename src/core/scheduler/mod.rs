@@ -24,7 +24,7 @@
 //!   so rows that cannot be used now (behind a retry) do not hide the ones that can. A page
 //!   gives every partition still being read an equal share, so one deep load cannot fill memory
 //!   while the broker's loads in other partitions wait. A row whose outcome was saved while the
-//!   page was being read is not taken back.
+//!   page was being read is not taken back. Nothing is read while the breaker is open.
 //! - **Generations**: a lease is (partition, generation), so a stale revoke cannot drop a newer
 //!   lease; requests carry the incarnation (`epoch`) that started them, so after a restart the
 //!   answers to the old incarnation's requests are ignored.
@@ -1180,6 +1180,15 @@ impl<P: Clone, R: Clone> Scheduler<P, R> {
 
     fn read_ledger(&mut self, now: Millis) {
         if self.loading.is_some() || self.leases.is_empty() {
+            return;
+        }
+        if self.breaker.open_until().is_some() {
+            // Nothing can be sent before the open period ends, so rows read now could only
+            // wait: an unavailable broker would read its whole backlog again, page after page,
+            // each time a claim or a retry made room look worth a sweep (`hotload`,
+            // docs/performance.md "Session 12"). A sweep under way is dropped; what it was
+            // wanted for is still wanted, and is read from the start once probes may go.
+            self.sweep = None;
             return;
         }
         if self.load_retry_at.is_some_and(|at| now < at) {

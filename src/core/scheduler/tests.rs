@@ -450,6 +450,46 @@ fn retries_give_way_to_ready_loads() {
     );
 }
 
+/// An open breaker lets nothing out, so a sweep then could only read rows that must wait: an
+/// unavailable broker read its whole backlog again after every claim that did not fit.
+#[test]
+fn an_open_breaker_reads_the_ledger_only_once_probes_may_go() {
+    let (mut s, _) = ready(SchedulerConfig {
+        capacity: 3,
+        ..CONFIG
+    });
+    let t = Millis(10);
+    s.claimed(
+        t,
+        (1..=3)
+            .map(|i| claim(i, &format!("F{i}"), i, None))
+            .collect(),
+    );
+    let mut out = drain(&mut s, t);
+    for (token, _) in sends(&mut out) {
+        finish(&mut s, t, token, FAILED);
+    }
+    save_all(&mut s, t);
+    let open_until = s.breaker().open_until().expect("two failures open it");
+    assert_eq!(s.held(), 3, "memory is full of retries");
+    // More was claimed for this broker than fits: a sweep is wanted.
+    s.ledger_has_more(t);
+    let asked_while_open = std::iter::from_fn(|| s.poll_command())
+        .filter(|c| matches!(c, Command::LoadPending { .. }))
+        .count();
+    assert_eq!(
+        asked_while_open, 0,
+        "nothing is read while the breaker is open"
+    );
+    assert!(s.next_wakeup(t).is_some_and(|at| at <= open_until));
+    s.tick(open_until);
+    assert_eq!(s.breaker().state().name(), "half_open");
+    let asked = std::iter::from_fn(|| s.poll_command())
+        .filter(|c| matches!(c, Command::LoadPending { .. }))
+        .count();
+    assert_eq!(asked, 1, "the wanted sweep runs once probes may go");
+}
+
 /// Bug 3: after a restart, a late outcome of the old incarnation acted on the reloaded lanes.
 #[test]
 fn answers_from_before_a_restart_are_ignored() {

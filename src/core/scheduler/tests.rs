@@ -413,6 +413,22 @@ fn a_local_shortage_pause_ends_when_a_request_of_the_broker_finishes() {
 }
 
 /// Bug 2: deliveries waiting for a retry kept healthy loads out of memory.
+/// Claims one delivery of each of the loads F1 to F3, answers every request with `result`
+/// (a retryable failure) and saves the outcomes: three retries waiting in memory.
+fn fill_with_retries(s: &mut Sched, now: Millis, result: AttemptResult) {
+    s.claimed(
+        now,
+        (1..=3)
+            .map(|i| claim(i, &format!("F{i}"), i, None))
+            .collect(),
+    );
+    let mut out = drain(s, now);
+    for (token, _) in sends(&mut out) {
+        finish(s, now, token, result.clone());
+    }
+    save_all(s, now);
+}
+
 #[test]
 fn retries_give_way_to_ready_loads() {
     let (mut s, _) = ready(SchedulerConfig {
@@ -424,17 +440,7 @@ fn retries_give_way_to_ready_loads() {
         ..CONFIG
     });
     let t = Millis(10);
-    s.claimed(
-        t,
-        (1..=3)
-            .map(|i| claim(i, &format!("F{i}"), i, None))
-            .collect(),
-    );
-    let mut out = drain(&mut s, t);
-    for (token, _) in sends(&mut out) {
-        s.attempt_finished(t, token, AttemptResult::TransportFailed, 0.5, ());
-    }
-    save_all(&mut s, t);
+    fill_with_retries(&mut s, t, AttemptResult::TransportFailed);
     assert_eq!(s.held(), 3, "three retries wait 30 s");
     s.claimed(
         t,
@@ -459,17 +465,7 @@ fn an_open_breaker_reads_the_ledger_only_once_probes_may_go() {
         ..CONFIG
     });
     let t = Millis(10);
-    s.claimed(
-        t,
-        (1..=3)
-            .map(|i| claim(i, &format!("F{i}"), i, None))
-            .collect(),
-    );
-    let mut out = drain(&mut s, t);
-    for (token, _) in sends(&mut out) {
-        finish(&mut s, t, token, FAILED);
-    }
-    save_all(&mut s, t);
+    fill_with_retries(&mut s, t, FAILED);
     let open_until = s.breaker().open_until().expect("two failures open it");
     assert_eq!(s.held(), 3, "memory is full of retries");
     // More was claimed for this broker than fits: a sweep is wanted.

@@ -30,6 +30,10 @@ pub struct Metrics {
     pub outbound_connections: IntGauge,
     pub outbound_connections_max: IntGauge,
     pub local_shortages: IntCounter,
+    /// Ledger pages (sweeps' reads of pending rows), all brokers together, and the rows they
+    /// brought: against `deliveries_total`, how often the ledger is read per delivery.
+    pub ledger_pages: IntCounter,
+    pub ledger_page_rows: IntCounter,
     pub pending_deliveries: IntGauge,
     pub dead_deliveries: IntGauge,
     pub actor_restarts: IntCounterVec,
@@ -115,9 +119,24 @@ impl Metrics {
              for the active brokers.",
         )
         .expect("valid metric");
-        registry
-            .register(Box::new(local_shortages.clone()))
-            .expect("registered once");
+        let ledger_pages = IntCounter::new(
+            "ledger_pages_total",
+            "Pages of pending deliveries read from the ledger by brokers' sweeps, all brokers \
+             together.",
+        )
+        .expect("valid metric");
+        let ledger_page_rows = IntCounter::new(
+            "ledger_page_rows_total",
+            "Rows those pages brought. Compare with deliveries_total: a few per delivery is \
+             normal (held rows are read again when a sweep starts over); rows rising while \
+             deliveries do not means sweeps read what cannot go.",
+        )
+        .expect("valid metric");
+        for metric in [&local_shortages, &ledger_pages, &ledger_page_rows] {
+            registry
+                .register(Box::new(metric.clone()))
+                .expect("registered once");
+        }
         for metric in [
             &pending_deliveries,
             &ready,
@@ -235,6 +254,8 @@ impl Metrics {
             outbound_connections,
             outbound_connections_max,
             local_shortages,
+            ledger_pages,
+            ledger_page_rows,
             pending_deliveries,
             dead_deliveries,
             actor_restarts: counter(

@@ -50,6 +50,8 @@ async fn the_admin_api_reports_health_metrics_brokers_and_replays_with_a_token()
         "webhook_delivery_in_flight_requests{broker_id=",
         "webhook_delivery_in_flight_limit{broker_id=\"healthy\"} ",
         "webhook_delivery_mailbox_depth{broker_id=",
+        "webhook_delivery_ledger_pages_total ",
+        "webhook_delivery_ledger_page_rows_total ",
     ] {
         assert!(
             metrics.contains(expected),

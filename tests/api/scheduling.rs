@@ -136,3 +136,81 @@ async fn a_broker_disabled_while_its_breaker_is_open_recovers_when_re_enabled() 
     );
     app.stop().await;
 }
+
+/// Session 12: while a broker's breaker was open, every claim for it that could not join its
+/// full memory started a sweep through its whole backlog, reading rows that could not go
+/// (`hotload`'s unavailable broker read 92,252 of them). Nothing is read until it half-opens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_breaker_does_not_read_its_backlog_again() {
+    let env = TestEnv::new(1).await;
+    let receiver = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(503))
+        .mount(&receiver)
+        .await;
+    env.add_broker("down", &receiver.uri()).await;
+    // Two deep loads, as in `hotload`: their heads wait for a retry, their tails are in the
+    // ledger, and every new event of theirs is a claim that cannot join memory.
+    let loads = ["DEEP-A", "DEEP-B"];
+    for load in loads {
+        env.subscribe("down", load).await;
+    }
+    let produce = |from: usize, to: usize| {
+        let env = &env;
+        async move {
+            for i in from..to {
+                let load = loads[i % 2];
+                env.produce_event(Some(&format!("ev-{i}")), load, "in_transit")
+                    .await;
+            }
+        }
+    };
+    produce(0, 10).await;
+    let mut settings = env.settings();
+    settings.delivery.mailbox_capacity = 5;
+    settings.circuit_breaker.failure_threshold = 2;
+    settings.circuit_breaker.open_ms = 60_000;
+    settings.retry.base_delay_ms = 30_000;
+    settings.retry.max_delay_ms = 30_000;
+    let app = spawn_app(settings);
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            app.metric_value("webhook_delivery_circuit_state", &["broker_id=\"down\""])
+                .await
+                == Some(2.0)
+        })
+        .await,
+        "the two loads' first 503s open the breaker"
+    );
+    // A page asked for before it opened may still be answered.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rows_read = || async {
+        app.metric_value("webhook_delivery_ledger_page_rows_total", &[])
+            .await
+            .expect("the counter is published")
+    };
+    let before = rows_read().await;
+    produce(10, 40).await;
+    assert!(
+        env.count_reaches(
+            "SELECT count(*) FROM deliveries",
+            40,
+            Duration::from_secs(20)
+        )
+        .await,
+        "the new events are claimed"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        rows_read().await,
+        before,
+        "no ledger rows are read while the breaker is open"
+    );
+    assert_eq!(
+        env.count("SELECT count(*) FROM deliveries WHERE state = 'pending'")
+            .await,
+        40,
+        "every delivery waits in the ledger"
+    );
+    app.stop().await;
+}

@@ -490,6 +490,9 @@ impl DeliveryActor {
         ctx.spawn(load.into_actor(self).map(move |result, act, ctx| {
             act.guarded(ctx, "load_pending", move |act, ctx| match result {
                 Ok(Ok(rows)) => {
+                    let metrics = &act.deps.metrics;
+                    metrics.ledger_pages.inc();
+                    metrics.ledger_page_rows.inc_by(rows.len() as u64);
                     let (held, left) = act.admit(rows);
                     act.step(ctx, |s, now| {
                         if held.is_empty() && left {

@@ -412,7 +412,6 @@ fn a_local_shortage_pause_ends_when_a_request_of_the_broker_finishes() {
     assert_eq!(again[0].1, b.1);
 }
 
-/// Bug 2: deliveries waiting for a retry kept healthy loads out of memory.
 /// Claims one delivery of each of the loads F1 to F3, answers every request with `result`
 /// (a retryable failure) and saves the outcomes: three retries waiting in memory.
 fn fill_with_retries(s: &mut Sched, now: Millis, result: AttemptResult) {
@@ -429,6 +428,14 @@ fn fill_with_retries(s: &mut Sched, now: Millis, result: AttemptResult) {
     save_all(s, now);
 }
 
+/// How many ledger reads the commands queued so far ask for (the commands are taken).
+fn ledger_reads_asked(s: &mut Sched) -> usize {
+    std::iter::from_fn(|| s.poll_command())
+        .filter(|c| matches!(c, Command::LoadPending { .. }))
+        .count()
+}
+
+/// Bug 2: deliveries waiting for a retry kept healthy loads out of memory.
 #[test]
 fn retries_give_way_to_ready_loads() {
     let (mut s, _) = ready(SchedulerConfig {
@@ -470,20 +477,19 @@ fn an_open_breaker_reads_the_ledger_only_once_probes_may_go() {
     assert_eq!(s.held(), 3, "memory is full of retries");
     // More was claimed for this broker than fits: a sweep is wanted.
     s.ledger_has_more(t);
-    let asked_while_open = std::iter::from_fn(|| s.poll_command())
-        .filter(|c| matches!(c, Command::LoadPending { .. }))
-        .count();
     assert_eq!(
-        asked_while_open, 0,
+        ledger_reads_asked(&mut s),
+        0,
         "nothing is read while the breaker is open"
     );
     assert!(s.next_wakeup(t).is_some_and(|at| at <= open_until));
     s.tick(open_until);
     assert_eq!(s.breaker().state().name(), "half_open");
-    let asked = std::iter::from_fn(|| s.poll_command())
-        .filter(|c| matches!(c, Command::LoadPending { .. }))
-        .count();
-    assert_eq!(asked, 1, "the wanted sweep runs once probes may go");
+    assert_eq!(
+        ledger_reads_asked(&mut s),
+        1,
+        "the wanted sweep runs once probes may go"
+    );
 }
 
 /// Bug 3: after a restart, a late outcome of the old incarnation acted on the reloaded lanes.

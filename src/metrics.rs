@@ -25,6 +25,9 @@ pub struct Metrics {
     pub mailbox_depth: IntGaugeVec,
     pub in_flight: IntGaugeVec,
     pub in_flight_limit: IntGaugeVec,
+    /// Lanes (loads with deliveries in memory) by where they wait, all brokers together,
+    /// sampled every second: `LaneCensus::STATES`.
+    pub lanes: IntGaugeVec,
     pub buffered_bytes: IntGauge,
     pub buffered_bytes_max: IntGauge,
     pub outbound_connections: IntGauge,
@@ -240,7 +243,8 @@ impl Metrics {
             in_flight: gauge(
                 &registry,
                 "in_flight_requests",
-                "Webhook requests in flight (or awaiting their ledger write) per broker.",
+                "Webhook requests in flight per broker (answered ones awaiting their outcome's save are \
+                 not counted: see lanes{state=\"awaiting_save\"}).",
                 &["broker_id"],
             ),
             in_flight_limit: gauge(
@@ -248,6 +252,15 @@ impl Metrics {
                 "in_flight_limit",
                 "Requests allowed at once per broker: the adaptive limit, or max_in_flight_per_broker.",
                 &["broker_id"],
+            ),
+            lanes: gauge(
+                &registry,
+                "lanes",
+                "Loads with deliveries in memory, all brokers together, by what their next delivery \
+                 waits for: in_flight (the endpoint), awaiting_save (the ledger: the previous \
+                 outcome's commit), ready (a request slot, or an open breaker), waiting_retry (a \
+                 retry's time). Sampled every second.",
+                &["state"],
             ),
             buffered_bytes,
             buffered_bytes_max,
@@ -305,6 +318,9 @@ impl Metrics {
             metrics.deliveries.with_label_values(&[outcome]);
         }
         metrics.actor_restarts.with_label_values(&["delivery"]);
+        for state in crate::core::lanes::LaneCensus::STATES {
+            metrics.lanes.with_label_values(&[state]);
+        }
         for table in crate::retention::TABLES {
             metrics.retention_removed.with_label_values(&[table]);
         }

@@ -83,6 +83,7 @@ pub async fn brokers(state: web::Data<AdminState>, request: HttpRequest) -> Http
                 "in_flight": here.map_or(0, |s| s.in_flight),
                 "in_flight_limit": here.map(|s| s.in_flight_limit),
                 "in_memory": here.map_or(0, |s| s.in_memory),
+                "lanes": here.map(|s| s.lanes),
                 "pending": row.pending,
                 "dead": row.dead,
                 "oldest_pending_age_ms": row.oldest_pending_age_ms,

@@ -36,6 +36,35 @@ pub enum Head {
     AwaitingSave,
 }
 
+/// How many lanes are in each state: where a broker's deliveries wait (the `lanes` gauge and
+/// `GET /brokers`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct LaneCensus {
+    /// A request is out: waiting for the endpoint.
+    pub in_flight: usize,
+    /// Answered, the outcome not yet committed: the load's next delivery waits for the ledger.
+    pub awaiting_save: usize,
+    /// Due and not started: waiting for a request slot, or for a breaker that lets nothing
+    /// through.
+    pub ready: usize,
+    /// The next delivery is a retry whose time has not come.
+    pub waiting_retry: usize,
+}
+
+impl LaneCensus {
+    /// The gauge's `state` label of each count, in `counts` order.
+    pub const STATES: [&'static str; 4] = ["in_flight", "awaiting_save", "ready", "waiting_retry"];
+
+    pub fn counts(&self) -> [usize; 4] {
+        [
+            self.in_flight,
+            self.awaiting_save,
+            self.ready,
+            self.waiting_retry,
+        ]
+    }
+}
+
 #[derive(Debug)]
 struct Lane<P> {
     entries: VecDeque<Entry<P>>,
@@ -201,6 +230,23 @@ impl<P> Lanes<P> {
             })
     }
 
+    /// Every lane by the state of its head. A walk over all lanes: for a sampler, not for
+    /// every scheduler step.
+    pub fn census(&self, now: Millis) -> LaneCensus {
+        let mut census = LaneCensus::default();
+        for lane in self.lanes.values() {
+            match lane.head {
+                Head::InFlight => census.in_flight += 1,
+                Head::AwaitingSave => census.awaiting_save += 1,
+                Head::Idle if lane.entries.front().is_some_and(|e| e.not_before > now) => {
+                    census.waiting_retry += 1
+                }
+                Head::Idle => census.ready += 1,
+            }
+        }
+        census
+    }
+
     /// Starts the idle head of `load`; it is in flight until `responded` or `put_back`.
     pub fn start(&mut self, load: &str) -> Option<&Entry<P>> {
         self.unlist(load);
@@ -343,6 +389,36 @@ mod tests {
         assert_eq!(lanes.next_ready(NOW), None, "and behind its save");
         lanes.saved("L1", 1, None, NOW);
         assert_eq!(lanes.start("L1").unwrap().id, 2);
+    }
+
+    #[test]
+    fn the_census_counts_each_lane_once_by_its_head() {
+        let mut lanes = Lanes::default();
+        for (id, load) in [(1, "sending"), (2, "saving"), (3, "due"), (4, "retrying")] {
+            lanes.insert(load, entry(id, id * 10), NOW);
+            lanes.insert(load, entry(id + 10, id * 10 + 1), NOW);
+        }
+        lanes.start("sending");
+        lanes.start("saving");
+        lanes.responded("saving");
+        lanes.start("retrying");
+        lanes.responded("retrying");
+        lanes.saved("retrying", 4, Some((Millis(NOW.0 + 5_000), 1)), NOW);
+        let census = lanes.census(NOW);
+        assert_eq!(
+            census,
+            LaneCensus {
+                in_flight: 1,
+                awaiting_save: 1,
+                ready: 1,
+                waiting_retry: 1,
+            }
+        );
+        assert_eq!(
+            lanes.census(Millis(NOW.0 + 5_000)).counts(),
+            [1, 1, 2, 0],
+            "a retry whose time has come is ready"
+        );
     }
 
     #[test]

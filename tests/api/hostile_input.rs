@@ -549,6 +549,27 @@ async fn an_outcome_write_stall_is_reported_and_nothing_is_sent_twice() {
     let ready = app.admin_get("/readyz").await;
     assert_eq!(ready.status(), 503);
     assert!(ready.text().await.unwrap().contains(&broker));
+    // Where the deliveries wait, for on-call: both loads on the ledger, none on the endpoint.
+    let awaiting_save = || app.metric_value("webhook_delivery_lanes", &["state=\"awaiting_save\""]);
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            awaiting_save().await == Some(2.0)
+        })
+        .await,
+        "lanes awaiting their save: {:?}",
+        awaiting_save().await
+    );
+    let brokers: serde_json::Value = app.admin_get("/brokers").await.json().await.unwrap();
+    let listed = brokers
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["broker_id"] == broker.as_str())
+        .unwrap();
+    assert_eq!(
+        listed["lanes"],
+        serde_json::json!({"in_flight": 0, "awaiting_save": 2, "ready": 0, "waiting_retry": 0})
+    );
     // One delivery per load was sent; the next of each load waits for its predecessor's outcome.
     let sent_while_locked = receiver.requests().len();
     assert!(sent_while_locked <= 3, "{sent_while_locked}");
@@ -568,6 +589,13 @@ async fn an_outcome_write_stall_is_reported_and_nothing_is_sent_twice() {
         })
         .await,
         "/readyz is green again"
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            awaiting_save().await == Some(0.0)
+        })
+        .await,
+        "no lane waits for the ledger once it is back"
     );
     assert_eq!(
         app.metric_value("webhook_delivery_outcome_write_stalled", &[&label])

@@ -32,6 +32,7 @@ use crate::broker::BrokerEndpoint;
 use crate::config::DeliverySettings;
 use crate::connection_budget::{ConnectionBudget, SCARCE_KEEP_ALIVE};
 use crate::core::breaker::{BreakerConfig, Transition};
+use crate::core::lanes::LaneCensus;
 use crate::core::policy::{parse_retry_after, AttemptResult, RetryPolicy};
 use crate::core::scheduler::{
     AttemptToken, Command, Decision, Delivery, IoToken, NotMade, Outcome, PartitionCursor,
@@ -50,6 +51,9 @@ use crate::webhook_client::{self, WebhookRequest};
 const ENDPOINT_REFRESH: Duration = BROKER_ROW_PUSH.saturating_mul(3);
 /// Messages waiting in the actix mailbox; each carries a batch of deliveries.
 const MAILBOX_MESSAGES: usize = 64;
+/// How often an actor adds its lanes to the instance's `lanes` gauge (a walk over its lanes,
+/// so not on every step).
+const LANE_CENSUS_EVERY: Duration = Duration::from_secs(1);
 
 #[derive(Clone)]
 pub struct DeliveryDeps {
@@ -100,6 +104,7 @@ pub struct BrokerSnapshot {
     /// Requests allowed at once now (adaptive, up to `max_in_flight_per_broker`).
     pub in_flight_limit: usize,
     pub in_memory: usize,
+    pub lanes: LaneCensus,
 }
 
 /// What one request produced, in the terms the log line and the ledger need.
@@ -191,6 +196,9 @@ pub struct DeliveryActor {
     /// Retired by the supervisor: it stops, and if actix restarts it anyway (a strong address
     /// still alive) it does nothing: another actor may own the broker by then.
     retired: bool,
+    /// This actor's share of the `lanes` gauge as last added: the next sample adds the
+    /// difference, retiring takes it back.
+    lanes_reported: LaneCensus,
 }
 
 impl DeliveryActor {
@@ -234,6 +242,7 @@ impl DeliveryActor {
             idle_since: None,
             idle_timer: None,
             retired: false,
+            lanes_reported: LaneCensus::default(),
         }
     }
 
@@ -732,7 +741,26 @@ impl DeliveryActor {
         {
             ctx.cancel_future(timer);
         }
+        self.report_lanes(LaneCensus::default());
         ctx.stop();
+    }
+
+    /// Moves the instance's `lanes` gauge by the change since this actor's last sample.
+    fn report_lanes(&mut self, census: LaneCensus) {
+        let counts = census
+            .counts()
+            .into_iter()
+            .zip(self.lanes_reported.counts());
+        for (state, (now, before)) in LaneCensus::STATES.into_iter().zip(counts) {
+            if now != before {
+                self.deps
+                    .metrics
+                    .lanes
+                    .with_label_values(&[state])
+                    .add(now as i64 - before as i64);
+            }
+        }
+        self.lanes_reported = census;
     }
 
     fn update_gauges(&self) {
@@ -793,6 +821,7 @@ impl DeliveryActor {
             in_flight: self.scheduler.in_flight(),
             in_flight_limit: self.scheduler.in_flight_limit(),
             in_memory: self.scheduler.held(),
+            lanes: self.scheduler.lanes().census(millis(Instant::now())),
         }
     }
 }
@@ -850,6 +879,10 @@ impl Actor for DeliveryActor {
             .with_label_values(&[self.broker_id.as_str()])
             .set(circuit_state_value(self.scheduler.breaker().state().name()));
         self.guarded(ctx, "start", |act, ctx| act.step(ctx, |s, now| s.tick(now)));
+        ctx.run_interval(LANE_CENSUS_EVERY, |act, _| {
+            let census = act.scheduler.lanes().census(millis(Instant::now()));
+            act.report_lanes(census);
+        });
     }
 }
 

@@ -405,6 +405,17 @@ impl TestApp {
             .and_then(|value| value.parse().ok())
     }
 
+    /// The row of `broker_id` in `GET /brokers`, if listed.
+    pub async fn listed_broker(&self, broker_id: &str) -> Option<serde_json::Value> {
+        let listed: serde_json::Value = self.admin_get("/brokers").await.json().await.unwrap();
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["broker_id"] == broker_id)
+            .cloned()
+    }
+
     /// `GET` on the admin API with `Authorization: Bearer <token>`.
     pub async fn admin_get_with_token(&self, path: &str, token: &str) -> reqwest::Response {
         reqwest::Client::new()

@@ -559,13 +559,7 @@ async fn an_outcome_write_stall_is_reported_and_nothing_is_sent_twice() {
         "lanes awaiting their save: {:?}",
         awaiting_save().await
     );
-    let brokers: serde_json::Value = app.admin_get("/brokers").await.json().await.unwrap();
-    let listed = brokers
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|b| b["broker_id"] == broker.as_str())
-        .unwrap();
+    let listed = app.listed_broker(&broker).await.unwrap();
     assert_eq!(
         listed["lanes"],
         serde_json::json!({"in_flight": 0, "awaiting_save": 2, "ready": 0, "waiting_retry": 0})

@@ -35,12 +35,9 @@ async fn an_idle_actor_retires_and_a_new_one_delivers_once_in_order() {
         .await,
         "its per-broker series are gone"
     );
-    let listed: serde_json::Value = app.admin_get("/brokers").await.json().await.unwrap();
-    let row = listed
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|b| b["broker_id"] == broker.as_str())
+    let row = app
+        .listed_broker(&broker)
+        .await
         .expect("/brokers still lists a broker whose actor retired");
     assert_eq!(row["in_memory"], 0);
     assert!(

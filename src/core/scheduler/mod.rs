@@ -267,6 +267,10 @@ pub struct Scheduler<P, R> {
     wanted: u64,
     /// The `wanted` value covered by the last finished sweep.
     done: u64,
+    /// The `wanted` value covered by the last sweep that took in every pending row it found:
+    /// read to the end of every partition, nothing left for want of room, no load skipped. A
+    /// sweep that stops with memory full is done too, but may not have reached a replayed row.
+    read_through: u64,
     sweep: Option<Sweep>,
     loading: Option<IoToken>,
     /// A ledger read failed: the next one waits until then (a database outage must not become
@@ -326,6 +330,7 @@ impl<P: Clone, R: Clone> Scheduler<P, R> {
             // A new scheduler knows nothing yet: look in the ledger first.
             wanted: 1,
             done: 0,
+            read_through: 0,
             sweep: None,
             loading: None,
             load_retry_at: None,
@@ -504,9 +509,11 @@ impl<P: Clone, R: Clone> Scheduler<P, R> {
                     .lanes
                     .holds_order(&delivery.load, (delivery.partition, offset)),
             };
-            // Until the sweep after a replay is done, a held predecessor says nothing about
-            // earlier deliveries the replay made pending again.
-            let replay_unread = self.replay_read_by.is_some_and(|w| self.done < w)
+            // Until a sweep after a replay has taken in every pending row, a held predecessor
+            // says nothing about earlier deliveries the replay made pending again. A sweep
+            // stopped by a full memory is not enough: it may end before a replayed row, and a
+            // claim would then follow the load's started head past it (seed 12,979,934).
+            let replay_unread = self.replay_read_by.is_some_and(|w| self.read_through < w)
                 && self.lanes.has_lane(&delivery.load);
             let blocked = replay_unread
                 || self
@@ -653,6 +660,9 @@ impl<P: Clone, R: Clone> Scheduler<P, R> {
             // did what it could. What it could not take is read again once room frees up.
             self.done = self.done.max(sweep.started_at);
             self.overflowed |= sweep.skipped || full_page;
+            if !sweep.skipped && !full_page && sweep.blocked.is_empty() {
+                self.read_through = self.read_through.max(sweep.started_at);
+            }
         }
         self.drive(now);
     }

@@ -882,6 +882,61 @@ fn claims_wait_for_the_sweep_after_a_replay_when_the_head_is_saved_first() {
     the_page_sends_the_replayed_2_before_7(&mut s, Millis(40), page);
 }
 
+/// Simulator seed 12,979,934: dead letters are replayed while 40 of A is in flight, and the
+/// sweep after the replay stops with memory full before it reaches the replayed 20 of A. That
+/// sweep is done, but it did not read everything: a claim of 70 of A following the held 40
+/// must still go through the ledger, or the lane would send 70 after 40 with 20 pending.
+#[test]
+fn claims_wait_after_a_replay_until_a_sweep_has_read_everything() {
+    let config = SchedulerConfig {
+        capacity: 4,
+        ..CONFIG
+    };
+    let (mut s, _) = ready(config);
+    s.claimed(Millis(10), vec![claim(40, "A", 40, None)]);
+    let mut out = drain(&mut s, Millis(10));
+    assert_eq!(sends(&mut out).len(), 1);
+    s.replayed(Millis(20));
+    let page = all_but_the_page(&mut s, Millis(20))
+        .page
+        .expect("the replay asks for a sweep");
+    // A full page of other loads, and memory is full: the sweep ends before 20 of A.
+    s.loaded(
+        Millis(25),
+        page,
+        vec![
+            delivery(1, "B", 1),
+            delivery(2, "B", 2),
+            delivery(3, "B", 3),
+            delivery(4, "C", 4),
+        ],
+    );
+    let mut out: Vec<_> = std::iter::from_fn(|| s.poll_command()).collect();
+    assert!(
+        !out.iter().any(|c| matches!(c, Command::LoadPending { .. })),
+        "memory is full: no more pages for now"
+    );
+    // 1 of B is delivered and saved: room for one more.
+    let (b1, _) = sends(&mut out)
+        .into_iter()
+        .find(|&(_, id)| id == 1)
+        .expect("1 of B is sent");
+    finish(&mut s, Millis(26), b1, OK);
+    let mut out: Vec<_> = std::iter::from_fn(|| s.poll_command()).collect();
+    for (token, _) in writes(&mut out) {
+        s.outcomes_saved(Millis(27), token);
+    }
+    assert!(s.held() < 4, "room for the claim");
+    let mut fresh = claim(70, "A", 70, Some(40));
+    fresh.claimed_at = Millis(30);
+    s.claimed(Millis(30), vec![fresh]);
+    assert_eq!(
+        s.lanes().entries("A").map(|e| e.id).collect::<Vec<_>>(),
+        vec![40],
+        "70 is not held behind 40 while the replayed 20 may be pending"
+    );
+}
+
 /// Simulator seeds 608 and 1295: a claim sent to the ledger before a replay committed may say
 /// its load has no pending predecessor while the replay just made one pending again. Such a
 /// claim goes through the ledger, whose page puts the replayed delivery first.

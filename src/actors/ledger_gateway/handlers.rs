@@ -195,6 +195,7 @@ impl Handler<RecordAttempts> for LedgerGateway {
 
     fn handle(&mut self, msg: RecordAttempts, ctx: &mut Self::Context) -> Self::Result {
         let (saved, committed) = tokio::sync::oneshot::channel();
+        self.queued_records += msg.records.len();
         self.queued_outcomes.push(super::QueuedOutcomes {
             records: msg.records,
             saved,

@@ -88,6 +88,10 @@ pub struct LedgerGateway {
     /// of them go out in the next single statement (group commit): a few large writes instead
     /// of one per broker at a time.
     queued_outcomes: Vec<QueuedOutcomes>,
+    /// The records in `queued_outcomes`, kept as they arrive: summing the queue on every
+    /// arrival would cost the square of the messages queued behind a statement (thousands with
+    /// 10,000 brokers).
+    queued_records: usize,
     /// Group-commit statements under way (at most `MAX_GROUP_WRITES`).
     outcome_writes_under_way: usize,
     /// Per broker: whether its outcomes are failing to be written, and the last error.
@@ -109,6 +113,7 @@ impl LedgerGateway {
             outcome_ledger,
             watch,
             queued_outcomes: Vec::new(),
+            queued_records: 0,
             outcome_writes_under_way: 0,
             outcome_watches: HashMap::new(),
             outcome_gauges: HashSet::new(),
@@ -122,12 +127,12 @@ impl LedgerGateway {
     /// queued batch is answered as saved. Only a database that is away fails them all (their
     /// DeliveryActors retry).
     fn write_outcomes(&mut self, ctx: &mut Context<Self>) {
-        let queued = self.queued_outcomes.iter().map(|q| q.records.len()).sum();
-        if !may_start_outcome_write(self.outcome_writes_under_way, queued) {
+        if !may_start_outcome_write(self.outcome_writes_under_way, self.queued_records) {
             return;
         }
         self.outcome_writes_under_way += 1;
         let batch = std::mem::take(&mut self.queued_outcomes);
+        self.queued_records = 0;
         let records: Vec<AttemptRecord> = batch
             .iter()
             .flat_map(|queued| queued.records.iter().cloned())

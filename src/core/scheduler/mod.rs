@@ -659,8 +659,9 @@ impl<P: Clone, R: Clone> Scheduler<P, R> {
             // Read to the end, or memory is full of what can go now: either way this sweep
             // did what it could. What it could not take is read again once room frees up.
             self.done = self.done.max(sweep.started_at);
-            self.overflowed |= sweep.skipped || full_page;
-            if !sweep.skipped && !full_page && sweep.blocked.is_empty() {
+            let rows_left = sweep.skipped || full_page;
+            self.overflowed |= rows_left;
+            if !rows_left && sweep.blocked.is_empty() {
                 self.read_through = self.read_through.max(sweep.started_at);
             }
         }

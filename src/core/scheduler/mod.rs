@@ -921,10 +921,9 @@ impl<P: Clone, R: Clone> Scheduler<P, R> {
         self.sweep = None;
         self.saved_during_load.clear();
         self.wanted += 1;
-        // A head kept awaiting its save may have had a replayed, earlier delivery of its load
-        // behind it, now dropped: until the sweep has read the ledger again, a held head says
-        // nothing about what is pending before a claim (as after a replay).
-        self.replay_read_by = Some(self.wanted);
+        // A kept head needs no claim guard of its own: a delivery of its load earlier than it
+        // can be pending only through a replay, and the replay's guard (`replay_read_by`) holds
+        // until a sweep has read every pending row, which such a row stops (it blocks its load).
         self.drive(now);
     }
 

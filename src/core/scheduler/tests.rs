@@ -786,8 +786,10 @@ fn claims_wait_for_the_sweep_after_a_replay() {
     assert_eq!(sent, vec![2]);
 }
 
-/// Simulator seed 43745: a restart keeps a head awaiting its save and drops the replayed,
-/// earlier delivery behind it; a claim that follows the kept head must still wait for the sweep.
+/// Simulator seed 43745: a restart keeps a head awaiting its save while the replayed, earlier
+/// delivery of its load waits in the ledger; a claim that follows the kept head must still wait
+/// for a sweep that reads it (the replay's guard: the sweep before the restart left that load
+/// blocked, so it did not read everything).
 #[test]
 fn claims_wait_for_the_sweep_after_a_restart() {
     // 2 of A was dead and is replayed; the sweep brings it in behind 4, in flight.
@@ -822,7 +824,7 @@ fn claims_wait_for_the_sweep_after_a_restart() {
     );
 }
 
-/// Simulator seeds 2, 77 and 280: a delivery's dead outcome commits, dead letters are replayed
+/// Simulator seeds 2, 77 and 108: a delivery's dead outcome commits, dead letters are replayed
 /// (it is pending again), and only then does the scheduler hear of the save. Its lane must be
 /// read again from the ledger, not move on to the load's next delivery.
 #[test]

@@ -50,8 +50,8 @@ EOF
         cargo test --quiet --release --test simulation random_seeds -- --nocapture 2>/dev/null || true)
     caught=$(grep ' seeds: ' <<<"$out" || true)
     echo "${caught:-   not caught by any of $seeds seeds}"
-    # The seeds long runs found (tests/simulation.rs) are checked one by one: a mutant only
-    # a million-seed run catches still has a seed that catches it in every CI run.
+    # The seeds long runs found (tests/simulation.rs, run by every CI run): a rule that only
+    # a million-seed run caught is still checked by its seed.
     if cargo test --quiet --release --test simulation seeds_that_found_scheduler_bugs_in_long_runs \
         >/dev/null 2>&1; then
         echo "   long-run seeds: none catches it"

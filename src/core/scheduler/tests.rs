@@ -792,7 +792,8 @@ fn claims_wait_for_the_sweep_after_a_replay() {
 /// blocked, so it did not read everything).
 #[test]
 fn claims_wait_for_the_sweep_after_a_restart() {
-    // 2 of A was dead and is replayed; the sweep brings it in behind 4, in flight.
+    // 2 of A was dead and is replayed; the sweep finds it while 4 is in flight and leaves it
+    // (and A) in the ledger.
     let (mut s, in_flight) = a_replay_while_4_of_a_is_in_flight();
     let mut out = Vec::new();
     answer_loads(

@@ -825,6 +825,40 @@ fn claims_wait_for_the_sweep_after_a_restart() {
     );
 }
 
+/// Without a replay, a restart leaves nothing earlier than a kept head pending: a claim that
+/// follows the head goes out once the head is saved, without waiting for the sweep the restart
+/// asked for (session 15 took out the guard that made it wait).
+#[test]
+fn after_a_restart_without_a_replay_a_claim_follows_the_kept_head() {
+    let (mut s, _) = ready(CONFIG);
+    s.claimed(Millis(10), vec![claim(4, "A", 4, None)]);
+    let mut out = drain(&mut s, Millis(10));
+    let in_flight = sends(&mut out);
+    finish(&mut s, Millis(10), in_flight[0].0, OK);
+    let under_way = all_but_the_page(&mut s, Millis(10)).writes;
+    s.restarted(Millis(20));
+    let mut fresh = claim(7, "A", 7, Some(4));
+    fresh.claimed_at = Millis(30);
+    s.claimed(Millis(30), vec![fresh]);
+    let before_the_save = all_but_the_page(&mut s, Millis(30));
+    assert!(
+        before_the_save.page.is_some(),
+        "the restart asks for a sweep"
+    );
+    assert_eq!(
+        before_the_save.sent,
+        Vec::<i64>::new(),
+        "7 waits for 4's save"
+    );
+    s.outcomes_saved(Millis(30), under_way[0].0);
+    let after_the_save = all_but_the_page(&mut s, Millis(30));
+    assert_eq!(
+        after_the_save.sent,
+        vec![7],
+        "the sweep's page is not needed"
+    );
+}
+
 /// Simulator seeds 2, 77 and 108: a delivery's dead outcome commits, dead letters are replayed
 /// (it is pending again), and only then does the scheduler hear of the save. Its lane must be
 /// read again from the ledger, not move on to the load's next delivery.

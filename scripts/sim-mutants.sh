@@ -29,6 +29,9 @@ mutants=(
     "replay-stale-claims|self.claims_stale_before = Some(now);|1|a claim older than a replay trusted"
     "page-stale-claims|self.claims_stale_before = Some(now);|2|a claim older than the last page trusted (the page brought in and finished its delivery)"
     "replay-read-partly|if !rows_left && sweep.blocked.is_empty() {|1|a claim trusted after a sweep that ended with memory full before the replayed row (seed 12979934)|if true {"
+    "held-replay|self.lanes.forget_held_through(None);|1|a replay's rows left below the held mark, never read (session 16's sweep start)"
+    "held-suspect|self.lanes.not_held(outcome.order);|1|a dead outcome's row, replayed meanwhile, left below the held mark (seed 70)"
+    "held-unbroken|sweep.prefix.get(&partition) == Some(&self.lanes.held_through(partition));|1|the held mark raised over a row given back while the sweep was reading|sweep.prefix.contains_key(&partition);"
 )
 
 for mutant in "${mutants[@]}"; do

@@ -19,7 +19,7 @@ use crate::connection_budget::{BudgetSource, ConnectionBudget};
 use crate::kafka::{rebalance_channel, ConsumerError, KafkaConsumer};
 use crate::kafka_properties::{self, KafkaPropertyError};
 use crate::lease::LeaseBook;
-use crate::ledger::{Ledger, LedgerError};
+use crate::ledger::{Ledger, LedgerError, ReplayedBrokers};
 use crate::metrics::Metrics;
 use crate::offsets::{SeedSource, StartDecision};
 use crate::stall::{PartitionStalls, StallBook};
@@ -416,12 +416,20 @@ async fn starting_point(
 
 /// Tells the schedulers about every replay committed anywhere (the CLI, the admin API, another
 /// instance), so that a replayed delivery goes before later deliveries of its load not yet sent.
-/// While the listener is down (the database restarting), replays are still found by the ledger
-/// sweep, a few seconds later.
+/// A replay committed while the listener was not listening (the database restarting, or before
+/// the first connection) was not heard: whenever it starts listening, every active broker
+/// reads its ledger from the start, as after a replay (a scheduler's sweeps otherwise start
+/// after the rows it holds, and replayed rows are earlier).
 async fn announce_replays(ledger: Ledger, deliveries: actix::Addr<DeliverySupervisor>) {
     loop {
         match ledger.replays_announced().await {
             Ok(mut announcements) => {
+                // At startup no broker holds anything yet, and this costs nothing.
+                tracing::info!("listening for replays; every broker active re-reads its ledger in case one was missed");
+                deliveries.do_send(DeliveriesReplayed(ReplayedBrokers {
+                    brokers: Default::default(),
+                    every_broker: true,
+                }));
                 while let Some(replayed) = announcements.next().await {
                     tracing::info!(
                         brokers = ?replayed.brokers,
@@ -431,12 +439,12 @@ async fn announce_replays(ledger: Ledger, deliveries: actix::Addr<DeliverySuperv
                     deliveries.do_send(DeliveriesReplayed(replayed));
                 }
                 tracing::warn!(
-                    "the replay listener's connection closed; reconnecting (the ledger sweep finds replays meanwhile)"
+                    "the replay listener's connection closed; reconnecting (replays made meanwhile are read once it is back)"
                 );
             }
             Err(error) => tracing::warn!(
                 error.message = %error,
-                "could not listen for replays; retrying in 5 s (the ledger sweep finds replays meanwhile)"
+                "could not listen for replays; retrying in 5 s (replays made meanwhile are read once it listens)"
             ),
         }
         tokio::time::sleep(Duration::from_secs(5)).await;

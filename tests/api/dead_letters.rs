@@ -128,3 +128,68 @@ async fn a_cli_replay_is_announced_to_the_running_instance() {
     );
     assert_eq!(scripted.requests().len(), 2);
 }
+
+/// The instance's replay listener, as `pg_stat_activity` shows it.
+const REPLAY_LISTENERS: &str = "SELECT count(*) FROM pg_stat_activity
+     WHERE datname = current_database() AND query = 'LISTEN webhook_delivery_replays'";
+
+/// A replay committed while the instance's replay listener is down (its connection killed, as a
+/// database restart does) is not heard. When the listener is back, every broker reads its
+/// ledger from the start, as after a replay (its sweeps otherwise start after the rows it holds):
+/// with the overdue sweep slowed to a minute, the replayed delivery still goes out in seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_made_while_the_listener_was_down_goes_out_once_it_is_back() {
+    let env = TestEnv::new(1).await;
+    let scripted = ScriptedReceiver::start(&[400, 200]).await;
+    env.add_broker("b1", &scripted.server.uri()).await;
+    env.subscribe("b1", "L1").await;
+    env.produce_event(Some("e1"), "L1", "matched").await;
+    let mut settings = env.settings();
+    settings.delivery.ledger_poll_interval_ms = 60_000;
+    let app = spawn_app(settings);
+    assert!(
+        env.count_reaches(
+            "SELECT count(*) FROM deliveries WHERE state = 'dead'",
+            1,
+            Duration::from_secs(30)
+        )
+        .await
+    );
+    assert!(
+        env.count_reaches(REPLAY_LISTENERS, 1, Duration::from_secs(10))
+            .await
+    );
+    let killed = env
+        .count(&REPLAY_LISTENERS.replace(
+            "count(*)",
+            // In the select list, so it runs only for the rows the filter kept.
+            "count(*) FILTER (WHERE pg_terminate_backend(pid))",
+        ))
+        .await;
+    assert_eq!(killed, 1, "the listener's connection is killed");
+    let replayed = run_cli(&env, &["dead-letters", "replay", "--broker", "b1"]);
+    assert!(
+        replayed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&replayed.stderr)
+    );
+    // The listener waits 5 s before it connects again: the replay's announcement went nowhere.
+    assert_eq!(
+        env.count(REPLAY_LISTENERS).await,
+        0,
+        "the replay committed while nobody listened"
+    );
+    let delivered = env
+        .count_reaches(
+            "SELECT count(*) FROM deliveries WHERE state = 'delivered'",
+            1,
+            Duration::from_secs(20),
+        )
+        .await;
+    app.stop().await;
+    assert!(
+        delivered,
+        "the listener's return made the broker read the replayed delivery"
+    );
+    assert_eq!(scripted.requests().len(), 2);
+}

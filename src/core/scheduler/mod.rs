@@ -24,7 +24,10 @@
 //!   so rows that cannot be used now (behind a retry) do not hide the ones that can. A page
 //!   gives every partition still being read an equal share, so one deep load cannot fill memory
 //!   while the broker's loads in other partitions wait. A row whose outcome was saved while the
-//!   page was being read is not taken back. Nothing is read while the breaker is open.
+//!   page was being read is not taken back. Nothing is read while the breaker is open. A sweep
+//!   starts each partition after the rows known to be held ([`Lanes::held_through`]: lowered by
+//!   an eviction, forgotten on a replay, a restart or a lease change) and a page asks for what
+//!   fits, so a pending row is read about once, not once per sweep.
 //! - **Generations**: a lease is (partition, generation), so a stale revoke cannot drop a newer
 //!   lease; requests carry the incarnation (`epoch`) that started them, so after a restart the
 //!   answers to the old incarnation's requests are ignored.
@@ -238,6 +241,9 @@ struct Sweep {
     blocked: HashSet<String>,
     /// A row was left in the ledger for lack of room.
     skipped: bool,
+    /// The partitions where every row this sweep has read was held (it started after
+    /// `Lanes::held_through`), with the mark as this sweep last set it.
+    prefix: HashMap<i32, Option<i64>>,
 }
 
 pub struct Scheduler<P, R> {
@@ -595,6 +601,8 @@ impl<P: Clone, R: Clone> Scheduler<P, R> {
             self.lanes.forget_lane(&load);
         }
         self.claims_stale_before = Some(now);
+        // The replayed rows are earlier than rows known to be held: read from the start.
+        self.lanes.forget_held_through(None);
         self.restart_sweep();
         self.replay_read_by = Some(self.wanted);
         self.drive(now);
@@ -617,34 +625,18 @@ impl<P: Clone, R: Clone> Scheduler<P, R> {
                 *cursor = Some(row.offset);
             }
             *read.entry(row.partition).or_default() += 1;
-            if self.lanes.holds(row.id) || saved_meanwhile.contains(&row.id) {
-                continue;
-            }
-            if !self.holds_lease(row.partition) || sweep.blocked.contains(&row.load) {
-                continue;
-            }
-            if self.sorts_before_started_head(&row) {
-                // A replay made this row pending again, earlier than its load's head, which is
-                // already sent: it cannot go in front of it, nor behind (order). The load's
-                // later rows wait too, and the lane is read again once that head settles.
-                self.replay_suspects.insert(row.load.clone());
-                sweep.blocked.insert(row.load);
-                continue;
-            }
-            if let Some(evicted) = self.make_room_for(&row, now) {
-                // The evicted load's rows after this point must wait for the next sweep.
-                sweep.blocked.extend(evicted);
-                if sweep.blocked.contains(&row.load) {
-                    continue;
-                }
-                self.hold(row, now);
+            let (partition, offset) = (row.partition, row.offset);
+            let held = self.take_page_row(&mut sweep, row, &saved_meanwhile, now);
+            // While every row of the partition this sweep has read is held, what is held
+            // reaches this row; an eviction since (it lowers the mark) or a row left in the
+            // ledger ends that for the rest of the sweep.
+            let unbroken =
+                sweep.prefix.get(&partition) == Some(&self.lanes.held_through(partition));
+            if held && unbroken {
+                self.lanes.set_held_through(partition, offset);
+                sweep.prefix.insert(partition, Some(offset));
             } else {
-                sweep.skipped = true;
-                if !row.due_in.is_zero() {
-                    let due = now + row.due_in;
-                    self.parked_until = Some(self.parked_until.map_or(due, |p| p.min(due)));
-                }
-                sweep.blocked.insert(row.load);
+                sweep.prefix.remove(&partition);
             }
         }
         let per_partition = sweep.per_partition;
@@ -666,6 +658,53 @@ impl<P: Clone, R: Clone> Scheduler<P, R> {
             }
         }
         self.drive(now);
+    }
+
+    /// Takes one row of a ledger page if it may be held now. True when the row is held
+    /// afterwards (taken now, or held already).
+    fn take_page_row(
+        &mut self,
+        sweep: &mut Sweep,
+        row: Delivery<P>,
+        saved_meanwhile: &HashSet<i64>,
+        now: Millis,
+    ) -> bool {
+        if self.lanes.holds(row.id) {
+            return true;
+        }
+        if saved_meanwhile.contains(&row.id) {
+            // Delivered or dead since the page was read, or a retry given back since: left
+            // out either way (not held).
+            return false;
+        }
+        if !self.holds_lease(row.partition) || sweep.blocked.contains(&row.load) {
+            return false;
+        }
+        if self.sorts_before_started_head(&row) {
+            // A replay made this row pending again, earlier than its load's head, which is
+            // already sent: it cannot go in front of it, nor behind (order). The load's
+            // later rows wait too, and the lane is read again once that head settles.
+            self.replay_suspects.insert(row.load.clone());
+            sweep.blocked.insert(row.load);
+            return false;
+        }
+        if let Some(evicted) = self.make_room_for(&row, now) {
+            // The evicted load's rows after this point must wait for the next sweep.
+            sweep.blocked.extend(evicted);
+            if sweep.blocked.contains(&row.load) {
+                return false;
+            }
+            self.hold(row, now);
+            true
+        } else {
+            sweep.skipped = true;
+            if !row.due_in.is_zero() {
+                let due = now + row.due_in;
+                self.parked_until = Some(self.parked_until.map_or(due, |p| p.min(due)));
+            }
+            sweep.blocked.insert(row.load);
+            false
+        }
     }
 
     /// The ledger read failed (or the shell could not take its rows): the sweep starts again
@@ -817,7 +856,9 @@ impl<P: Clone, R: Clone> Scheduler<P, R> {
             if self.replay_suspects.remove(&outcome.load) {
                 // Dead and made pending again by the replay, or with a replayed, earlier row
                 // left out: either way the lane is read again, in order. (A retried head is
-                // still pending; it comes back with that read.)
+                // still pending; it comes back with that read.) The saved row may be pending:
+                // the read must not start after it (simulator seed 70).
+                self.lanes.not_held(outcome.order);
                 self.forget_load(&outcome.load);
                 self.wanted += 1;
             }
@@ -845,6 +886,8 @@ impl<P: Clone, R: Clone> Scheduler<P, R> {
         if generation > *newest {
             *newest = generation;
             self.leases.insert(partition, generation);
+            // Another owner may have changed the partition's rows meanwhile.
+            self.lanes.forget_held_through(Some(partition));
             self.restart_sweep();
         }
         self.drive(now);
@@ -857,6 +900,7 @@ impl<P: Clone, R: Clone> Scheduler<P, R> {
         if self.leases.get(&partition) == Some(&generation) {
             self.leases.remove(&partition);
             self.lanes.forget_partition(partition);
+            self.lanes.forget_held_through(Some(partition));
             if self.sweep.is_some() {
                 self.restart_sweep();
             }
@@ -912,6 +956,7 @@ impl<P: Clone, R: Clone> Scheduler<P, R> {
         }
         self.breaker.abandon_probes();
         self.lanes.keep_only_awaiting_save();
+        self.lanes.forget_held_through(None);
         // Heads in flight are gone with their lanes; the next sweep reads those loads in order.
         let lanes = &self.lanes;
         self.replay_suspects.retain(|load| lanes.has_lane(load));
@@ -935,8 +980,12 @@ impl<P: Clone, R: Clone> Scheduler<P, R> {
 
     // ---- the decisions ----------------------------------------------------------------------
 
+    /// Rows to ask for: what fits in memory now, so a page is not read only to be left in the
+    /// ledger (a sweep starts with half the memory free, and used to ask for all of it).
+    /// A sweep for retries that may give way to ready rows asks for a quarter of memory.
     fn page_size(&self) -> usize {
-        self.config.capacity.clamp(1, 1_000)
+        let room = self.config.capacity.saturating_sub(self.lanes.len());
+        room.max(self.config.capacity / 4).clamp(1, 1_000)
     }
 
     fn restart_sweep(&mut self) {
@@ -1214,9 +1263,16 @@ impl<P: Clone, R: Clone> Scheduler<P, R> {
                 return;
             }
             self.room_changed = false;
+            // Each partition is read from after the rows known to be held.
+            let cursors: BTreeMap<i32, Option<i64>> = self
+                .leases
+                .keys()
+                .map(|&p| (p, self.lanes.held_through(p)))
+                .collect();
             self.sweep = Some(Sweep {
                 started_at: self.wanted,
-                cursors: self.leases.keys().map(|&p| (p, None)).collect(),
+                prefix: cursors.iter().map(|(&p, &after)| (p, after)).collect(),
+                cursors,
                 per_partition: 0,
                 blocked: HashSet::new(),
                 skipped: false,

@@ -84,8 +84,9 @@ pub struct Lanes<P> {
     /// broker) is held here: a ledger sweep starts after it instead of reading held rows again
     /// (a sweep starts when half the memory is free, so it used to re-read the half still held,
     /// about two rows read per delivery). Set by the scheduler as a sweep takes in rows; an
-    /// eviction lowers it below the evicted row, and whatever can make an earlier row pending
-    /// again (a replay, a lease changing hands) clears it.
+    /// eviction lowers it below the evicted row (`not_held`), and the scheduler lowers or
+    /// clears it where a row may be pending again: a replay, a restart, a lease changing hands,
+    /// the saved outcome of a head a replay raced.
     held_through: HashMap<i32, i64>,
 }
 

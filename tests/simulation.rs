@@ -68,7 +68,7 @@ use webhook_delivery::core::Millis;
 ///   mark left past it (`held-suspect`; 92; found by seed 70 before the fix;
 ///   `a_replay_racing_a_dead_outcome_reads_the_lane_again_from_below_it`);
 /// - 427, 813: the held mark raised again over a row given back while the sweep was reading its
-///   partition (`held-unbroken`; 244; no unit test replays it yet).
+///   partition (`held-unbroken`; 244; `a_row_given_back_during_a_sweep_stays_below_the_held_mark`).
 ///
 /// The scheduler once also read the ledger again when a sweep ended having skipped a ready row
 /// while a retry waited in memory. No seed caught its removal because it could not happen: a

@@ -1500,3 +1500,41 @@ fn a_sweep_reads_again_what_was_given_back_or_replayed() {
         "after a replay every partition is read from the start: {asked:?}"
     );
 }
+
+/// Simulator seeds 427 and 813: while a sweep reads a partition, a ready row of a new load
+/// takes the place of a waiting lane's last delivery in the same partition, below the held
+/// mark. The mark comes down below that delivery and must not go up again in this sweep, or
+/// the next sweep would start after a pending row nobody holds.
+#[test]
+fn a_row_given_back_during_a_sweep_stays_below_the_held_mark() {
+    let (mut s, _) = ready(SchedulerConfig {
+        capacity: 3,
+        max_in_flight: 1,
+        ..CONFIG
+    });
+    let t = Millis(10);
+    s.claimed(t, vec![claim(0, "W", 0, None)]);
+    let mut out = drain(&mut s, t);
+    let (token, _) = sends(&mut out)[0];
+    finish(&mut s, t, token, FAILED);
+    save_all(&mut s, t);
+    let mut waiting = delivery(0, "W", 0);
+    waiting.attempts = 1;
+    waiting.due_in = Duration::from_secs(30);
+    let ledger = [
+        waiting,
+        delivery(1, "W", 1),
+        delivery(2, "W", 2),
+        delivery(3, "N", 3),
+    ];
+    s.ledger_has_more(t);
+    let mut out = Vec::new();
+    answer_loads(&mut s, t, &mut out, &ledger);
+    assert!(s.lanes().holds(3), "N's ready row got a place");
+    assert!(!s.lanes().holds(2), "W's last delivery gave it up");
+    assert_eq!(
+        s.lanes().held_through(0),
+        Some(1),
+        "the next sweep reads 2 again"
+    );
+}

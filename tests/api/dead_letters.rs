@@ -87,11 +87,9 @@ async fn a_permanent_failure_is_dead_lettered_listed_and_replayed_with_the_same_
     assert!(String::from_utf8_lossy(&empty.stdout).contains("0 dead deliveries"));
 }
 
-/// A replay made by the CLI, another process, reaches the running instance's schedulers when it
-/// commits (LISTEN/NOTIFY), not only at the next ledger sweep: with the sweep slowed to a minute,
-/// the replayed delivery still goes out.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_cli_replay_is_announced_to_the_running_instance() {
+/// One delivery dead-lettered (its broker answers 400, then 200) by a running instance whose
+/// overdue sweep is slowed to a minute, so only a replay announcement makes it go out in time.
+async fn dead_letter_with_a_slow_sweep() -> (TestEnv, ScriptedReceiver, TestApp) {
     let env = TestEnv::new(1).await;
     let scripted = ScriptedReceiver::start(&[400, 200]).await;
     env.add_broker("b1", &scripted.server.uri()).await;
@@ -108,12 +106,20 @@ async fn a_cli_replay_is_announced_to_the_running_instance() {
         )
         .await
     );
-    let replayed = run_cli(&env, &["dead-letters", "replay", "--broker", "b1"]);
+    (env, scripted, app)
+}
+
+fn replay_with_the_cli(env: &TestEnv) {
+    let replayed = run_cli(env, &["dead-letters", "replay", "--broker", "b1"]);
     assert!(
         replayed.status.success(),
         "{}",
         String::from_utf8_lossy(&replayed.stderr)
     );
+}
+
+/// Stops the instance once the replayed delivery is delivered, or after 20 s; true if it was.
+async fn delivered_then_stop(env: &TestEnv, app: TestApp) -> bool {
     let delivered = env
         .count_reaches(
             "SELECT count(*) FROM deliveries WHERE state = 'delivered'",
@@ -122,8 +128,18 @@ async fn a_cli_replay_is_announced_to_the_running_instance() {
         )
         .await;
     app.stop().await;
+    delivered
+}
+
+/// A replay made by the CLI, another process, reaches the running instance's schedulers when it
+/// commits (LISTEN/NOTIFY), not only at the next ledger sweep: with the sweep slowed to a minute,
+/// the replayed delivery still goes out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cli_replay_is_announced_to_the_running_instance() {
+    let (env, scripted, app) = dead_letter_with_a_slow_sweep().await;
+    replay_with_the_cli(&env);
     assert!(
-        delivered,
+        delivered_then_stop(&env, app).await,
         "the replay reached the running instance without waiting for the sweep"
     );
     assert_eq!(scripted.requests().len(), 2);
@@ -139,22 +155,7 @@ const REPLAY_LISTENERS: &str = "SELECT count(*) FROM pg_stat_activity
 /// with the overdue sweep slowed to a minute, the replayed delivery still goes out in seconds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replay_made_while_the_listener_was_down_goes_out_once_it_is_back() {
-    let env = TestEnv::new(1).await;
-    let scripted = ScriptedReceiver::start(&[400, 200]).await;
-    env.add_broker("b1", &scripted.server.uri()).await;
-    env.subscribe("b1", "L1").await;
-    env.produce_event(Some("e1"), "L1", "matched").await;
-    let mut settings = env.settings();
-    settings.delivery.ledger_poll_interval_ms = 60_000;
-    let app = spawn_app(settings);
-    assert!(
-        env.count_reaches(
-            "SELECT count(*) FROM deliveries WHERE state = 'dead'",
-            1,
-            Duration::from_secs(30)
-        )
-        .await
-    );
+    let (env, scripted, app) = dead_letter_with_a_slow_sweep().await;
     assert!(
         env.count_reaches(REPLAY_LISTENERS, 1, Duration::from_secs(10))
             .await
@@ -167,28 +168,15 @@ async fn a_replay_made_while_the_listener_was_down_goes_out_once_it_is_back() {
         ))
         .await;
     assert_eq!(killed, 1, "the listener's connection is killed");
-    let replayed = run_cli(&env, &["dead-letters", "replay", "--broker", "b1"]);
-    assert!(
-        replayed.status.success(),
-        "{}",
-        String::from_utf8_lossy(&replayed.stderr)
-    );
+    replay_with_the_cli(&env);
     // The listener waits 5 s before it connects again: the replay's announcement went nowhere.
     assert_eq!(
         env.count(REPLAY_LISTENERS).await,
         0,
         "the replay committed while nobody listened"
     );
-    let delivered = env
-        .count_reaches(
-            "SELECT count(*) FROM deliveries WHERE state = 'delivered'",
-            1,
-            Duration::from_secs(20),
-        )
-        .await;
-    app.stop().await;
     assert!(
-        delivered,
+        delivered_then_stop(&env, app).await,
         "the listener's return made the broker read the replayed delivery"
     );
     assert_eq!(scripted.requests().len(), 2);

@@ -859,39 +859,61 @@ fn after_a_restart_without_a_replay_a_claim_follows_the_kept_head() {
     );
 }
 
+/// 4 of A is answered 400 and decided dead; dead letters are replayed (4 is pending again)
+/// before the scheduler hears that the dead outcome was saved. Returns that write's token and
+/// the page the replay asked for.
+fn a_dead_outcome_raced_by_a_replay(s: &mut Sched) -> (IoToken, IoToken) {
+    let t = Millis(10);
+    s.claimed(t, vec![claim(4, "A", 4, None)]);
+    let mut out = drain(s, t);
+    let sent = sends(&mut out);
+    let rejected = AttemptResult::Responded {
+        status: 400,
+        retry_after: None,
+    };
+    finish(s, t, sent[0].0, rejected);
+    let dead = all_but_the_page(s, t).writes;
+    assert!(matches!(dead[0].1[0].decision, Decision::Dead { .. }));
+    s.replayed(Millis(20));
+    let page = all_but_the_page(s, Millis(20))
+        .page
+        .expect("the replay asks for a sweep");
+    (dead[0].0, page)
+}
+
+/// The ledger's pending rows of A after the replay: 4 (attempted once) and 7.
+fn replayed_4_and_7_of_a() -> [Delivery<()>; 2] {
+    let mut replayed = delivery(4, "A", 4);
+    replayed.attempts = 1;
+    [replayed, delivery(7, "A", 7)]
+}
+
+/// What is sent over a few rounds of answering ledger reads with `rows` (requests left out).
+fn sent_from_the_ledger(s: &mut Sched, rows: &[Delivery<()>]) -> Vec<i64> {
+    let mut sent = Vec::new();
+    for _ in 0..5 {
+        let mut out = Vec::new();
+        answer_loads(s, Millis(30), &mut out, rows);
+        sent.extend(sends(&mut out).into_iter().map(|(_, id)| id));
+    }
+    sent
+}
+
 /// Simulator seeds 2, 77 and 108: a delivery's dead outcome commits, dead letters are replayed
 /// (it is pending again), and only then does the scheduler hear of the save. Its lane must be
 /// read again from the ledger, not move on to the load's next delivery.
 #[test]
 fn a_replay_racing_a_dead_outcome_reads_the_lane_again() {
     let (mut s, _) = ready(CONFIG);
-    let t = Millis(10);
-    s.claimed(t, vec![claim(4, "A", 4, None)]);
-    let mut out = drain(&mut s, t);
-    let sent = sends(&mut out);
-    let rejected = AttemptResult::Responded {
-        status: 400,
-        retry_after: None,
-    };
-    finish(&mut s, t, sent[0].0, rejected);
-    let dead = all_but_the_page(&mut s, t).writes;
-    assert!(matches!(dead[0].1[0].decision, Decision::Dead { .. }));
-    s.replayed(Millis(20));
-    let page = all_but_the_page(&mut s, Millis(20))
-        .page
-        .expect("the replay asks for a sweep");
-    s.outcomes_saved(Millis(20), dead[0].0);
-    let mut replayed = delivery(4, "A", 4);
-    replayed.attempts = 1;
-    let rows = [replayed, delivery(7, "A", 7)];
+    let (dead, page) = a_dead_outcome_raced_by_a_replay(&mut s);
+    s.outcomes_saved(Millis(20), dead);
+    let rows = replayed_4_and_7_of_a();
     s.loaded(Millis(30), page, rows.to_vec());
-    let mut sent = Vec::new();
-    for _ in 0..5 {
-        let mut out = Vec::new();
-        answer_loads(&mut s, Millis(30), &mut out, &rows);
-        sent.extend(sends(&mut out).into_iter().map(|(_, id)| id));
-    }
-    assert_eq!(sent, vec![4], "4, pending again, goes before 7");
+    assert_eq!(
+        sent_from_the_ledger(&mut s, &rows),
+        vec![4],
+        "4, pending again, goes before 7"
+    );
 }
 
 /// Simulator seed 70, the same race with the page first: the page after the replay finds the
@@ -901,45 +923,28 @@ fn a_replay_racing_a_dead_outcome_reads_the_lane_again() {
 #[test]
 fn a_replay_racing_a_dead_outcome_reads_the_lane_again_from_below_it() {
     let (mut s, _) = ready(CONFIG);
-    let t = Millis(10);
-    s.claimed(t, vec![claim(4, "A", 4, None)]);
-    let mut out = drain(&mut s, t);
-    let sent = sends(&mut out);
-    let rejected = AttemptResult::Responded {
-        status: 400,
-        retry_after: None,
-    };
-    finish(&mut s, t, sent[0].0, rejected);
-    let dead = all_but_the_page(&mut s, t).writes;
-    s.replayed(Millis(20));
-    let page = all_but_the_page(&mut s, Millis(20))
-        .page
-        .expect("the replay asks for a sweep");
-    let mut replayed = delivery(4, "A", 4);
-    replayed.attempts = 1;
-    let rows = [replayed, delivery(7, "A", 7)];
+    let (dead, page) = a_dead_outcome_raced_by_a_replay(&mut s);
+    let rows = replayed_4_and_7_of_a();
     s.loaded(Millis(30), page, rows.to_vec());
     assert_eq!(
         s.lanes().held_through(0),
         Some(7),
         "4 (awaiting its save) and 7 held"
     );
-    s.outcomes_saved(Millis(30), dead[0].0);
+    s.outcomes_saved(Millis(30), dead);
     assert_eq!(
         s.lanes().held_through(0),
         Some(3),
         "4 may be pending again: what is known held ends before it"
     );
-    let mut sent = Vec::new();
-    for _ in 0..5 {
-        let mut out = Vec::new();
-        answer_loads(&mut s, Millis(30), &mut out, &rows);
-        sent.extend(sends(&mut out).into_iter().map(|(_, id)| id));
-    }
-    assert_eq!(sent, vec![4], "4, pending again, goes before 7");
+    assert_eq!(
+        sent_from_the_ledger(&mut s, &rows),
+        vec![4],
+        "4, pending again, goes before 7"
+    );
 }
 
-/// Simulator seeds 23283 and 43163: after a replay, a claim that follows a held head waits for
+/// Simulator seeds 23283 and 25085: after a replay, a claim that follows a held head waits for
 /// the sweep even when the head's outcome is saved before the sweep's page comes back (the
 /// replay may have made an earlier delivery of the load pending again; only the page says).
 #[test]
@@ -1094,7 +1099,7 @@ fn the_page_sends_the_replayed_2_before_7(s: &mut Sched, now: Millis, page: IoTo
     assert_eq!(all_but_the_page(s, now).sent, vec![2]);
 }
 
-/// Simulator seeds 295 and 1715: a sweep's page evicts a waiting retry's whole lane to make room
+/// Simulator seeds 728 and 791 (first found by 295 and 1715): a sweep's page evicts a waiting retry's whole lane to make room
 /// for a ready load; a later row of the evicted load in the same page is not taken (it would
 /// go before the evicted retry, which is still pending in the ledger).
 #[test]

@@ -243,7 +243,7 @@ struct Sweep {
     skipped: bool,
     /// The partitions where every row this sweep has read was held (it started after
     /// `Lanes::held_through`), with the mark as this sweep last set it.
-    prefix: HashMap<i32, Option<i64>>,
+    prefix: BTreeMap<i32, Option<i64>>,
 }
 
 pub struct Scheduler<P, R> {
@@ -1271,7 +1271,7 @@ impl<P: Clone, R: Clone> Scheduler<P, R> {
                 .collect();
             self.sweep = Some(Sweep {
                 started_at: self.wanted,
-                prefix: cursors.iter().map(|(&p, &after)| (p, after)).collect(),
+                prefix: cursors.clone(),
                 cursors,
                 per_partition: 0,
                 blocked: HashSet::new(),
